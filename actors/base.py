@@ -1,0 +1,343 @@
+# The actor shell: one OS process per kernel thread, a thin loop around kernel paths.
+#
+# An actor attaches to the run's shared kernel memory and lock space, binds a
+# ROUTER socket at its endpoint, and serves messages: each request type maps to a
+# handler that calls plain kernel functions (actors/kernel/*). Handlers that may
+# block for long (a fault waiting for memory, an exit waiting for mmap_lock) run
+# in worker threads, each its own kernel context with its own lock context, the
+# way several CPUs run the same kernel code at once. A malformed or unknown
+# message gets an error reply and a log line; the actor keeps serving. Requests
+# with id 0 are notifications and get no reply.
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from actors.kernel.context import Kernel, SchedPoints
+from actors.kernel.variants import Variants
+from actors.log import EventLog
+from protocol import codec, endpoints
+from protocol.codec import ProtocolError
+from shared_mem.arena import BadFree, UseAfterFree
+from shared_mem.layout import KernelMemory
+from shared_mem.locks import LockSpace
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): never outlive the supervisor."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+
+
+class KernelError(Exception):
+    """A handler's failure with a kernel errno name."""
+
+    def __init__(self, errno_name: str, detail: str = "") -> None:
+        super().__init__(f"{errno_name}: {detail}")
+        self.errno_name = errno_name
+        self.detail = detail
+
+
+class RemoteError(OSError):
+    """An error reply from another actor."""
+
+
+class Actor:
+    role = "actor"
+    concurrent: frozenset[str] = frozenset()
+    max_workers = 32
+
+    def __init__(self, cfg: dict[str, Any], name: str) -> None:
+        self.cfg = cfg
+        self.name = name
+        self.stopping = False
+        self.tls = threading.local()
+        self.ids = iter(range(1, 1 << 62))
+        self._id_lock = threading.Lock()
+        self.handlers: dict[str, Callable[[dict], Any]] = {"ping": lambda m: {"pong": self.name},
+                                                           "shutdown": self._on_shutdown}
+
+    # -- boot ---------------------------------------------------------------------------------
+    def boot(self) -> None:
+        cfg = self.cfg
+        self.ev = EventLog(cfg["run_dir"], self.name, cfg["run_id"], cfg["seed"],
+                           flush_every=self.flush_every())
+        self.km = KernelMemory.attach(cfg["km"])
+        self.locks = LockSpace.attach(cfg["locks"])
+        self.km.set_locks(self.locks)
+        self.km.set_actor(self.name, on_report=self._arena_report)
+        self.variants = Variants(mask=int(cfg.get("variants", 0)))
+        self.sched = SchedPoints(cfg.get("delays", {}))
+        if cfg.get("trace_locks", True):
+            self.locks.set_event_hook(self._lock_event)
+        self.locks.set_report_hook(self._lock_report)
+        self.zctx = endpoints.make_context()
+        self.router = endpoints.bind_router(self.zctx, self.endpoint_of(self.name))
+        self.inbox = self.zctx.socket(zmq.PULL)
+        self.inbox.bind(f"inproc://replies-{self.name}")
+        self.pool = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix=self.name)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.ev("actor_start", role=self.role, variants=self.variants.names())
+        self.setup()
+        self.notify("supervisor", "actor_ready", actor=self.name, pid=os.getpid())
+
+    def flush_every(self) -> int:
+        return 1
+
+    def setup(self) -> None:
+        """Actor-specific initialisation (after shared memory and sockets are ready)."""
+
+    # -- per-thread kernel contexts ---------------------------------------------------------------
+    @property
+    def k(self) -> Kernel:
+        k = getattr(self.tls, "kernel", None)
+        if k is None:
+            th = threading.current_thread()
+            label = self.name if th is threading.main_thread() else f"{self.name}:{th.name.rsplit('_', 1)[-1]}"
+            self.locks.bind_context(label)
+            k = Kernel(self.km, self.locks, label, ev=self.ev, variants=self.variants,
+                       sched=self.sched, oom=self.call_oom)
+            k.wake_ksmd_hook = lambda: self.notify("ksmd", "wakeup")
+            self.kernel_setup(k)
+            self.tls.kernel = k
+        return k
+
+    def kernel_setup(self, k: Kernel) -> None:
+        """Hook to adjust a new kernel context."""
+
+    # -- talking to other actors ----------------------------------------------------------------
+    def _dealer(self, target: str) -> zmq.Socket:
+        socks = getattr(self.tls, "dealers", None)
+        if socks is None:
+            socks = self.tls.dealers = {}
+        s = socks.get(target)
+        if s is None:
+            ident = f"{self.name}.{threading.get_ident() & 0xFFFFFF:x}".encode()
+            s = endpoints.connect_dealer(self.zctx, self.endpoint_of(target), ident)
+            socks[target] = s
+        return s
+
+    def endpoint_of(self, name: str) -> str:
+        ep = self.cfg["endpoints"].get(name)
+        return ep if ep else endpoints.endpoint(self.cfg["sock_dir"], name)
+
+    def next_id(self) -> int:
+        with self._id_lock:
+            return next(self.ids)
+
+    def notify(self, target: str, mtype: str, **fields: Any) -> None:
+        try:
+            self._dealer(target).send(codec.encode(codec.request(mtype, 0, self.name, **fields)),
+                                      zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self.ev("notify_failed", target=target, type=mtype, error=str(e))
+
+    def call(self, target: str, mtype: str, timeout: float | None = None, **fields: Any) -> Any:
+        """Synchronous request/reply to another actor, as a trapped CPU waits."""
+        s = self._dealer(target)
+        rid = self.next_id()
+        s.send(codec.encode(codec.request(mtype, rid, self.name, **fields)))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.stopping:
+                raise KernelError("EINTR", "actor stopping")
+            left = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            if s.poll(min(left, 200)):
+                msg = codec.decode(s.recv())
+                if msg.get("id") != rid:
+                    continue  # a late reply to an earlier, abandoned request
+                if not msg["ok"]:
+                    raise RemoteError(msg.get("errno", 0), msg.get("error", ""))
+                return msg.get("result")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise KernelError("ETIMEDOUT", f"{target} did not answer {mtype}")
+
+    def call_oom(self, k: Kernel, nid: int) -> None:
+        try:
+            self.call("oom", "out_of_memory", ctx=k.actor, nid=nid, task=k.current_task)
+        except (RemoteError, KernelError) as e:
+            self.ev("oom_call_failed", error=str(e))
+
+    # -- reports ----------------------------------------------------------------------------------
+    def report(self, kind: str, title: str, text: str, data: Any = None) -> None:
+        self.ev("report", kind=kind, title=title, text=text, data=data)
+        self.ev.flush()
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        self.notify("supervisor", "report", kind=kind, title=title, text=text, data=data or {})
+
+    def _arena_report(self, rep: dict) -> None:
+        self.report(rep["kind"], rep["title"], rep["text"], rep.get("data"))
+
+    def _lock_report(self, kind: str, title: str, text: str, data: dict) -> None:
+        self.report(kind, title, text, data)
+
+    def _lock_event(self, event: str, lock: str, idx: int, mode: str, wait_ns: int) -> None:
+        if wait_ns:
+            self.ev(event, lock=lock, idx=idx, mode=mode, wait_ns=wait_ns)
+        else:
+            self.ev(event, lock=lock, idx=idx, mode=mode)
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def poll_timeout_ms(self) -> int:
+        return 100
+
+    def tick(self) -> None:
+        """Periodic work between messages (ksmd's scanning)."""
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.inbox, zmq.POLLIN)
+        while not self.stopping:
+            try:
+                events = dict(poller.poll(self.poll_timeout_ms()))
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EINTR if hasattr(zmq, "EINTR") else False:
+                    continue
+                raise
+            if self.inbox in events:
+                while True:
+                    try:
+                        frames = self.inbox.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._send_frames(frames)
+            if self.router in events:
+                for _ in range(64):
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self._dispatch(frames)
+            if not self.stopping:
+                self.tick()
+        self.ev("actor_stop")
+
+    def _send_frames(self, frames: list[bytes]) -> None:
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            self.ev("reply_undeliverable", error=str(e))
+
+    def _reply(self, peer: bytes, msg: dict) -> None:
+        data = codec.encode(msg)
+        if threading.current_thread() is threading.main_thread():
+            self._send_frames([peer, data])
+        else:
+            push = getattr(self.tls, "push", None)
+            if push is None:
+                push = self.tls.push = self.zctx.socket(zmq.PUSH)
+                push.connect(f"inproc://replies-{self.name}")
+            push.send_multipart([peer, data])
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.ev("bad_message", error="EBADMSG: wrong number of frames", frames=len(frames))
+            if frames:
+                self._reply(frames[0], codec.reply_err(None, self.name, "EBADMSG", "expected one frame"))
+            return
+        peer, raw = frames
+        try:
+            msg = codec.decode(raw)
+        except ProtocolError as e:
+            self.ev("bad_message", error=str(e), peer=peer.decode("latin-1"), size=len(raw))
+            self._reply(peer, codec.reply_err(e.envelope, self.name, e.errno, e.detail))
+            return
+        mtype = msg["type"]
+        if mtype == "reply":
+            self.ev("stray_reply", peer=peer.decode("latin-1"), id=msg["id"])
+            return
+        handler = self.handlers.get(mtype)
+        if handler is None:
+            self.ev("bad_message", error=f"EOPNOTSUPP: {self.role} does not handle {mtype}")
+            if msg["id"]:
+                self._reply(peer, codec.reply_err(msg, self.name, "EOPNOTSUPP",
+                                                  f"{self.role} does not handle {mtype}"))
+            return
+        if mtype in self.concurrent:
+            self.pool.submit(self._run_handler, handler, peer, msg)
+        else:
+            self._run_handler(handler, peer, msg)
+
+    def _run_handler(self, handler: Callable[[dict], Any], peer: bytes, msg: dict) -> None:
+        try:
+            result = handler(msg)
+            reply = codec.reply_ok(msg, self.name, result)
+        except KernelError as e:
+            reply = codec.reply_err(msg, self.name, e.errno_name, e.detail)
+        except (UseAfterFree, BadFree) as e:
+            reply = codec.reply_err(msg, self.name, "EFAULT", e.report["title"])
+        except RemoteError as e:
+            reply = codec.reply_err(msg, self.name, e.errno or "EIO", str(e))
+        except Exception as e:  # a bug in a kernel path: oops, report, keep serving
+            tb = traceback.format_exc()
+            title = f"Oops: {type(e).__name__}: {e} in {self.name} handling {msg['type']}"
+            self.report("oops", title, f"{title}\n{tb}", {"type": msg["type"]})
+            reply = codec.reply_err(msg, self.name, "EIO", str(e)[:500])
+        if msg["id"]:
+            self._reply(peer, reply)
+        self.ev.flush()
+
+    def _on_shutdown(self, msg: dict) -> dict:
+        self.stopping = True
+        return {"stopping": self.name}
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    # -- teardown ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        try:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            pass
+        try:
+            self.zctx.destroy(linger=0)
+        except Exception:
+            pass
+        try:
+            self.locks.release_context()
+            self.locks.close()
+        except Exception:
+            pass
+        try:
+            self.km.close()
+        except Exception:
+            pass
+        self.ev.close()
+
+
+def actor_main(argv: list[str] | None = None) -> None:
+    """Entry point of every actor process: python -m actors.main CONFIG ROLE NAME [ARG]."""
+    die_with_parent()
+    argv = sys.argv[1:] if argv is None else argv
+    cfg_path, role, name = argv[0], argv[1], argv[2]
+    extra = argv[3:] if len(argv) > 3 else []
+    with open(cfg_path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    from actors.registry import ROLES
+
+    cls = ROLES[role]
+    actor = cls(cfg, name, *extra)
+    try:
+        actor.boot()
+        actor.run()
+    finally:
+        actor.close()
+    os._exit(0)

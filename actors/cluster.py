@@ -1,0 +1,588 @@
+# The supervisor and the scenario API.
+#
+# A Cluster is "init + boot": it creates the run's shared kernel memory and locks,
+# starts every kernel actor as its own OS process, watches them, collects their
+# reports, and tears everything down (processes, /dev/shm segments, sockets) on
+# stop, on Ctrl-C, and when any actor dies unexpectedly - that ends the run with
+# a report. A hung-task watchdog turns a deadlock into a report and the end of the
+# run instead of a hang. Scenarios drive it through an async API that mirrors the
+# system calls (Task.mmap, .madvise, .memset, .fork, ...), sysfs (sysfs_read /
+# sysfs_write by file name) and waits on KSM's own counters (wait_full_scans).
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno as errno_mod
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from actors.boot import boot_kernel
+from actors.kernel import mm as mmops
+from actors.kernel import sysfs
+from actors.kernel.context import Kernel
+from actors.kernel.variants import Variants
+from actors.log import EventLog
+from actors.registry import KERNEL_ACTORS
+from protocol import codec, endpoints
+from protocol.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
+from protocol.codec import ProtocolError
+from shared_mem.layout import Geometry
+from shared_mem.locks import find_hung
+from shared_mem.segment import sweep_stale
+
+SIGNAMES = {getattr(signal, n): n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")}
+
+
+class ClusterError(Exception):
+    pass
+
+
+class ClusterCrashed(ClusterError):
+    """The run ended early: an actor died or a watchdog fired. .reports says why."""
+
+    def __init__(self, msg: str, reports: list[dict]) -> None:
+        super().__init__(msg)
+        self.reports = reports
+
+
+class SyscallFailed(OSError):
+    """An error return of a modelled syscall or sysfs write; .errno is the kernel's errno."""
+
+
+@dataclass
+class ClusterOptions:
+    frames: int = 4096
+    nodes: int = 1
+    seed: int | None = None
+    variants: tuple[str, ...] = ()
+    delays: dict[str, float] = field(default_factory=dict)
+    run_dir: str | None = None
+    runs_root: str = "runs"
+    trace_locks: bool = True
+    shadow: bool = True
+    hung_task_timeout: float = 10.0
+    oom_reaper_delay: float = 0.2
+    max_tasks: int = 64
+    max_mms: int = 64
+    va_pages: int = 1 << 18
+    swap_slots: int = 0
+    boot_timeout: float = 60.0
+    echo_reports: bool = False
+
+    def geometry(self) -> Geometry:
+        return Geometry(nr_frames=self.frames, nr_nodes=self.nodes, max_tasks=self.max_tasks,
+                        max_mms=self.max_mms, va_pages=self.va_pages, nr_swap_slots=self.swap_slots)
+
+
+def _errno_of(reply: dict) -> int:
+    return int(reply.get("errno") or errno_mod.EIO)
+
+
+class _Peer:
+    """A DEALER to one actor with replies matched to requests by id."""
+
+    def __init__(self, cluster: Cluster, name: str, ep: str) -> None:
+        self.name = name
+        self.sock = endpoints.connect_dealer(cluster.zctx, ep, b"supervisor-api")
+        self.pending: dict[int, asyncio.Future] = {}
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        while True:
+            data = await self.sock.recv()
+            try:
+                msg = codec.decode(data)
+            except ProtocolError:
+                continue
+            fut = self.pending.pop(msg["id"], None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    def fail_all(self, exc: BaseException) -> None:
+        for fut in self.pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.sock.close(linger=0)
+
+
+class Task:
+    """A user process of the model. Methods are its system calls and memory accesses."""
+
+    def __init__(self, cluster: Cluster, pid: int, handle: int) -> None:
+        self.cluster = cluster
+        self.pid = pid
+        self.handle = handle
+        self.name = f"task-{pid}"
+        self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def __repr__(self) -> str:
+        return f"<Task {self.pid}>"
+
+    async def _call(self, mtype: str, **fields: Any) -> Any:
+        if self.exited.done():
+            raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: {self.name} has exited")
+        return await self.cluster.request(self.name, mtype, **fields)
+
+    async def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
+                   flags: int = MAP_PRIVATE | MAP_ANONYMOUS, addr: int = 0) -> int:
+        return await self._call("mmap", length=length, prot=prot, flags=flags, addr=addr)
+
+    async def munmap(self, addr: int, length: int) -> int:
+        return await self._call("munmap", addr=addr, length=length)
+
+    async def mprotect(self, addr: int, length: int, prot: int) -> int:
+        return await self._call("mprotect", addr=addr, length=length, prot=prot)
+
+    async def madvise(self, addr: int, length: int, advice: int) -> int:
+        return await self._call("madvise", addr=addr, length=length, advice=advice)
+
+    async def prctl(self, option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
+        return await self._call("prctl", option=option, arg2=arg2, arg3=arg3, arg4=arg4, arg5=arg5)
+
+    async def memset(self, addr: int, value: int, length: int, force: bool = False) -> None:
+        await self._call("memset", addr=addr, value=value, length=length, force=force)
+
+    async def write(self, addr: int, data: bytes, force: bool = False) -> None:
+        """A store; force=True writes like /proc/PID/mem (FOLL_FORCE), past PROT_NONE."""
+        await self._call("write", addr=addr, data=bytes(data), force=force)
+
+    async def read(self, addr: int, length: int) -> bytes:
+        return await self._call("read", addr=addr, length=length)
+
+    async def mlockall(self, flags: int) -> int:
+        return await self._call("mlockall", flags=flags)
+
+    async def munlockall(self) -> int:
+        return await self._call("munlockall")
+
+    async def fork(self) -> Task:
+        r = await self._call("fork")
+        return self.cluster._adopt(r["pid"], r["task"])
+
+    async def exit(self, code: int = 0) -> None:
+        await self._call("exit", code=code)
+        await self.wait_exit()
+
+    async def wait_exit(self, timeout: float = 30.0) -> dict:
+        return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+
+    async def verify(self) -> dict:
+        return await self._call("verify")
+
+    async def ksm_stat(self) -> dict:
+        """/proc/PID/ksm_stat."""
+        return await self._call("ksm_stat")
+
+    async def ksm_merging_pages(self) -> int:
+        """/proc/PID/ksm_merging_pages."""
+        return int((await self.ksm_stat())["ksm_merging_pages"])
+
+    async def pagemap(self, addr: int, length: int) -> list[int]:
+        """Frame numbers of [addr, addr+length) (-1 when not present), like /proc/PID/pagemap."""
+        return await self._call("pagemap", addr=addr, length=length)
+
+
+class Cluster:
+    """One run of ksmlab: use as `async with Cluster(frames=...) as c:`."""
+
+    def __init__(self, **options: Any) -> None:
+        opts = ClusterOptions(**options)
+        if opts.seed is None:
+            opts.seed = secrets.randbelow(1 << 31)
+        self.opts = opts
+        self.variants = Variants(opts.variants)
+        self.run_id = secrets.token_hex(4)
+        self.reports: list[dict] = []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.peers: dict[str, _Peer] = {}
+        self.tasks: dict[str, Task] = {}
+        self.ready: dict[str, asyncio.Future] = {}
+        self.crashed: ClusterCrashed | None = None
+        self.stopped = False
+        self._bg: list[asyncio.Task] = []
+        self.km = None
+        self.locks = None
+
+    # -- lifetime -------------------------------------------------------------------------------
+    @classmethod
+    async def start(cls, **options: Any) -> Cluster:
+        c = cls(**options)
+        await c.boot()
+        return c
+
+    async def __aenter__(self) -> Cluster:
+        await self.boot()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop()
+
+    async def boot(self) -> None:
+        opts = self.opts
+        sweep_stale()
+        if opts.run_dir is None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            opts.run_dir = os.path.join(opts.runs_root, f"{stamp}-{self.run_id}")
+        self.run_dir = os.path.abspath(opts.run_dir)
+        os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
+        os.chmod(self.run_dir, 0o700)
+        self.sock_dir = endpoints.socket_dir(self.run_dir, self.run_id)
+        self.ev = EventLog(self.run_dir, "supervisor", self.run_id, opts.seed)
+        try:
+            await self._boot()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _boot(self) -> None:
+        opts = self.opts
+        self.km, self.locks = boot_kernel(opts.geometry(), self.run_id, self.variants)
+        self.km.set_actor("supervisor", on_report=lambda r: self._add_report(r))
+        self.locks.set_report_hook(lambda kind, title, text, data: self._add_report(
+            {"kind": kind, "title": title, "text": text, "data": data}))
+        self.locks.bind_context("supervisor")
+        self.k = Kernel(self.km, self.locks, "supervisor", ev=self.ev, variants=self.variants)
+        names = ["supervisor", *KERNEL_ACTORS]
+        self.endpoints = {n: endpoints.endpoint(self.sock_dir, n) for n in names}
+        self.cfg = {
+            "run_id": self.run_id, "run_dir": self.run_dir, "seed": opts.seed,
+            "sock_dir": self.sock_dir, "km": self.km.descriptor(), "locks": self.locks.descriptor(),
+            "variants": self.variants.mask, "delays": opts.delays, "trace_locks": opts.trace_locks,
+            "shadow": opts.shadow, "endpoints": self.endpoints,
+            "oom_reaper_delay": opts.oom_reaper_delay,
+        }
+        self.cfg_path = os.path.join(self.run_dir, "cluster.json")
+        with open(self.cfg_path, "w", encoding="utf-8") as f:
+            json.dump(self.cfg, f, indent=1)
+        self.ev("boot", options=self.describe())
+        self.zctx = zmq.asyncio.Context()
+        self.zctx.linger = 0
+        self.router = endpoints.bind_router(self.zctx, self.endpoints["supervisor"])
+        loop = asyncio.get_running_loop()
+        self._bg.append(loop.create_task(self._serve()))
+        self._bg.append(loop.create_task(self._watch()))
+        for name in KERNEL_ACTORS:
+            self._spawn(name, name)
+        await self._await_ready(list(KERNEL_ACTORS))
+        for name in KERNEL_ACTORS:
+            self.peers[name] = _Peer(self, name, self.endpoints[name])
+        self._bg.append(loop.create_task(self._watchdog()))
+        self.ev("cluster_up", actors={n: p.pid for n, p in self.procs.items()})
+
+    def describe(self) -> dict:
+        """The full option set of the run (printed and logged so a run can be replayed)."""
+        d = asdict(self.opts)
+        d["variants"] = self.variants.names()
+        d["run_id"] = self.run_id
+        return d
+
+    def _spawn(self, role: str, name: str, *args: str) -> subprocess.Popen:
+        self.ready[name] = asyncio.get_running_loop().create_future()
+        errf = open(os.path.join(self.run_dir, "logs", f"{name}.stderr"), "ab")  # noqa: SIM115
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+        p = subprocess.Popen(
+            [sys.executable, "-m", "actors.main", self.cfg_path, role, name, *args],
+            stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, env=env, close_fds=True,
+        )
+        errf.close()
+        self.procs[name] = p
+        self.ev("spawn", actor=name, role=role, os_pid=p.pid)
+        return p
+
+    async def _await_ready(self, names: list[str]) -> None:
+        futs = [self.ready[n] for n in names]
+        try:
+            await asyncio.wait_for(asyncio.gather(*futs), self.opts.boot_timeout)
+        except TimeoutError:
+            late = [n for n in names if not self.ready[n].done()]
+            raise ClusterError(f"actors did not come up in {self.opts.boot_timeout}s: {late}") from None
+
+    async def stop(self) -> None:
+        """Shut every actor down and remove every process, segment and socket of the run."""
+        if self.stopped:
+            return
+        self.stopped = True
+        with contextlib.suppress(Exception):
+            self.ev("cluster_stop", reports=len(self.reports))
+        for peer in list(self.peers.values()):
+            with contextlib.suppress(Exception):
+                peer.sock.send(codec.encode(codec.request("shutdown", 0, "supervisor")), zmq.NOBLOCK)
+        for t in self.tasks.values():
+            if not t.exited.done() and t.name in self.procs:
+                with contextlib.suppress(Exception):
+                    self.procs[t.name].send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 3.0
+        for p in self.procs.values():
+            while p.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                with contextlib.suppress(Exception):
+                    p.wait(timeout=5)
+        for t in self._bg:
+            t.cancel()
+        for t in self._bg:
+            with contextlib.suppress(BaseException):
+                await t
+        for peer in self.peers.values():
+            peer.close()
+        crashed = self.crashed or ClusterCrashed("cluster stopped", self.reports)
+        for peer in self.peers.values():
+            peer.fail_all(crashed)
+        for t in self.tasks.values():
+            if not t.exited.done():
+                t.exited.set_exception(crashed)
+                t.exited.exception()  # consumed: nobody may be waiting
+        if getattr(self, "zctx", None) is not None:
+            self.zctx.destroy(linger=0)
+        if self.locks is not None:
+            with contextlib.suppress(Exception):
+                self.locks.release_context()
+            self.locks.close()
+            self.locks.unlink()
+        if self.km is not None:
+            self.km.close()
+            self.km.unlink()
+        sweep_stale(self.run_id)
+        with contextlib.suppress(Exception):
+            endpoints.cleanup(self.sock_dir)
+        with contextlib.suppress(Exception):
+            with open(os.path.join(self.run_dir, "reports.json"), "w", encoding="utf-8") as f:
+                json.dump(self.reports, f, indent=1, default=str)
+            self.ev.close()
+
+    # -- the supervisor's own socket ----------------------------------------------------------------
+    async def _serve(self) -> None:
+        while True:
+            frames = await self.router.recv_multipart()
+            if len(frames) != 2:
+                continue
+            peer, raw = frames
+            try:
+                msg = codec.decode(raw)
+            except ProtocolError as e:
+                self.ev("bad_message", error=str(e))
+                await self.router.send_multipart([peer, codec.encode(
+                    codec.reply_err(e.envelope, "supervisor", e.errno, e.detail))])
+                continue
+            mtype = msg["type"]
+            if mtype == "actor_ready":
+                fut = self.ready.get(msg["actor"])
+                if fut is not None and not fut.done():
+                    fut.set_result(msg["pid"])
+            elif mtype == "report":
+                self._add_report({"kind": msg["kind"], "title": msg["title"], "text": msg["text"],
+                                  "data": msg["data"], "actor": msg["src"]})
+            elif mtype == "task_exited":
+                t = self.tasks.get(f"task-{msg['pid']}")
+                if t is not None and not t.exited.done():
+                    t.exited.set_result({"code": msg["code"], "reason": msg["reason"]})
+            elif mtype == "spawn_task":
+                asyncio.get_running_loop().create_task(self._spawn_child(peer, msg))
+            elif msg["id"]:
+                await self.router.send_multipart([peer, codec.encode(codec.reply_err(
+                    msg, "supervisor", "EOPNOTSUPP", f"supervisor does not handle {mtype}"))])
+
+    async def _spawn_child(self, peer: bytes, msg: dict) -> None:
+        try:
+            name = msg["name"]
+            pid = int(name.split("-", 1)[1])
+            self._adopt(pid, msg["task"])
+            reply = codec.reply_ok(msg, "supervisor", {"pid": pid})
+        except Exception as e:
+            reply = codec.reply_err(msg, "supervisor", "EAGAIN", str(e))
+        await self.router.send_multipart([peer, codec.encode(reply)])
+
+    def _adopt(self, pid: int, handle: int) -> Task:
+        name = f"task-{pid}"
+        t = self.tasks.get(name)
+        if t is None:
+            t = Task(self, pid, handle)
+            self.tasks[name] = t
+            self._spawn("task", name, str(handle))
+            self.peers[name] = _Peer(self, name, endpoints.endpoint(self.sock_dir, name))
+        return t
+
+    def _add_report(self, rep: dict) -> None:
+        self.reports.append(rep)
+        with contextlib.suppress(Exception):
+            self.ev("report", **{k: v for k, v in rep.items() if k != "data"})
+        if self.opts.echo_reports:
+            sys.stderr.write(rep["text"] if rep["text"].endswith("\n") else rep["text"] + "\n")
+
+    # -- watching -------------------------------------------------------------------------------------
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            for name, p in list(self.procs.items()):
+                rc = p.poll()
+                if rc is None or getattr(p, "_ksmlab_seen", False):
+                    continue
+                p._ksmlab_seen = True  # type: ignore[attr-defined]
+                if self.stopped:
+                    continue
+                t = self.tasks.get(name)
+                if t is not None and rc == 0:
+                    if name in self.peers:
+                        self.peers.pop(name).close()
+                    continue
+                how = f"killed by signal {-rc} ({SIGNAMES.get(-rc, '?')})" if rc < 0 else f"exit code {rc}"
+                title = f"actor {name} (pid {p.pid}) died unexpectedly: {how}"
+                errtail = ""
+                with contextlib.suppress(OSError), open(
+                        os.path.join(self.run_dir, "logs", f"{name}.stderr"), "rb") as f:
+                    errtail = f.read()[-2000:].decode("utf-8", "replace")
+                self._add_report({"kind": "actor_died", "title": title,
+                                  "text": f"{title}\n{errtail}", "data": {"actor": name, "rc": rc}})
+                await self._crash(title)
+                return
+
+    async def _watchdog(self) -> None:
+        threshold = int(self.opts.hung_task_timeout * 1e9)
+        while True:
+            await asyncio.sleep(min(0.5, self.opts.hung_task_timeout / 4))
+            try:
+                hung = find_hung(self.locks.contexts_snapshot(), threshold, time.monotonic_ns())
+            except Exception as e:  # the snapshot must never take the supervisor down
+                self.ev("watchdog_error", error=str(e))
+                continue
+            if hung:
+                for rep in hung:
+                    self._add_report(rep)
+                await self._crash(hung[0]["title"])
+                return
+
+    async def _crash(self, why: str) -> None:
+        if self.crashed is not None:
+            return
+        self.crashed = ClusterCrashed(why, self.reports)
+        self.ev("cluster_crashed", why=why)
+        for peer in self.peers.values():
+            peer.fail_all(self.crashed)
+        for fut in self.ready.values():
+            if not fut.done():
+                fut.set_exception(self.crashed)
+                fut.exception()
+        for t in self.tasks.values():
+            if not t.exited.done():
+                t.exited.set_exception(self.crashed)
+                t.exited.exception()
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+
+    # -- requests -------------------------------------------------------------------------------------
+    async def request(self, actor: str, mtype: str, timeout: float | None = None, **fields: Any) -> Any:
+        if self.crashed is not None:
+            raise self.crashed
+        if self.stopped:
+            raise ClusterError("cluster is stopped")
+        if actor.startswith("task-") and not self.ready[actor].done():
+            await asyncio.wait_for(asyncio.shield(self.ready[actor]), self.opts.boot_timeout)
+        peer = self.peers.get(actor)
+        if peer is None:
+            raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: no actor {actor}")
+        rid = next(_ids)
+        fut = asyncio.get_running_loop().create_future()
+        peer.pending[rid] = fut
+        await peer.sock.send(codec.encode(codec.request(mtype, rid, "supervisor", **fields)))
+        msg = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+        if not msg["ok"]:
+            raise SyscallFailed(_errno_of(msg), msg.get("error", ""))
+        return msg.get("result")
+
+    # -- scenario API -----------------------------------------------------------------------------------
+    async def spawn_task(self, comm: str = "task", nid: int = -1) -> Task:
+        """A new process with an empty address space (as after execve)."""
+        k = self.k
+        t = self.km.task
+        h = t.alloc(site="spawn_task")
+        ti = h & 0xFFFFFFFF
+        pid = k.alloc_pid()
+        t.pid[ti] = pid
+        t.comm[ti] = comm.encode()[:16]
+        t.nid[ti] = nid
+        t.mm[ti] = mmops.mm_alloc(k, h, nid)
+        t.state[ti] = 1
+        task = self._adopt(pid, h)
+        await asyncio.wait_for(asyncio.shield(self.ready[task.name]), self.opts.boot_timeout)
+        return task
+
+    async def sysfs_write(self, knob: str, value: Any, task: Task | None = None) -> str:
+        """echo VALUE > /sys/kernel/mm/ksm/KNOB (as `task` if given: it is then the OOM origin)."""
+        r = await self.request("ctl", "sysfs_write", knob=knob, value=str(value),
+                               task=task.handle if task else 0)
+        return r["value"]
+
+    def sysfs_read(self, name: str) -> str:
+        """cat /sys/kernel/mm/ksm/NAME (a lock-free read, as in the kernel)."""
+        try:
+            return sysfs.show(self.k, name)
+        except sysfs.SysfsError as e:
+            raise SyscallFailed(getattr(errno_mod, e.errno_name), str(e)) from None
+
+    def ksm_counters(self) -> dict[str, int]:
+        """Every counter file of /sys/kernel/mm/ksm by name."""
+        return sysfs.counters(self.k)
+
+    def ksm_knobs(self) -> dict[str, int]:
+        return sysfs.knobs(self.k)
+
+    def full_scans(self) -> int:
+        return int(self.k.ksm["seqnr"])
+
+    async def wait_full_scans(self, n: int = 2, timeout: float = 60.0) -> int:
+        """Wait until ksmd completed n more full scans than when called (ksm_tests' ksm_start)."""
+        target = self.full_scans() + n
+        deadline = time.monotonic() + timeout
+        while self.full_scans() < target:
+            if self.crashed is not None:
+                raise self.crashed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"full_scans stuck at {self.full_scans()} (wanted {target}); "
+                                   f"counters {self.ksm_counters()}")
+            await asyncio.sleep(0.002)
+        return self.full_scans()
+
+    async def ksm_start(self, timeout: float = 60.0) -> None:
+        """The kernel selftests' ksm_start(): run=1, then wait for two full scans."""
+        start = self.full_scans()
+        await self.sysfs_write("run", 1)
+        deadline = time.monotonic() + timeout
+        while self.full_scans() < start + 2:
+            if self.crashed is not None:
+                raise self.crashed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ksm_start: full_scans {self.full_scans()} < {start + 2}")
+            await asyncio.sleep(0.002)
+
+    async def ksm_stop(self) -> None:
+        """The kernel selftests' ksm_stop(): run=2."""
+        await self.sysfs_write("run", 2)
+
+    def nr_free_frames(self) -> int:
+        return self.k.alloc.nr_free()
+
+    def reports_of(self, kind: str) -> list[dict]:
+        return [r for r in self.reports if r["kind"] == kind]
+
+
+_ids = iter(range(1, 1 << 62))

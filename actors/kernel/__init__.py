@@ -1,0 +1,1 @@
+"""Kernel paths as plain functions over shared-memory records and lock interfaces."""

@@ -1,0 +1,145 @@
+# The interfaces every kernel path is written against.
+#
+# A Kernel is "the kernel as seen from one context" (one actor thread): the shared
+# kernel memory, the lock space, the frame allocator, the comparison core, the
+# event log, schedule points, the variant switches, and how to call the OOM killer.
+# Kernel paths (ksm_scan, do_wp_page, __ksm_exit, ...) are plain functions taking a
+# Kernel, so the same code runs in real actor processes and can run under a
+# deterministic scheduler that supplies its own locks, clock and schedule points.
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from actors.kernel.variants import Variants
+from shared_mem.atomic import AtomicField
+from shared_mem.frames import FrameAllocator
+from shared_mem.layout import TIF_SIGKILL, KernelMemory
+from shared_mem.pagecmp import PageCmp
+
+
+class SchedPoints:
+    """Named places in kernel paths where a run may widen a race window.
+
+    delays: {point name: seconds}, or a callable(point) -> seconds for seeded plans.
+    Hitting a point is an event ("sched_point") only when it actually delays.
+    """
+
+    def __init__(self, delays: dict[str, float] | None = None,
+                 plan: Callable[[str], float] | None = None) -> None:
+        self.delays = dict(delays or {})
+        self.plan = plan
+        self.hits: dict[str, int] = {}
+
+    def __call__(self, k: Kernel, name: str) -> None:
+        d = self.delays.get(name, 0.0)
+        if self.plan is not None:
+            d = max(d, self.plan(name))
+        self.hits[name] = self.hits.get(name, 0) + 1
+        if d > 0:
+            k.ev("sched_point", point=name, delay_ms=round(d * 1000, 3))
+            time.sleep(d)
+
+
+def _no_event(event: str, **kw: Any) -> None:
+    return None
+
+
+class Kernel:
+    """One kernel context's view of the machine."""
+
+    def __init__(
+        self,
+        km: KernelMemory,
+        locks: Any,
+        actor: str,
+        ev: Callable[..., None] | None = None,
+        variants: Variants | None = None,
+        sched: SchedPoints | None = None,
+        oom: Callable[[Kernel, int], None] | None = None,
+    ) -> None:
+        self.km = km
+        self.locks = locks
+        self.actor = actor
+        self.pid = os.getpid()
+        self.ev = ev or _no_event
+        self.variants = variants or Variants()
+        self.sched = sched or SchedPoints()
+        self.oom_call = oom
+        self.alloc = FrameAllocator(km, locks)
+        self.cmp = PageCmp(km.frames)
+        self.ksm = km.ksm[0]
+        self.page_ref = AtomicField(km.page["refcount"])
+        self.page_map = AtomicField(km.page["mapcount"])
+        self.ksm_atomic = {f: AtomicField(km.ksm[f]) for f in ("ksm_zero_pages", "cow_ksm", "ksm_swpin_copy", "last_pid")}
+        self.current_task = 0          # task handle this context acts for (faults, syscalls)
+        self.oom_origin = False        # set_current_oom_origin() (run=2 writer)
+        self.alloc_retry_s = 30.0      # how long an order-0 allocation keeps retrying
+        self.ksm_thread_mutex = locks.get("ksm_thread_mutex")
+        self.ksm_mmlist_lock = locks.get("ksm_mmlist_lock")
+        self.swap_lock = locks.get("swap_lock")
+        self._mmap_locks = [locks.get("mmap_lock", i) for i in range(km.geo.max_mms)]
+        self._ptls = [locks.get("ptl", i) for i in range(km.geo.max_mms)]
+        self.ksm["zero_checksum"] = self.cmp.zero_checksum
+
+    def alloc_pid(self) -> int:
+        return self.ksm_atomic["last_pid"].inc_return(0)
+
+    # -- schedule points and variants ----------------------------------------------
+    def point(self, name: str) -> None:
+        self.sched(self, name)
+
+    def variant(self, name: str) -> bool:
+        return self.variants.reverted(name)
+
+    # -- locks by object ---------------------------------------------------------------
+    def mmap_lock(self, mm: int, site: str = "mmap_lock") -> Any:
+        return self._mmap_locks[self.km.mm.idx(mm, site)]
+
+    def ptl(self, mm: int, site: str = "ptl") -> Any:
+        return self._ptls[self.km.mm.idx(mm, site)]
+
+    def page_lock(self, pfn: int) -> Any:
+        return self.locks.get("page_lock", pfn)
+
+    def anon_vma_lock(self, av: int) -> Any:
+        return self.locks.get("anon_vma_lock", self.km.anon_vma.idx(av, "anon_vma_lock"))
+
+    # -- signals -------------------------------------------------------------------------
+    def fatal_signal_pending(self) -> bool:
+        t = self.current_task
+        if not t or not self.km.task.valid(t):
+            return False
+        return bool(self.km.task.flags[t & 0xFFFFFFFF] & TIF_SIGKILL)
+
+    # -- page allocation with the OOM killer behind it ------------------------------------
+    def alloc_page(self, nid: int = -1, site: str = "", strict: bool = False) -> int | None:
+        """alloc_pages(GFP_HIGHUSER_MOVABLE): retries through the OOM killer.
+
+        Returns None (the caller's VM_FAULT_OOM / -ENOMEM) when this context has a
+        fatal signal pending, or no OOM killer is wired, or after alloc_retry_s.
+        """
+        pfn = self.alloc.alloc(nid, strict)
+        if pfn is not None:
+            return pfn
+        deadline = time.monotonic() + self.alloc_retry_s
+        backoff = 0.001
+        while True:
+            if self.fatal_signal_pending():
+                self.ev("mm_page_alloc_fail", site=site, why="fatal_signal")
+                return None
+            if self.oom_call is None:
+                self.ev("mm_page_alloc_fail", site=site, why="no_oom_killer")
+                return None
+            self.ev("mm_page_alloc_oom", site=site, nid=nid)
+            self.oom_call(self, nid)
+            pfn = self.alloc.alloc(nid, strict)
+            if pfn is not None:
+                return pfn
+            if time.monotonic() > deadline:
+                self.ev("mm_page_alloc_fail", site=site, why="timeout")
+                return None
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 0.05)

@@ -1,0 +1,82 @@
+# fork(): dup_mmap() and ksm_fork().
+#
+# The child gets a copy of every vma and pte: anonymous pages become shared
+# copy-on-write (both ptes write-protected, mapcount and refcount raised), KSM
+# pages are simply mapped once more, and each child vma joins its parent vma's
+# anon_vma (the 2009 layout of seed 004), which is how try_to_unmap_ksm's
+# search_new_forks pass finds the child's ptes of a KSM page before ksmd has
+# given the child any rmap_item. ksm_fork() registers the child with KSM when
+# the parent is mergeable, with its KSM counters starting at zero.
+from __future__ import annotations
+
+import numpy as np
+
+from actors.kernel import ksm_mm
+from actors.kernel import mm as mmops
+from actors.kernel.context import Kernel
+from shared_mem.layout import (
+    MMF_VM_MERGE_ANY,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_SWAP,
+    PTE_WRITE,
+    VM_LOCKED,
+    VM_SHARED,
+)
+
+
+def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
+    """Create the child's mm as a copy of oldmm; returns the new mm handle."""
+    km = k.km
+    oi = km.mm.idx(oldmm, "dup_mmap")
+    mm = mmops.mm_alloc(k, owner, int(km.mm.nid[oi]))
+    mi = mm & 0xFFFFFFFF
+    # MMF_INIT_MASK: merge-any survives fork; the rest is per-mm.
+    km.mm.flags[mi] = int(km.mm.flags[oi]) & MMF_VM_MERGE_ANY
+    km.mm.mmap_base[mi] = km.mm.mmap_base[oi]
+    km.mm.ksm_zero_pages[mi] = km.mm.ksm_zero_pages[oi]
+    lock = k.mmap_lock(oldmm, "dup_mmap")
+    lock.down_write()
+    try:
+        for vma in list(mmops.vmas(k, oldmm)):
+            vi = vma & 0xFFFFFFFF
+            start, end = int(km.vma.start[vi]), int(km.vma.end[vi])
+            flags = int(km.vma.flags[vi]) & ~VM_LOCKED  # mlock is not inherited
+            new = mmops.vma_new(k, mm, start, end, flags, int(km.vma.pgoff[vi]))
+            av = int(km.vma.anon_vma[vi])
+            if av:
+                mmops.anon_vma_link(k, av, new)
+            _copy_ptes(k, oldmm, mm, start, end, bool(flags & VM_SHARED))
+        err = ksm_mm.ksm_fork(k, mm, oldmm)
+        if err:
+            k.ev("ksm_fork_failed", err=err)
+    finally:
+        lock.up_write()
+    k.ev("dup_mmap", parent_mm=oi, child_mm=mi)
+    return mm
+
+
+def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool) -> None:
+    km = k.km
+    with k.ptl(src), k.ptl(dst):
+        chunks = list(mmops.pte_ranges(k, src, start, end))
+        for addr, sptes, _n in chunks:
+            if sptes is None or not sptes.any():
+                continue
+            dptes, j = mmops.pte_table(k, dst, addr, alloc=True)
+            for off in np.flatnonzero(sptes):
+                pte = int(sptes[off])
+                if pte & PTE_PRESENT and not pte & PTE_SPECIAL:
+                    pfn = pte & PTE_PFN_MASK
+                    k.page_ref.inc_return(pfn)
+                    k.page_map.inc_return(pfn)
+                    km.mm.atomic("rss_anon").inc_return(dst & 0xFFFFFFFF)
+                    if not shared and pte & PTE_WRITE:
+                        pte &= ~PTE_WRITE   # copy-on-write in both
+                        sptes[off] = pte
+                elif pte & PTE_SWAP:
+                    from actors.kernel import swap
+
+                    swap.swap_duplicate(k, pte & PTE_PFN_MASK)
+                dptes[j + int(off)] = pte

@@ -1,0 +1,341 @@
+# ksmd's work: ksm_do_scan(), scan_get_next_rmap_item(), cmp_and_merge_page(),
+# and run=2's unmerge_and_remove_all_rmap_items().
+#
+# Follows today's mm/ksm.c step by step, with the seed fixes in place and their
+# reverts behind variant switches: ksm_test_exit() wherever an mm's mmap_lock is
+# taken (seed 000), up_read(mmap_lock) before spin_unlock(ksm_mmlist_lock) when
+# ksmd keeps a slot (seed 003), the re-check of an emptied list after the cursor
+# leaves ksm_mm_head (CVE-2011-2183), remove_all_stable_nodes() after unmerge
+# (seed 002). Named schedule points sit in the windows those commits describe.
+from __future__ import annotations
+
+from actors.kernel import mm as mmops
+from actors.kernel import mm_slot as slots
+from actors.kernel.context import Kernel
+from actors.kernel.memory import follow_page, next_present, put_page
+from actors.kernel.merge import (
+    ERESTARTSYS,
+    break_cow,
+    try_to_merge_two_pages,
+    try_to_merge_with_ksm_page,
+    try_to_merge_with_zero_page,
+    unmerge_ksm_pages,
+)
+from actors.kernel.rmap import (
+    Link,
+    cursor_link,
+    get_next_rmap_item,
+    remove_rmap_item_from_tree,
+    remove_trailing_rmap_items,
+    set_cursor_link,
+    stable_tree_append,
+)
+from actors.kernel.stable_tree import (
+    EBUSY,
+    is_page_sharing_candidate,
+    remove_all_stable_nodes,
+    stable_tree_insert,
+    stable_tree_search,
+)
+from actors.kernel.unstable_tree import unstable_tree_search_insert
+from shared_mem.arena import NULL
+from shared_mem.layout import (
+    MMF_VM_MERGE_ANY,
+    MMF_VM_MERGEABLE,
+    PAGE_SIZE,
+    PG_KSM,
+    STABLE_FLAG,
+    VM_MERGEABLE,
+)
+
+KSM_RUN_STOP, KSM_RUN_MERGE, KSM_RUN_UNMERGE = 0, 1, 2
+U8_MAX = 255
+
+
+def skip_age(age: int) -> int:
+    if age <= 3:
+        return 1
+    if age <= 5:
+        return 2
+    if age <= 8:
+        return 4
+    return 8
+
+
+def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
+    """Smart scan: pages that stayed unmergeable are visited less and less often."""
+    if not k.ksm["smart_scan"]:
+        return False
+    ri = k.km.rmap_item
+    ii = item & 0xFFFFFFFF
+    if k.km.page["flags"][pfn] & PG_KSM or ri.address[ii] & STABLE_FLAG:
+        return False
+    age = int(ri.age[ii])
+    if age != U8_MAX:
+        ri.age[ii] = age + 1
+    if age < 3:
+        return False
+    if not ri.remaining_skips[ii]:
+        ri.remaining_skips[ii] = skip_age(age)
+        return False
+    k.ksm["pages_skipped"] += 1
+    ri.remaining_skips[ii] -= 1
+    remove_rmap_item_from_tree(k, item)
+    return True
+
+
+def _mm_flags_clear(k: Kernel, mm: int, bits: int) -> None:
+    k.km.mm.atomic("flags").clear_bits(k.km.mm.idx(mm, "clear_bit"), bits)
+
+
+def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
+    """Advance the cursor to the next anonymous page of a mergeable vma.
+
+    Returns (rmap_item, pfn with a reference), or (NULL, -1) at the end of a full scan,
+    when the list is empty, or when no rmap_item could be allocated.
+    """
+    km = k.km
+    ksm = k.ksm
+    if slots.list_empty(k):
+        return NULL, -1
+    head = slots.head(k)
+    slot = int(ksm["scan_slot"])
+    if slot == head:
+        k.ev("ksm_start_scan", seq=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
+        for nid in range(km.geo.nr_nodes):
+            ksm["root_unstable"][nid] = NULL
+        k.ksm_mmlist_lock.lock()
+        slot = slots.next_slot(k, head)
+        ksm["scan_slot"] = slot
+        k.ksm_mmlist_lock.unlock()
+        k.point("scan_get_next_rmap_item.after_cursor_advance")
+        if slot == head and not k.variant("cve-2011-2183"):
+            # A racing __ksm_exit removed the last mm since list_empty() above.
+            return NULL, -1
+        ksm["scan_address"] = 0
+        set_cursor_link(k, Link(slot, True))
+
+    while True:  # next_mm
+        mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "scan_get_next_rmap_item")])
+        lock = k.mmap_lock(mm, "scan_get_next_rmap_item")
+        lock.down_read()
+        exiting = mmops.ksm_test_exit(k, mm)
+        if not exiting:
+            for vma in list(mmops.vmas(k, mm)):
+                vi = vma & 0xFFFFFFFF
+                vstart, vend = int(km.vma.start[vi]), int(km.vma.end[vi])
+                if vend <= ksm["scan_address"]:
+                    continue
+                if not km.vma.flags[vi] & VM_MERGEABLE:
+                    continue
+                if ksm["scan_address"] < vstart:
+                    ksm["scan_address"] = vstart
+                if not km.vma.anon_vma[vi]:
+                    ksm["scan_address"] = vend
+                while ksm["scan_address"] < vend:
+                    if mmops.ksm_test_exit(k, mm):
+                        break
+                    addr = next_present(k, mm, int(ksm["scan_address"]), vend)
+                    ksm["scan_address"] = addr
+                    if addr >= vend:
+                        break
+                    pfn = follow_page(k, mm, addr)
+                    if pfn >= 0:
+                        link = cursor_link(k)
+                        item = get_next_rmap_item(k, slot, link, addr)
+                        if item:
+                            set_cursor_link(k, Link(item, False))
+                            if should_skip_rmap_item(k, pfn, item):
+                                put_page(k, pfn)
+                                ksm["scan_address"] = addr + PAGE_SIZE
+                                continue
+                            ksm["scan_address"] = addr + PAGE_SIZE
+                        else:
+                            put_page(k, pfn)
+                            pfn = -1
+                        lock.up_read()
+                        return item, pfn
+                    ksm["scan_address"] = addr + PAGE_SIZE
+            exiting = mmops.ksm_test_exit(k, mm)
+        if exiting:
+            ksm["scan_address"] = 0
+            set_cursor_link(k, Link(slot, True))
+        # Nuke the rmap_items above the cursor: no mergeable vma covers them now.
+        remove_trailing_rmap_items(k, cursor_link(k))
+
+        k.ksm_mmlist_lock.lock()
+        ksm["scan_slot"] = slots.next_slot(k, slot)
+        if ksm["scan_address"] == 0:
+            # No mergeable vma left (or the mm is exiting): unregister it, as
+            # __ksm_exit would, and drop the slot's mm_count reference.
+            slots.hash_del(k, slot)
+            slots.list_del(k, slot)
+            k.ksm_mmlist_lock.unlock()
+            km.mm_slot.free(slot, site="scan_get_next_rmap_item")
+            _mm_flags_clear(k, mm, MMF_VM_MERGEABLE)
+            k.ev("ksm_remove_mm", mm=mm & 0xFFFFFFFF, exiting=bool(exiting))
+            lock.up_read()
+            mmops.mmdrop(k, mm, site="ksmd:mmdrop")
+        elif k.variant("mmput-race"):
+            # The 2016 order: once the spinlock is dropped, __ksm_exit may free mm.
+            k.ksm_mmlist_lock.unlock()
+            k.point("scan_get_next_rmap_item.before_up_read")
+            k.mmap_lock(mm, "up_read").up_read()
+        else:
+            lock.up_read()
+            k.point("scan_get_next_rmap_item.before_spin_unlock")
+            k.ksm_mmlist_lock.unlock()
+
+        slot = int(ksm["scan_slot"])
+        if slot != head:
+            ksm["scan_address"] = 0
+            set_cursor_link(k, Link(slot, True))
+            continue
+        k.ev("ksm_stop_scan", seq=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
+        ksm["seqnr"] += 1
+        return NULL, -1
+
+
+def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
+    """Try to merge the page at item with an identical one, in the stable tree first."""
+    km = k.km
+    ri = km.rmap_item
+    ii = ri.idx(item, "cmp_and_merge_page")
+    bypass = False
+    pflags = int(km.page["flags"][pfn])
+    node = int(km.page["mapping"][pfn]) if pflags & PG_KSM else NULL
+    if node and km.stable_node.valid(node):
+        if int(ri.head[ii]) == node:
+            return
+        # A KSM fork: the page may go past max_page_sharing without a warning.
+        if not is_page_sharing_candidate(k, node):
+            bypass = True
+    else:
+        remove_rmap_item_from_tree(k, item)
+        checksum = k.cmp.checksum(pfn)
+        if int(ri.oldchecksum[ii]) != checksum:
+            ri.oldchecksum[ii] = checksum
+            return
+        if not try_to_merge_with_zero_page(k, item, pfn):
+            return
+
+    kpfn = stable_tree_search(k, pfn)
+    if kpfn == pfn and node and int(ri.head[ii]) == node:
+        put_page(k, kpfn)
+        return
+    remove_rmap_item_from_tree(k, item)
+    if kpfn == EBUSY:
+        return
+    if kpfn >= 0:
+        err = try_to_merge_with_ksm_page(k, item, pfn, kpfn)
+        if not err:
+            lock = k.page_lock(kpfn)
+            lock.lock()
+            try:
+                knode = int(km.page["mapping"][kpfn])
+                if knode:
+                    stable_tree_append(k, item, knode, bypass)
+            finally:
+                lock.unlock()
+        put_page(k, kpfn)
+        return
+
+    tree_item, tree_pfn = unstable_tree_search_insert(k, item, pfn)
+    if tree_item:
+        kpage = try_to_merge_two_pages(k, item, pfn, tree_item, tree_pfn)
+        put_page(k, tree_pfn)
+        if kpage >= 0:
+            lock = k.page_lock(kpage)
+            lock.lock()
+            try:
+                snode = stable_tree_insert(k, kpage)
+                if snode:
+                    stable_tree_append(k, tree_item, snode, False)
+                    stable_tree_append(k, item, snode, False)
+            finally:
+                lock.unlock()
+            if not snode:
+                break_cow(k, tree_item)
+                break_cow(k, item)
+
+
+def ksm_do_scan(k: Kernel, scan_npages: int) -> int:
+    """One batch of ksmd work; returns the number of pages scanned."""
+    n = 0
+    while n < scan_npages:
+        item, pfn = scan_get_next_rmap_item(k)
+        if not item:
+            break
+        try:
+            cmp_and_merge_page(k, pfn, item)
+        finally:
+            put_page(k, pfn)
+        k.ksm["pages_scanned"] += 1
+        n += 1
+    return n
+
+
+def ksmd_should_run(k: Kernel) -> bool:
+    return bool(k.ksm["run"] & KSM_RUN_MERGE) and not slots.list_empty(k)
+
+
+def unmerge_and_remove_all_rmap_items(k: Kernel) -> int:
+    """run=2: break every merge, free every rmap_item and stable node (mutex held)."""
+    km = k.km
+    ksm = k.ksm
+    head = slots.head(k)
+    k.ksm_mmlist_lock.lock()
+    ksm["scan_slot"] = slots.next_slot(k, head)
+    k.ksm_mmlist_lock.unlock()
+    while int(ksm["scan_slot"]) != head:
+        slot = int(ksm["scan_slot"])
+        mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "unmerge_and_remove_all_rmap_items")])
+        lock = k.mmap_lock(mm, "unmerge_and_remove_all_rmap_items")
+        lock.down_read()
+        err = 0
+        if not mmops.ksm_test_exit(k, mm):
+            for vma in list(mmops.vmas(k, mm)):
+                vi = vma & 0xFFFFFFFF
+                if not km.vma.flags[vi] & VM_MERGEABLE or not km.vma.anon_vma[vi]:
+                    continue
+                err = unmerge_ksm_pages(k, vma, int(km.vma.start[vi]), int(km.vma.end[vi]))
+                if err:
+                    break
+        if err:
+            lock.up_read()
+            k.ksm_mmlist_lock.lock()
+            ksm["scan_slot"] = head
+            k.ksm_mmlist_lock.unlock()
+            return err
+        remove_trailing_rmap_items(k, Link(slot, True))
+        lock.up_read()
+        k.ksm_mmlist_lock.lock()
+        ksm["scan_slot"] = slots.next_slot(k, slot)
+        if mmops.ksm_test_exit(k, mm):
+            slots.hash_del(k, slot)
+            slots.list_del(k, slot)
+            k.ksm_mmlist_lock.unlock()
+            km.mm_slot.free(slot, site="unmerge_and_remove_all_rmap_items")
+            _mm_flags_clear(k, mm, MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY)
+            mmops.mmdrop(k, mm, site="run=2:mmdrop")
+        else:
+            k.ksm_mmlist_lock.unlock()
+    if not k.variant("stale-stable-nodes"):
+        remove_all_stable_nodes(k)
+    ksm["seqnr"] = 0
+    ksm["scan_address"] = 0
+    set_cursor_link(k, Link(head, True))
+    return 0
+
+
+__all__ = [
+    "ERESTARTSYS",
+    "KSM_RUN_MERGE",
+    "KSM_RUN_STOP",
+    "KSM_RUN_UNMERGE",
+    "cmp_and_merge_page",
+    "ksm_do_scan",
+    "ksmd_should_run",
+    "scan_get_next_rmap_item",
+    "unmerge_and_remove_all_rmap_items",
+]

@@ -1,0 +1,367 @@
+# The page-fault path and page lifetimes: mm/memory.c and the rmap counters.
+#
+# handle_mm_fault() with do_anonymous_page(), do_wp_page()/wp_page_copy() (a write
+# to a KSM page always copies: "do_wp_page() must COW them, unlike singly mapped
+# PageAnons", seed 001), FAULT_FLAG_UNSHARE for break_ksm, the zero page, and
+# zap_pte_range(). Like the kernel, new pages are allocated without the page
+# table lock and installed under it only if the pte is still what the fault saw
+# (pte_same), so a fault racing ksmd's write_protect_page/replace_page loses or
+# wins cleanly. user_access() is the MMU: a task's load/store checks the pte and
+# touches the frame atomically with respect to pte changes (under the ptl).
+from __future__ import annotations
+
+import numpy as np
+
+from actors.kernel import mm as mmops
+from actors.kernel.context import Kernel
+from shared_mem.layout import (
+    PAGE_SHIFT,
+    PAGE_SIZE,
+    PG_ANON,
+    PG_DIRTY,
+    PG_KSM,
+    PG_MLOCKED,
+    PG_SWAPCACHE,
+    PG_UPTODATE,
+    PTE_ACCESSED,
+    PTE_DIRTY,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_SWAP,
+    PTE_WRITE,
+    VM_LOCKED,
+    VM_READ,
+    VM_WRITE,
+)
+
+VM_FAULT_OOM = 0x001
+VM_FAULT_SIGBUS = 0x002
+VM_FAULT_WRITE = 0x008       # break_ksm: "we broke COW"
+VM_FAULT_SIGSEGV = 0x040
+VM_FAULT_RETRY = 0x400
+VM_FAULT_ERROR = VM_FAULT_OOM | VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV
+
+FAULT_FLAG_WRITE = 0x01
+FAULT_FLAG_UNSHARE = 0x02
+FAULT_FLAG_REMOTE = 0x04
+FAULT_FLAG_FORCE = 0x08      # FOLL_FORCE: /proc/PID/mem style access past protections
+
+ZERO_PTE = PTE_PRESENT | PTE_SPECIAL            # read fault on an absent anon page
+KSM_ZERO_PTE = PTE_PRESENT | PTE_SPECIAL | PTE_DIRTY   # is_ksm_zero_pte()
+
+
+def is_ksm_zero_pte(pte: int) -> bool:
+    return (pte & KSM_ZERO_PTE) == KSM_ZERO_PTE
+
+
+# -- struct page reference counting ------------------------------------------------------
+def get_page(k: Kernel, pfn: int) -> None:
+    k.page_ref.inc_return(pfn)
+
+
+def put_page(k: Kernel, pfn: int) -> None:
+    c = k.page_ref.dec_return(pfn)
+    if c == 0:
+        k.alloc.free(pfn)
+    elif c < 0:
+        k.ev("bad_page", pfn=pfn, refcount=c, why="refcount underflow")
+        raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} refcount:{c}")
+
+
+def page_add_new_anon_rmap(k: Kernel, pfn: int, vma: int, addr: int) -> None:
+    km = k.km
+    vi = vma & 0xFFFFFFFF
+    flags = PG_ANON | PG_UPTODATE | PG_DIRTY
+    if km.vma.flags[vi] & VM_LOCKED:
+        flags |= PG_MLOCKED
+    km.page["flags"][pfn] = flags
+    km.page["mapping"][pfn] = km.vma.anon_vma[vi]
+    km.page["index"][pfn] = mmops.linear_page_index(k, vma, addr)
+    km.page["mapcount"][pfn] = 1
+
+
+def page_add_anon_rmap(k: Kernel, pfn: int) -> None:
+    k.page_map.inc_return(pfn)
+
+
+def page_remove_rmap(k: Kernel, pfn: int) -> None:
+    c = k.page_map.dec_return(pfn)
+    if c < 0:
+        k.ev("bad_page", pfn=pfn, mapcount=c, why="mapcount underflow")
+        raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} mapcount:{c}")
+    if c == 0:
+        k.km.page["flags"][pfn] &= ~PG_MLOCKED
+
+
+def ksm_might_unmap_zero_page(k: Kernel, mm: int, pte: int) -> None:
+    """A KSM-placed zero pte goes away: keep ksm_zero_pages (global and per mm) exact."""
+    if is_ksm_zero_pte(pte):
+        k.ksm_atomic["ksm_zero_pages"].dec_return(0)
+        k.km.mm.atomic("ksm_zero_pages").dec_return(k.km.mm.idx(mm, "ksm_zero_pages"))
+
+
+# -- zap ---------------------------------------------------------------------------------
+def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int) -> None:
+    """Clear one pte and drop what it held (caller holds ptl)."""
+    pte = int(ptes[j])
+    if not pte:
+        return
+    ptes[j] = 0
+    if pte & PTE_PRESENT:
+        if pte & PTE_SPECIAL:
+            ksm_might_unmap_zero_page(k, mm, pte)
+            return
+        pfn = pte & PTE_PFN_MASK
+        page_remove_rmap(k, pfn)
+        k.km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)
+        put_page(k, pfn)
+    elif pte & PTE_SWAP:
+        from actors.kernel import swap
+
+        swap.swap_free(k, pte & PTE_PFN_MASK)
+
+
+def zap_page_range(k: Kernel, mm: int, start: int, end: int) -> int:
+    """zap_page_range_single()/unmap_vmas(): returns the number of ptes cleared."""
+    n = 0
+    ptl = k.ptl(mm)
+    for _addr, ptes, _cnt in mmops.pte_ranges(k, mm, start, end):
+        if ptes is None:
+            continue
+        with ptl:
+            for j in np.flatnonzero(ptes):
+                zap_pte(k, mm, ptes, int(j))
+                n += 1
+    return n
+
+
+# -- the fault handler ---------------------------------------------------------------------
+def handle_mm_fault(k: Kernel, vma: int, addr: int, flags: int) -> int:
+    """Resolve one fault at addr in vma; caller holds mmap_read_lock. Returns VM_FAULT_* bits."""
+    km = k.km
+    vi = km.vma.idx(vma, "handle_mm_fault")
+    mm = int(km.vma.mm[vi])
+    vflags = int(km.vma.flags[vi])
+    write = flags & FAULT_FLAG_WRITE
+    if not flags & FAULT_FLAG_FORCE:
+        if write and not vflags & VM_WRITE:
+            return VM_FAULT_SIGSEGV
+        if not vflags & (VM_READ | VM_WRITE):
+            return VM_FAULT_SIGSEGV
+    addr &= ~(PAGE_SIZE - 1)
+    ptl = k.ptl(mm)
+    with ptl:
+        ptes, j = mmops.pte_table(k, mm, addr, alloc=True)
+        pte = int(ptes[j])
+    if pte == 0:
+        return do_anonymous_page(k, mm, vma, addr, flags)
+    if not pte & PTE_PRESENT:
+        if pte & PTE_SWAP:
+            from actors.kernel import swap
+
+            return swap.do_swap_page(k, mm, vma, addr, pte, flags)
+        return VM_FAULT_SIGBUS
+    if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) and not pte & PTE_WRITE:
+        return do_wp_page(k, mm, vma, addr, pte, flags)
+    if write:
+        with ptl:
+            if int(ptes[j]) == pte:
+                ptes[j] = pte | PTE_DIRTY | PTE_ACCESSED
+    return 0
+
+
+def _node_for(k: Kernel, mm: int) -> int:
+    return int(k.km.mm.nid[mm & 0xFFFFFFFF])
+
+
+def do_anonymous_page(k: Kernel, mm: int, vma: int, addr: int, flags: int) -> int:
+    km = k.km
+    ptl = k.ptl(mm)
+    if not flags & (FAULT_FLAG_WRITE | FAULT_FLAG_FORCE):
+        with ptl:
+            ptes, j = mmops.pte_table(k, mm, addr, alloc=True)
+            if int(ptes[j]) == 0:
+                ptes[j] = ZERO_PTE | (k.km.ksm["zero_pfn"])
+        return 0
+    mmops.anon_vma_prepare(k, vma)
+    pfn = k.alloc_page(_node_for(k, mm), site="do_anonymous_page")
+    if pfn is None:
+        return VM_FAULT_OOM
+    km.frames[pfn] = 0
+    with ptl:
+        ptes, j = mmops.pte_table(k, mm, addr, alloc=True)
+        if int(ptes[j]) != 0:
+            put_page(k, pfn)  # somebody else faulted it in
+            return 0
+        page_add_new_anon_rmap(k, pfn, vma, addr)
+        entry = pfn | PTE_PRESENT | PTE_DIRTY | PTE_ACCESSED
+        if km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE:
+            entry |= PTE_WRITE
+        ptes[j] = entry
+        km.mm.atomic("rss_anon").inc_return(mm & 0xFFFFFFFF)
+    return 0
+
+
+def do_wp_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int) -> int:
+    km = k.km
+    unshare = flags & FAULT_FLAG_UNSHARE
+    if orig & PTE_SPECIAL:
+        if unshare and not is_ksm_zero_pte(orig):
+            return 0
+        return wp_page_copy(k, mm, vma, addr, orig, -1, flags)
+    pfn = orig & PTE_PFN_MASK
+    pflags = int(km.page["flags"][pfn])
+    if pflags & PG_KSM:
+        k.ksm_atomic["cow_ksm"].inc_return(0)
+        return wp_page_copy(k, mm, vma, addr, orig, pfn, flags)
+    if unshare:
+        return 0
+    ptl = k.ptl(mm)
+    with ptl:
+        ptes, j = mmops.pte_table(k, mm, addr)
+        if ptes is None or int(ptes[j]) != orig:
+            return 0
+        # wp_can_reuse_anon_folio(): exclusively ours, nobody else holds a reference.
+        if (not km.page["flags"][pfn] & (PG_KSM | PG_SWAPCACHE)
+                and km.page["mapcount"][pfn] == 1 and km.page["refcount"][pfn] == 1):
+            entry = orig | PTE_DIRTY | PTE_ACCESSED
+            if km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE:
+                entry |= PTE_WRITE
+            ptes[j] = entry
+            return 0
+        get_page(k, pfn)  # hold the old page while we copy it
+    try:
+        return wp_page_copy(k, mm, vma, addr, orig, pfn, flags)
+    finally:
+        put_page(k, pfn)
+
+
+def wp_page_copy(k: Kernel, mm: int, vma: int, addr: int, orig: int, old: int, flags: int) -> int:
+    """Copy-on-write: a private copy of old (or of the zero page when old < 0)."""
+    km = k.km
+    mmops.anon_vma_prepare(k, vma)
+    new = k.alloc_page(_node_for(k, mm), site="wp_page_copy")
+    if new is None:
+        return VM_FAULT_OOM
+    if old < 0:
+        km.frames[new] = 0
+    else:
+        km.frames[new] = km.frames[old]
+    k.point("wp_page_copy")
+    ptl = k.ptl(mm)
+    with ptl:
+        ptes, j = mmops.pte_table(k, mm, addr)
+        if ptes is None or int(ptes[j]) != orig:
+            put_page(k, new)  # the pte changed under us: let the access retry
+            return 0
+        page_add_new_anon_rmap(k, new, vma, addr)
+        entry = new | PTE_PRESENT | PTE_DIRTY | PTE_ACCESSED
+        if not flags & FAULT_FLAG_UNSHARE and km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE:
+            entry |= PTE_WRITE
+        ptes[j] = entry
+        if old < 0:
+            ksm_might_unmap_zero_page(k, mm, orig)
+            km.mm.atomic("rss_anon").inc_return(mm & 0xFFFFFFFF)
+        else:
+            page_remove_rmap(k, old)
+            put_page(k, old)
+    k.ev("wp_page_copy", mm=mm & 0xFFFFFFFF, addr=addr, old=old, new=new,
+         ksm=bool(old >= 0 and km.page["flags"][old] & PG_KSM) or is_ksm_zero_pte(orig))
+    return VM_FAULT_WRITE
+
+
+# -- ksmd's and GUP's view of a pte ------------------------------------------------------
+def follow_page(k: Kernel, mm: int, addr: int) -> int:
+    """The anon (or KSM) page mapped at addr with a reference taken, or -1."""
+    km = k.km
+    with k.ptl(mm):
+        ptes, j = mmops.pte_table(k, mm, addr)
+        if ptes is None:
+            return -1
+        pte = int(ptes[j])
+        if not pte & PTE_PRESENT or pte & PTE_SPECIAL:
+            return -1
+        pfn = pte & PTE_PFN_MASK
+        if not km.page["flags"][pfn] & (PG_ANON | PG_KSM):
+            return -1
+        get_page(k, pfn)
+        return pfn
+
+
+def next_present(k: Kernel, mm: int, start: int, end: int) -> int:
+    """Address of the first present, non-special pte in [start, end), or end.
+
+    A vectorized walk: ksmd skips holes a page table at a time, as the kernel's
+    page walk skips empty pmds.
+    """
+    for addr, ptes, _n in mmops.pte_ranges(k, mm, start, end):
+        if ptes is None:
+            continue
+        hit = np.flatnonzero((ptes & (PTE_PRESENT | PTE_SPECIAL)) == PTE_PRESENT)
+        if len(hit):
+            return addr + (int(hit[0]) << PAGE_SHIFT)
+    return end
+
+
+# -- the MMU: user loads and stores ----------------------------------------------------------
+def user_access(
+    k: Kernel,
+    mm: int,
+    addr: int,
+    length: int,
+    write: bool,
+    src: np.ndarray | int | None = None,
+    dst: np.ndarray | None = None,
+    force: bool = False,
+    max_pages: int = 512,
+) -> tuple[int, int]:
+    """Perform as much of a user access as the ptes allow, atomically per page table.
+
+    src: bytes to store (uint8 array) or an int fill value (memset); dst: buffer for loads.
+    Returns (bytes done, fault address or -1). The caller faults the page at the fault
+    address (through the fault handler) and calls again with the rest.
+    """
+    km = k.km
+    done = 0
+    end = addr + length
+    ptl = k.ptl(mm)
+    frames = km.frames
+    pflags = km.page["flags"]
+    pmap = km.page["mapcount"]
+    while addr + done < end:
+        cur = addr + done
+        with ptl:
+            ptes, j = mmops.pte_table(k, mm, cur)
+            if ptes is None:
+                return done, cur
+            pages = 0
+            while cur < end and j < len(ptes) and pages < max_pages:
+                pte = int(ptes[j])
+                if not pte & PTE_PRESENT:
+                    return done, cur
+                pfn = pte & PTE_PFN_MASK
+                if write:
+                    if force and not pte & PTE_WRITE:
+                        # FOLL_FORCE store: only into an exclusive anonymous page.
+                        if pte & PTE_SPECIAL or pflags[pfn] & PG_KSM or pmap[pfn] != 1:
+                            return done, cur
+                    elif not pte & PTE_WRITE:
+                        return done, cur
+                off = cur & (PAGE_SIZE - 1)
+                n = min(PAGE_SIZE - off, end - cur)
+                if write:
+                    if isinstance(src, int):
+                        frames[pfn, off:off + n] = src
+                    else:
+                        frames[pfn, off:off + n] = src[done:done + n]
+                    ptes[j] = pte | PTE_DIRTY | PTE_ACCESSED
+                else:
+                    dst[done:done + n] = frames[pfn, off:off + n]
+                    if not pte & PTE_ACCESSED:
+                        ptes[j] = pte | PTE_ACCESSED
+                done += n
+                cur += n
+                j += 1
+                pages += 1
+    return done, -1

@@ -1,0 +1,293 @@
+# Merging one page into another, and undoing it: the page-table side of mm/ksm.c.
+#
+# write_protect_page() makes the pte read-only and clean under the ptl, refusing
+# pages someone else holds a reference to (mapcount + 1 + swapcache == refcount,
+# the kernel's GUP-pin check); replace_page() swaps the pte over to the KSM page
+# only if it is still exactly the pte write_protect_page left (pte_same), so a
+# racing COW fault makes the merge fail instead of losing a write. break_ksm()
+# undoes a merge with an UNSHARE fault, and every path that takes an mm's
+# mmap_lock backs out once the mm is exiting (ksm_test_exit, seed 000).
+from __future__ import annotations
+
+from actors.kernel import mm as mmops
+from actors.kernel.context import Kernel
+from actors.kernel.memory import (
+    FAULT_FLAG_REMOTE,
+    FAULT_FLAG_UNSHARE,
+    KSM_ZERO_PTE,
+    VM_FAULT_OOM,
+    VM_FAULT_SIGBUS,
+    VM_FAULT_SIGSEGV,
+    follow_page,
+    get_page,
+    handle_mm_fault,
+    is_ksm_zero_pte,
+    page_add_anon_rmap,
+    page_remove_rmap,
+    put_page,
+)
+from actors.kernel.rmap import PAGE_MASK
+from shared_mem.arena import NULL
+from shared_mem.layout import (
+    PAGE_SIZE,
+    PG_ANON,
+    PG_DIRTY,
+    PG_KSM,
+    PG_REFERENCED,
+    PG_SWAPCACHE,
+    PTE_ACCESSED,
+    PTE_DIRTY,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    VM_MERGEABLE,
+)
+
+EFAULT = -14
+ENOMEM = -12
+ERESTARTSYS = -512
+
+
+def find_mergeable_vma(k: Kernel, mm: int, addr: int) -> int:
+    if mmops.ksm_test_exit(k, mm):
+        return NULL
+    vma = mmops.vma_lookup(k, mm, addr)
+    if not vma:
+        return NULL
+    vi = vma & 0xFFFFFFFF
+    if not k.km.vma.flags[vi] & VM_MERGEABLE or not k.km.vma.anon_vma[vi]:
+        return NULL
+    return vma
+
+
+def write_protect_page(k: Kernel, mm: int, addr: int, pfn: int) -> int:
+    """Returns the new (read-only, clean) pte, or 0 on failure."""
+    km = k.km
+    with k.ptl(mm):
+        ptes, j = mmops.pte_table(k, mm, addr)
+        if ptes is None:
+            return 0
+        pte = int(ptes[j])
+        if not pte & PTE_PRESENT or pte & PTE_SPECIAL or pte & PTE_PFN_MASK != pfn:
+            return 0
+        if pte & (PTE_WRITE | PTE_DIRTY):
+            swapped = 1 if km.page["flags"][pfn] & PG_SWAPCACHE else 0
+            ptes[j] = 0  # ptep_clear_flush: no CPU can store through it now
+            if km.page["mapcount"][pfn] + 1 + swapped != km.page["refcount"][pfn]:
+                ptes[j] = pte
+                k.ev("ksm_write_protect_fail", pfn=pfn, why="extra reference",
+                     mapcount=int(km.page["mapcount"][pfn]), refcount=int(km.page["refcount"][pfn]))
+                return 0
+            if pte & PTE_DIRTY:
+                km.page["flags"][pfn] |= PG_DIRTY
+            pte &= ~(PTE_WRITE | PTE_DIRTY)
+            ptes[j] = pte
+        return pte
+
+
+def replace_page(k: Kernel, mm: int, addr: int, pfn: int, kpfn: int, orig_pte: int) -> int:
+    km = k.km
+    zero = kpfn == int(k.ksm["zero_pfn"])
+    with k.ptl(mm):
+        ptes, j = mmops.pte_table(k, mm, addr)
+        if ptes is None or int(ptes[j]) != orig_pte:
+            return EFAULT
+        if not zero:
+            get_page(k, kpfn)
+            page_add_anon_rmap(k, kpfn)
+            newpte = kpfn | PTE_PRESENT | PTE_ACCESSED
+        else:
+            newpte = KSM_ZERO_PTE | kpfn
+            k.ksm_atomic["ksm_zero_pages"].inc_return(0)
+            km.mm.atomic("ksm_zero_pages").inc_return(mm & 0xFFFFFFFF)
+            km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)
+        ptes[j] = newpte
+        page_remove_rmap(k, pfn)
+        put_page(k, pfn)
+    return 0
+
+
+def try_to_merge_one_page(k: Kernel, vma: int, addr: int, pfn: int, kpfn: int) -> int:
+    """Merge the page at addr into kpfn; kpfn < 0 makes pfn itself a KSM page."""
+    km = k.km
+    if pfn == kpfn:  # a KSM page forked
+        return 0
+    if not km.page["flags"][pfn] & PG_ANON:
+        return EFAULT
+    lock = k.page_lock(pfn)
+    if not lock.trylock():
+        k.ev("ksm_merge_one_page", pfn=pfn, kpfn=kpfn, err=EFAULT, why="page locked")
+        return EFAULT
+    err = EFAULT
+    try:
+        mm = int(km.vma.mm[vma & 0xFFFFFFFF])
+        orig = write_protect_page(k, mm, addr, pfn)
+        k.point("try_to_merge_one_page.write_protected")
+        if orig:
+            if kpfn < 0:
+                from actors.kernel.stable_tree import set_page_stable_node
+
+                set_page_stable_node(k, pfn, NULL)
+                km.page["flags"][pfn] |= PG_REFERENCED | PG_DIRTY
+                err = 0
+            elif k.cmp.identical(pfn, kpfn):
+                err = replace_page(k, mm, addr, pfn, kpfn, orig)
+    finally:
+        lock.unlock()
+    k.ev("ksm_merge_one_page", pfn=pfn, kpfn=kpfn, mm=int(km.vma.mm[vma & 0xFFFFFFFF]) & 0xFFFFFFFF,
+         addr=addr, err=err)
+    return err
+
+
+def try_to_merge_with_ksm_page(k: Kernel, item: int, pfn: int, kpfn: int) -> int:
+    from actors.kernel.rmap import remove_rmap_item_from_tree
+
+    km = k.km
+    ii = km.rmap_item.idx(item, "try_to_merge_with_ksm_page")
+    mm = int(km.rmap_item.mm[ii])
+    addr = int(km.rmap_item.address[ii]) & PAGE_MASK
+    err = EFAULT
+    lock = k.mmap_lock(mm, "try_to_merge_with_ksm_page")
+    lock.down_read()
+    try:
+        vma = find_mergeable_vma(k, mm, addr)
+        if not vma:
+            return EFAULT
+        err = try_to_merge_one_page(k, vma, addr, pfn, kpfn)
+        if err:
+            return err
+        # Unstable tree membership ends here; the anon_vma reference is taken while
+        # mmap_lock still pins the vma (seed 004).
+        remove_rmap_item_from_tree(k, item)
+        av = int(km.vma.anon_vma[vma & 0xFFFFFFFF])
+        if not k.variant("rmap-no-anon-vma"):
+            mmops.get_anon_vma(k, av)
+            km.rmap_item.anon_vma[ii] = av
+        if kpfn >= 0:
+            k.ev("ksm_merge_with_ksm_page", kpfn=kpfn, pfn=pfn, rmap_item=ii,
+                 mm=mm & 0xFFFFFFFF, addr=addr)
+    finally:
+        lock.up_read()
+    return err
+
+
+def try_to_merge_two_pages(k: Kernel, item: int, pfn: int, tree_item: int, tree_pfn: int) -> int:
+    """Returns the new KSM page (pfn) or -1."""
+    err = try_to_merge_with_ksm_page(k, item, pfn, -1)
+    if not err:
+        err = try_to_merge_with_ksm_page(k, tree_item, tree_pfn, pfn)
+        if err:
+            break_cow(k, item)
+    return -1 if err else pfn
+
+
+def try_to_merge_with_zero_page(k: Kernel, item: int, pfn: int) -> int:
+    """0 when the page was replaced by the zero page (or its vma is gone)."""
+    km = k.km
+    ii = km.rmap_item.idx(item, "try_to_merge_with_zero_page")
+    if not k.ksm["use_zero_pages"] or int(km.rmap_item.oldchecksum[ii]) != int(k.ksm["zero_checksum"]):
+        return EFAULT
+    mm = int(km.rmap_item.mm[ii])
+    addr = int(km.rmap_item.address[ii]) & PAGE_MASK
+    lock = k.mmap_lock(mm, "try_to_merge_with_zero_page")
+    lock.down_read()
+    try:
+        vma = find_mergeable_vma(k, mm, addr)
+        if not vma:
+            return 0
+        return try_to_merge_one_page(k, vma, addr, pfn, int(k.ksm["zero_pfn"]))
+    finally:
+        lock.up_read()
+
+
+def _ksm_mapping_at(k: Kernel, mm: int, addr: int) -> bool:
+    with k.ptl(mm):
+        pte = mmops.read_pte(k, mm, addr)
+    if not pte & PTE_PRESENT:
+        return False
+    if pte & PTE_SPECIAL:
+        return is_ksm_zero_pte(pte)
+    return bool(k.km.page["flags"][pte & PTE_PFN_MASK] & PG_KSM)
+
+
+def break_ksm(k: Kernel, vma: int, addr: int) -> int:
+    """Fault in a private copy of the KSM page at addr, if there is one. -ENOMEM on OOM."""
+    mm = int(k.km.vma.mm[k.km.vma.idx(vma, "break_ksm")])
+    while True:
+        if not _ksm_mapping_at(k, mm, addr):
+            return 0
+        k.point("break_ksm")
+        ret = handle_mm_fault(k, vma, addr, FAULT_FLAG_UNSHARE | FAULT_FLAG_REMOTE)
+        if ret & (VM_FAULT_SIGBUS | VM_FAULT_SIGSEGV | VM_FAULT_OOM):
+            return ENOMEM if ret & VM_FAULT_OOM else 0
+
+
+def break_cow(k: Kernel, item: int) -> None:
+    """Undo a merge that could not be completed (drops the item's anon_vma reference)."""
+    km = k.km
+    ii = km.rmap_item.idx(item, "break_cow")
+    av = int(km.rmap_item.anon_vma[ii])
+    if av:
+        mmops.put_anon_vma(k, av)
+        km.rmap_item.anon_vma[ii] = NULL
+    mm = int(km.rmap_item.mm[ii])
+    addr = int(km.rmap_item.address[ii]) & PAGE_MASK
+    lock = k.mmap_lock(mm, "break_cow")
+    lock.down_read()
+    try:
+        vma = find_mergeable_vma(k, mm, addr)
+        if vma:
+            break_ksm(k, vma, addr)
+    finally:
+        lock.up_read()
+
+
+def ksm_addresses(k: Kernel, mm: int, start: int, end: int) -> list[int]:
+    """Addresses in [start, end) mapping a KSM page or the KSM zero page (vectorized)."""
+    import numpy as np
+
+    km = k.km
+    out: list[int] = []
+    for a, ptes, _n in mmops.pte_ranges(k, mm, start, end):
+        if ptes is None:
+            continue
+        present = (ptes & PTE_PRESENT) != 0
+        special = (ptes & PTE_SPECIAL) != 0
+        pfns = ptes & PTE_PFN_MASK
+        ksm = present & ~special & ((km.page["flags"][np.where(present & ~special, pfns, 0)] & PG_KSM) != 0)
+        kzero = (ptes & KSM_ZERO_PTE) == KSM_ZERO_PTE
+        for j in np.flatnonzero(ksm | kzero):
+            out.append(a + int(j) * PAGE_SIZE)
+    return out
+
+
+def unmerge_ksm_pages(k: Kernel, vma: int, start: int, end: int) -> int:
+    """Break every KSM mapping in [start, end) of vma (caller holds mmap_lock)."""
+    mm = int(k.km.vma.mm[k.km.vma.idx(vma, "unmerge_ksm_pages")])
+    for addr in ksm_addresses(k, mm, start, end):
+        if mmops.ksm_test_exit(k, mm):
+            break
+        if k.fatal_signal_pending():
+            return ERESTARTSYS
+        err = break_ksm(k, vma, addr)
+        if err:
+            return err
+    return 0
+
+
+def get_mergeable_page(k: Kernel, item: int) -> int:
+    """The anon page an unstable-tree item still maps (with a reference), or -1."""
+    km = k.km
+    ii = km.rmap_item.idx(item, "get_mergeable_page")
+    mm = int(km.rmap_item.mm[ii])
+    addr = int(km.rmap_item.address[ii]) & PAGE_MASK
+    lock = k.mmap_lock(mm, "get_mergeable_page")
+    lock.down_read()
+    try:
+        vma = find_mergeable_vma(k, mm, addr)
+        if not vma:
+            return -1
+        return follow_page(k, mm, addr)
+    finally:
+        lock.up_read()

@@ -1,0 +1,135 @@
+# The OOM killer and the OOM reaper: mm/oom_kill.c, reduced to what KSM meets.
+#
+# out_of_memory() picks the task with the largest anonymous RSS that is not
+# already dying (an oom_origin task, the run=2 writer, is picked first), marks it
+# (fatal signal, TIF_MEMDIE, an mm_count reference like signal->oom_mm) and leaves
+# it to die; while a marked victim's mm is not yet MMF_OOM_SKIP no second victim
+# is chosen. The reaper frees the victim's anonymous memory under
+# mmap_read_trylock (retrying, then giving up and setting MMF_OOM_SKIP, as
+# oom_reap_task does), so memory comes back even if the victim's own exit is stuck
+# - and once the victim is MMF_OOM_SKIP, a further shortage picks a second victim.
+from __future__ import annotations
+
+import time
+
+from actors.kernel import ksm_mm
+from actors.kernel import mm as mmops
+from actors.kernel.context import Kernel
+from actors.kernel.memory import zap_page_range
+from shared_mem.arena import NULL
+from shared_mem.layout import (
+    MMF_OOM_SKIP,
+    PF_EXITING,
+    PF_OOM_ORIGIN,
+    TASK_RUNNING,
+    TIF_MEMDIE,
+    TIF_SIGKILL,
+    VM_HUGETLB,
+    VM_PFNMAP,
+    VM_SHARED,
+)
+
+MAX_OOM_REAP_RETRIES = 10
+
+
+def oom_victim_pending(k: Kernel) -> int:
+    """A marked victim whose memory has not been released yet (task handle), or NULL."""
+    t = k.km.task
+    for i in t.live_indices():
+        if t.flags[i] & TIF_MEMDIE and t.state[i] != 0:
+            mm = int(t.mm[i])
+            if mm and k.km.mm.valid(mm) and not k.km.mm.flags[mm & 0xFFFFFFFF] & MMF_OOM_SKIP:
+                return t.handle_of(int(i))
+    return NULL
+
+
+def select_bad_process(k: Kernel) -> tuple[int, int]:
+    """(victim task handle, points) or (NULL, 0)."""
+    t = k.km.task
+    best, best_pts = NULL, -1
+    for i in t.live_indices():
+        i = int(i)
+        if t.state[i] != TASK_RUNNING or t.flags[i] & (PF_EXITING | TIF_SIGKILL):
+            continue
+        mm = int(t.mm[i])
+        if not mm or not k.km.mm.valid(mm):
+            continue
+        mi = mm & 0xFFFFFFFF
+        if k.km.mm.flags[mi] & MMF_OOM_SKIP:
+            continue
+        if t.flags[i] & PF_OOM_ORIGIN:
+            return t.handle_of(i), 1 << 62
+        pts = int(k.km.mm.rss_anon[mi]) + int(k.km.mm.pgtables[mi]) + int(t.oom_score_adj[i])
+        if pts > best_pts:
+            best, best_pts = t.handle_of(i), pts
+    return best, max(best_pts, 0)
+
+
+def mark_oom_victim(k: Kernel, victim: int) -> int:
+    """Send the fatal signal and pin the victim's mm for the reaper; returns the mm."""
+    t = k.km.task
+    vi = t.idx(victim, "mark_oom_victim")
+    t.atomic("flags").set_bits(vi, TIF_SIGKILL | TIF_MEMDIE)
+    mm = int(t.mm[vi])
+    if mm:
+        mmops.mmgrab(k, mm)
+    return mm
+
+
+def out_of_memory(k: Kernel) -> dict:
+    """One OOM decision. Returns what was done: waited, killed, or nothing to kill."""
+    pending = oom_victim_pending(k)
+    if pending:
+        return {"action": "wait", "victim": pending}
+    victim, pts = select_bad_process(k)
+    if not victim:
+        k.ev("oom_no_victim")
+        return {"action": "none"}
+    vi = victim & 0xFFFFFFFF
+    t = k.km.task
+    mm = mark_oom_victim(k, victim)
+    rss = int(k.km.mm.rss_anon[mm & 0xFFFFFFFF]) if mm else 0
+    k.ev("oom_kill", victim=vi, pid=int(t.pid[vi]), comm=t.comm[vi].decode(), points=pts,
+         anon_rss_kb=rss * 4)
+    return {"action": "kill", "victim": victim, "mm": mm, "pid": int(t.pid[vi]),
+            "comm": t.comm[vi].decode(), "rss_pages": rss}
+
+
+def __oom_reap_task_mm(k: Kernel, mm: int) -> int:
+    km = k.km
+    freed = 0
+    for vma in list(mmops.vmas(k, mm)):
+        vi = vma & 0xFFFFFFFF
+        f = int(km.vma.flags[vi])
+        if f & (VM_HUGETLB | VM_PFNMAP) or f & VM_SHARED:
+            continue
+        freed += zap_page_range(k, mm, int(km.vma.start[vi]), int(km.vma.end[vi]))
+    return freed
+
+
+def oom_reap_task(k: Kernel, mm: int, retry_interval: float = 0.1) -> dict:
+    """Free the victim's anonymous memory; always ends with MMF_OOM_SKIP set and mm dropped."""
+    km = k.km
+    mi = km.mm.idx(mm, "oom_reap_task")
+    result = {"mm": mi, "reaped": 0, "attempts": 0}
+    try:
+        for attempt in range(1, MAX_OOM_REAP_RETRIES + 1):
+            result["attempts"] = attempt
+            if km.mm.flags[mi] & MMF_OOM_SKIP:
+                result["skipped"] = True
+                break
+            lock = k.mmap_lock(mm, "oom_reap_task")
+            if lock.down_read_trylock():
+                try:
+                    result["reaped"] = __oom_reap_task_mm(k, mm)
+                finally:
+                    lock.up_read()
+                break
+            time.sleep(retry_interval)
+        else:
+            k.ev("oom_reaper_gave_up", mm=mi)
+        ksm_mm.set_mm_flag(k, mm, MMF_OOM_SKIP)
+        k.ev("oom_reaper", **result)
+    finally:
+        mmops.mmdrop(k, mm, site="oom_reaper:mmdrop")
+    return result

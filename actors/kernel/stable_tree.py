@@ -1,0 +1,468 @@
+# The stable tree: write-protected KSM pages ordered by content, with chains.
+#
+# Follows mm/ksm.c's stable_tree_search / stable_tree_insert / get_ksm_page and the
+# max_page_sharing machinery: a content with more sharers than max_page_sharing
+# becomes a *chain* node in the tree holding *dups*, each dup a separate KSM page
+# with at most max_page_sharing rmap_items. A KSM page's struct page points at its
+# stable node (page->mapping), but the node holds no page reference (the
+# "keyhole"): get_ksm_page() checks the page still points back, and removes the
+# node as stale when it does not. remove_all_stable_nodes() is seed 002's fix.
+from __future__ import annotations
+
+import time
+
+from actors.kernel import mm as mmops
+from actors.kernel import tree
+from actors.kernel.context import Kernel
+from actors.kernel.memory import get_page, put_page
+from actors.kernel.rmap import PAGE_MASK
+from shared_mem.arena import NULL
+from shared_mem.layout import (
+    NODE_CHAIN,
+    NODE_DUP,
+    NODE_MIGRATE,
+    NODE_REGULAR,
+    PG_KSM,
+    STABLE_FLAG,
+    STABLE_NODE_CHAIN,
+)
+
+EBUSY = -16
+
+
+def stable_root(k: Kernel, nid: int) -> tree.RootRef:
+    return tree.RootRef(k.km.ksm["root_stable"][0], nid)
+
+
+def get_kpfn_nid(k: Kernel, pfn: int) -> int:
+    return 0 if k.ksm["merge_across_nodes"] else int(k.km.page["nid"][pfn])
+
+
+def is_chain(k: Kernel, node: int) -> bool:
+    return k.km.stable_node.rmap_hlist_len[node & 0xFFFFFFFF] == STABLE_NODE_CHAIN
+
+
+def is_page_sharing_candidate(k: Kernel, node: int, offset: int = 0) -> bool:
+    n = int(k.km.stable_node.rmap_hlist_len[k.km.stable_node.idx(node, "sharing_candidate")])
+    return n + offset < int(k.ksm["max_page_sharing"])
+
+
+def set_page_stable_node(k: Kernel, pfn: int, node: int) -> None:
+    """folio_set_stable_node(): the page becomes a KSM page pointing at node (or NULL)."""
+    k.km.page["flags"][pfn] |= PG_KSM
+    k.km.page["mapping"][pfn] = node
+
+
+# -- lookup of the page behind a node -------------------------------------------------------
+def get_ksm_page(k: Kernel, node: int, lock: bool = False, trylock: bool = False) -> int:
+    """The KSM page of node with a reference (and locked if asked), or -1 if stale.
+
+    Returns EBUSY (negative, distinct from -1) when trylock fails.
+    """
+    km = k.km
+    sn = km.stable_node
+    ni = sn.idx(node, "get_ksm_page")
+    pfn = int(sn.kpfn[ni])
+    page = km.page
+    if not page["flags"][pfn] & PG_KSM or page["mapping"][pfn] != node:
+        return _stale(k, node)
+    if not k.page_ref.inc_not_zero(pfn):
+        return _stale(k, node)
+    if page["mapping"][pfn] != node or not page["flags"][pfn] & PG_KSM:
+        put_page(k, pfn)
+        return _stale(k, node)
+    if trylock:
+        if not k.page_lock(pfn).trylock():
+            put_page(k, pfn)
+            return EBUSY
+        if page["mapping"][pfn] != node:
+            k.page_lock(pfn).unlock()
+            put_page(k, pfn)
+            return _stale(k, node)
+    elif lock:
+        k.page_lock(pfn).lock()
+        if page["mapping"][pfn] != node:
+            k.page_lock(pfn).unlock()
+            put_page(k, pfn)
+            return _stale(k, node)
+    return pfn
+
+
+def _stale(k: Kernel, node: int) -> int:
+    remove_node_from_stable_tree(k, node)
+    return -1
+
+
+# -- node lifetime ----------------------------------------------------------------------------
+def alloc_stable_node(k: Kernel, role: int = NODE_REGULAR) -> int:
+    h = k.km.stable_node.alloc(site="alloc_stable_node")
+    k.km.stable_node.role[h & 0xFFFFFFFF] = role
+    return h
+
+
+def free_stable_node(k: Kernel, node: int) -> None:
+    sn = k.km.stable_node
+    ni = sn.idx(node, "free_stable_node")
+    if sn.rmap_hlist_len[ni] and sn.rmap_hlist_len[ni] != STABLE_NODE_CHAIN:
+        raise RuntimeError(f"BUG: freeing stable node {ni} with {int(sn.rmap_hlist_len[ni])} rmap_items")
+    sn.free(node, site="free_stable_node")
+
+
+def hlist_del_item(k: Kernel, node: int, item: int) -> None:
+    ri = k.km.rmap_item
+    ii = ri.idx(item, "hlist_del")
+    nxt, prv = int(ri.hnext[ii]), int(ri.hprev[ii])
+    if prv:
+        ri.hnext[ri.idx(prv, "hlist_del")] = nxt
+    else:
+        k.km.stable_node.hlist[k.km.stable_node.idx(node, "hlist_del")] = nxt
+    if nxt:
+        ri.hprev[ri.idx(nxt, "hlist_del")] = prv
+    ri.hnext[ii] = NULL
+    ri.hprev[ii] = NULL
+
+
+def dups_of(k: Kernel, chain: int) -> list[int]:
+    sn = k.km.stable_node
+    out = []
+    d = int(sn.hlist[sn.idx(chain, "chain_dups")])
+    while d:
+        out.append(d)
+        d = int(sn.dup_next[sn.idx(d, "chain_dups")])
+    return out
+
+
+def chain_add_dup(k: Kernel, dup: int, chain: int) -> None:
+    sn = k.km.stable_node
+    di = sn.idx(dup, "stable_node_chain_add_dup")
+    ci = sn.idx(chain, "stable_node_chain_add_dup")
+    sn.role[di] = NODE_DUP
+    sn.chain[di] = chain
+    first = int(sn.hlist[ci])
+    sn.dup_next[di] = first
+    sn.dup_prev[di] = NULL
+    if first:
+        sn.dup_prev[sn.idx(first, "chain_add_dup")] = dup
+    sn.hlist[ci] = dup
+    k.ksm["stable_node_dups"] += 1
+
+
+def _chain_unlink_dup(k: Kernel, dup: int) -> None:
+    sn = k.km.stable_node
+    di = sn.idx(dup, "stable_node_dup_del")
+    chain = int(sn.chain[di])
+    nxt, prv = int(sn.dup_next[di]), int(sn.dup_prev[di])
+    if prv:
+        sn.dup_next[sn.idx(prv, "dup_del")] = nxt
+    else:
+        sn.hlist[sn.idx(chain, "dup_del")] = nxt
+    if nxt:
+        sn.dup_prev[sn.idx(nxt, "dup_del")] = prv
+    sn.dup_next[di] = NULL
+    sn.dup_prev[di] = NULL
+    sn.chain[di] = NULL
+
+
+def stable_node_dup_del(k: Kernel, node: int) -> None:
+    sn = k.km.stable_node
+    ni = sn.idx(node, "stable_node_dup_del")
+    role = int(sn.role[ni])
+    if role == NODE_DUP:
+        _chain_unlink_dup(k, node)
+        k.ksm["stable_node_dups"] -= 1
+    elif role == NODE_REGULAR:
+        tree.erase(sn, stable_root(k, int(sn.nid[ni])), node)
+    elif role == NODE_MIGRATE:
+        pass
+    else:
+        raise RuntimeError("BUG: stable_node_dup_del on a chain")
+
+
+def remove_node_from_stable_tree(k: Kernel, node: int) -> None:
+    """Unhook every rmap_item of a stale node, then free the node."""
+    km = k.km
+    ri = km.rmap_item
+    sn = km.stable_node
+    ni = sn.idx(node, "remove_node_from_stable_tree")
+    item = int(sn.hlist[ni])
+    while item:
+        ii = ri.idx(item, "remove_node_from_stable_tree")
+        nxt = int(ri.hnext[ii])
+        if nxt:
+            k.ksm["pages_sharing"] -= 1
+        else:
+            k.ksm["pages_shared"] -= 1
+        mm = int(ri.mm[ii])
+        km.mm.atomic("ksm_merging_pages").dec_return(km.mm.idx(mm, "ksm_merging_pages"))
+        av = int(ri.anon_vma[ii])
+        if av:
+            mmops.put_anon_vma(k, av)
+        ri.anon_vma[ii] = NULL
+        ri.head[ii] = NULL
+        ri.hnext[ii] = NULL
+        ri.hprev[ii] = NULL
+        ri.address[ii] = int(ri.address[ii]) & PAGE_MASK
+        sn.rmap_hlist_len[ni] -= 1
+        item = nxt
+    sn.hlist[ni] = NULL
+    stable_node_dup_del(k, node)
+    k.ev("ksm_remove_ksm_page", stable_node=ni, pfn=int(sn.kpfn[ni]))
+    free_stable_node(k, node)
+
+
+def free_stable_node_chain(k: Kernel, chain: int) -> None:
+    sn = k.km.stable_node
+    ci = sn.idx(chain, "free_stable_node_chain")
+    tree.erase(sn, stable_root(k, int(sn.nid[ci])), chain)
+    sn.free(chain, site="free_stable_node_chain")
+    k.ksm["stable_node_chains"] -= 1
+
+
+def alloc_stable_node_chain(k: Kernel, dup: int) -> int:
+    """The regular node dup becomes the first dup of a new chain that takes its tree place."""
+    sn = k.km.stable_node
+    chain = alloc_stable_node(k, NODE_CHAIN)
+    ci = chain & 0xFFFFFFFF
+    di = sn.idx(dup, "alloc_stable_node_chain")
+    sn.rmap_hlist_len[ci] = STABLE_NODE_CHAIN
+    sn.nid[ci] = sn.nid[di]
+    sn.chain_prune_time[ci] = time.monotonic_ns()
+    tree.replace_node(sn, stable_root(k, int(sn.nid[di])), dup, chain)
+    chain_add_dup(k, dup, chain)
+    k.ksm["stable_node_chains"] += 1
+    return chain
+
+
+# -- chains: choosing a dup -----------------------------------------------------------------
+def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]:
+    """stable_node_dup(): (dup with room or NULL, its page or -1, the node now in the tree)."""
+    sn = k.km.stable_node
+    ci = sn.idx(chain, "stable_node_dup")
+    now = time.monotonic_ns()
+    if prune and now < int(sn.chain_prune_time[ci]) + int(k.ksm["stable_node_chains_prune_millisecs"]) * 1_000_000:
+        prune = False
+    elif prune:
+        sn.chain_prune_time[ci] = now
+    found, found_pfn, found_len = NULL, -1, -1
+    for dup in dups_of(k, chain):
+        pfn = get_ksm_page(k, dup)
+        if pfn < 0:
+            continue
+        di = dup & 0xFFFFFFFF
+        cand = is_page_sharing_candidate(k, dup)
+        if not found or (cand and (not is_page_sharing_candidate(k, found)
+                                   or sn.rmap_hlist_len[di] > found_len)):
+            if found:
+                put_page(k, found_pfn)
+            found, found_pfn, found_len = dup, pfn, int(sn.rmap_hlist_len[di])
+            if not prune and cand:
+                break
+            continue
+        put_page(k, pfn)
+    node = chain
+    if found:
+        if len(dups_of(k, chain)) == 1:
+            # One dup left: collapse the chain back into a regular node.
+            fi = found & 0xFFFFFFFF
+            _chain_unlink_dup(k, found)
+            sn.role[fi] = NODE_REGULAR
+            tree.replace_node(sn, stable_root(k, int(sn.nid[ci])), chain, found)
+            sn.free(chain, site="stable_node_dup")
+            k.ksm["stable_node_chains"] -= 1
+            k.ksm["stable_node_dups"] -= 1
+            node = found
+        elif int(sn.hlist[ci]) != found and is_page_sharing_candidate(k, found, 1):
+            _chain_unlink_dup(k, found)
+            chain_add_dup(k, found, chain)
+            k.ksm["stable_node_dups"] -= 1  # chain_add_dup counted it again
+    else:
+        free_stable_node_chain(k, chain)
+        node = NULL
+    if found and is_page_sharing_candidate(k, found):
+        return found, found_pfn, node
+    if found_pfn >= 0:
+        put_page(k, found_pfn)
+    return NULL, -1, node
+
+
+def _node_chain(k: Kernel, node: int, prune: bool) -> tuple[int, int, int]:
+    """__stable_node_chain(): (dup with room or NULL, a page ref or -1, node in the tree)."""
+    if not is_chain(k, node):
+        if is_page_sharing_candidate(k, node):
+            return node, get_ksm_page(k, node), node
+        return NULL, -1, node
+    return _stable_node_dup(k, node, prune)
+
+
+def _dup_any(k: Kernel, node: int) -> int:
+    """stable_node_dup_any(): any dup to compare contents with (NULL frees an empty chain)."""
+    if not is_chain(k, node):
+        return node
+    dups = dups_of(k, node)
+    if not dups:
+        free_stable_node_chain(k, node)
+        return NULL
+    return dups[0]
+
+
+# -- search and insert ------------------------------------------------------------------------
+def stable_tree_search(k: Kernel, pfn: int) -> int:
+    """Find a KSM page with pfn's content that can take one more sharer.
+
+    Returns its pfn with a reference, -1 for none, or EBUSY if its page lock was busy.
+    """
+    km = k.km
+    sn = km.stable_node
+    page_node = int(km.page["mapping"][pfn]) if km.page["flags"][pfn] & PG_KSM else NULL
+    if page_node and sn.valid(page_node) and sn.role[page_node & 0xFFFFFFFF] != NODE_MIGRATE:
+        get_page(k, pfn)
+        return pfn
+    nid = get_kpfn_nid(k, pfn)
+    root = stable_root(k, nid)
+    while True:  # "again": restart after the tree changed under the walk
+        node = root.get()
+        restart = False
+        while node:
+            dup, tree_pfn, node = _node_chain(k, node, prune=True)
+            if not node:
+                restart = True
+                break
+            if not dup:
+                anyn = _dup_any(k, node)
+                if not anyn:
+                    restart = True
+                    break
+                tree_pfn = get_ksm_page(k, anyn)
+            if tree_pfn < 0:
+                restart = True
+                break
+            ret = k.cmp.memcmp(pfn, tree_pfn)
+            put_page(k, tree_pfn)
+            ni = sn.idx(node, "stable_tree_search")
+            if ret < 0:
+                node = int(sn.left[ni])
+            elif ret > 0:
+                node = int(sn.right[ni])
+            else:
+                if not dup:
+                    # Every dup of this content is full: wait for an unstable-tree
+                    # match to make a new KSM page, which joins the chain.
+                    return -1
+                tree_pfn = get_ksm_page(k, dup, trylock=True)
+                if tree_pfn == EBUSY:
+                    return EBUSY
+                if tree_pfn < 0:
+                    restart = True
+                    break
+                k.page_lock(tree_pfn).unlock()
+                return tree_pfn
+        if not restart:
+            return -1
+
+
+def stable_tree_insert(k: Kernel, kpfn: int) -> int:
+    """Put a freshly merged KSM page into the stable tree; returns its node (dup) or NULL."""
+    km = k.km
+    sn = km.stable_node
+    nid = get_kpfn_nid(k, kpfn)
+    root = stable_root(k, nid)
+    while True:
+        parent, left, node = NULL, False, root.get()
+        need_chain = False
+        restart = False
+        while node:
+            dup, tree_pfn, node = _node_chain(k, node, prune=False)
+            if not node:
+                restart = True
+                break
+            if not dup:
+                anyn = _dup_any(k, node)
+                if not anyn:
+                    restart = True
+                    break
+                tree_pfn = get_ksm_page(k, anyn)
+            if tree_pfn < 0:
+                restart = True
+                break
+            ret = k.cmp.memcmp(kpfn, tree_pfn)
+            put_page(k, tree_pfn)
+            parent = node
+            ni = sn.idx(node, "stable_tree_insert")
+            if ret < 0:
+                left, node = True, int(sn.left[ni])
+            elif ret > 0:
+                left, node = False, int(sn.right[ni])
+            else:
+                need_chain = True
+                break
+        if not restart:
+            break
+    try:
+        new = alloc_stable_node(k, NODE_REGULAR)
+    except MemoryError:
+        return NULL
+    ni = new & 0xFFFFFFFF
+    sn.kpfn[ni] = kpfn
+    sn.nid[ni] = nid
+    sn.rmap_hlist_len[ni] = 0
+    sn.key[ni] = k.cmp.key(kpfn)
+    set_page_stable_node(k, kpfn, new)
+    if not need_chain:
+        tree.link_node(sn, root, parent, left, new)
+    else:
+        chain = parent
+        if not is_chain(k, chain):
+            chain = alloc_stable_node_chain(k, chain)
+        chain_add_dup(k, new, chain)
+    k.ev("ksm_stable_tree_insert", stable_node=ni, pfn=kpfn, nid=nid, chained=need_chain)
+    return new
+
+
+# -- teardown (seed 002) -------------------------------------------------------------------------
+def remove_stable_node(k: Kernel, node: int) -> int:
+    """0 when the node is gone, EBUSY if its page is still mapped."""
+    pfn = get_ksm_page(k, node, lock=True)
+    if pfn < 0:
+        return 0
+    try:
+        if k.km.page["mapcount"][pfn] > 0:
+            k.ev("warning", what="remove_stable_node: page still mapped", pfn=pfn)
+            return EBUSY
+        # Maybe in swapcache or still referenced: unhook it, it stays PageKsm with no node.
+        k.km.page["mapping"][pfn] = NULL
+        remove_node_from_stable_tree(k, node)
+        return 0
+    finally:
+        k.page_lock(pfn).unlock()
+        put_page(k, pfn)
+
+
+def remove_stable_node_chain(k: Kernel, chain: int) -> bool:
+    for dup in dups_of(k, chain):
+        if remove_stable_node(k, dup):
+            return True
+    free_stable_node_chain(k, chain)
+    return False
+
+
+def remove_all_stable_nodes(k: Kernel) -> int:
+    """Empty every stable tree; EBUSY if some KSM page is still mapped (caller holds the mutex)."""
+    err = 0
+    sn = k.km.stable_node
+    for nid in range(k.km.geo.nr_nodes):
+        root = stable_root(k, nid)
+        while root.get():
+            node = root.get()
+            busy = (remove_stable_node_chain(k, node) if is_chain(k, node)
+                    else remove_stable_node(k, node))
+            if busy:
+                err = EBUSY
+                break
+    for i in sn.live_indices():
+        if sn.role[i] == NODE_MIGRATE and remove_stable_node(k, sn.handle_of(int(i))):
+            err = EBUSY
+    return err
+
+
+def stable_item_check(k: Kernel, item: int) -> bool:
+    return bool(k.km.rmap_item.address[item & 0xFFFFFFFF] & STABLE_FLAG)

@@ -1,0 +1,45 @@
+# ksmd: ksm_scan_thread() as a process.
+#
+# Each round takes ksm_thread_mutex, scans pages_to_scan pages if ksmd should run
+# (run=1 and some mm registered), drops the mutex and sleeps sleep_millisecs; a
+# wakeup message (a knob write, the first __ksm_enter) cuts the sleep short, as
+# wake_up_interruptible(&ksm_iter_wait / &ksm_thread_wait) does.
+from __future__ import annotations
+
+import time
+
+from actors.base import Actor
+from actors.kernel.ksm_scan import ksm_do_scan, ksmd_should_run
+
+
+class Ksmd(Actor):
+    role = "ksmd"
+
+    def setup(self) -> None:
+        self.handlers["wakeup"] = self._on_wakeup
+        self.next_scan = 0.0
+        self.k.ksm["ksmd_pid"] = __import__("os").getpid()
+
+    def flush_every(self) -> int:
+        return 4096
+
+    def _on_wakeup(self, msg: dict) -> None:
+        self.next_scan = 0.0
+
+    def poll_timeout_ms(self) -> int:
+        if not ksmd_should_run(self.k):
+            return 100
+        return max(0, int((self.next_scan - time.monotonic()) * 1000))
+
+    def tick(self) -> None:
+        k = self.k
+        if time.monotonic() < self.next_scan or not ksmd_should_run(k):
+            return
+        k.ksm_thread_mutex.lock()
+        try:
+            if ksmd_should_run(k):
+                ksm_do_scan(k, int(k.ksm["pages_to_scan"]))
+        finally:
+            k.ksm_thread_mutex.unlock()
+        self.ev.flush()
+        self.next_scan = time.monotonic() + int(k.ksm["sleep_millisecs"]) / 1000.0

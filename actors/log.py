@@ -1,0 +1,108 @@
+# Structured logs: one JSON-lines file per process, every line stamped.
+#
+# Each process configures structlog after it starts (never inherited across a
+# fork) and writes <run_dir>/logs/<actor>-<pid>.jsonl. Every line carries the run
+# id, the seed, the actor, the pid, a CLOCK_MONOTONIC nanosecond timestamp (one
+# clock for every process on the host, so files merge without skew) and a
+# per-process sequence number; `event` is the kernel tracepoint name where one
+# exists (ksm_start_scan, ksm_merge_one_page, ksm_exit, lock_acquire, ...).
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import threading
+import time
+from typing import Any
+
+import structlog
+
+
+class EventLog:
+    """The per-process event sink: ev(event, **fields) writes one JSON line."""
+
+    def __init__(self, run_dir: str, actor: str, run_id: str, seed: int, flush_every: int = 1) -> None:
+        self.actor = actor
+        self.pid = os.getpid()
+        logs = os.path.join(run_dir, "logs")
+        os.makedirs(logs, mode=0o700, exist_ok=True)
+        self.path = os.path.join(logs, f"{actor}-{self.pid}.jsonl")
+        self._file = open(self.path, "a", buffering=1 << 16, encoding="utf-8")  # noqa: SIM115
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._n = 0
+        self.flush_every = flush_every
+        base = {"run_id": run_id, "seed": seed, "actor": actor, "pid": self.pid}
+
+        def stamp(_logger: Any, _name: str, ev: dict) -> dict:
+            ev.update(base)
+            ev["ts_ns"] = time.monotonic_ns()
+            ev["seq"] = next(self._seq)
+            th = threading.current_thread()
+            if th is not threading.main_thread():
+                ev["tid"] = th.name
+            return ev
+
+        self._logger = structlog.wrap_logger(
+            structlog.WriteLogger(self._file),
+            processors=[stamp, structlog.processors.JSONRenderer(serializer=_dumps)],
+            wrapper_class=structlog.BoundLogger,
+            cache_logger_on_first_use=True,
+        )
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        self._logger.msg(event, **fields)
+        self._n += 1
+        if self._n % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        try:
+            with self._lock:
+                self._file.flush()
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        self.flush()
+        try:
+            self._file.close()
+        except ValueError:
+            pass
+
+
+def _default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, bytes):
+        return o.decode("latin-1")
+    if isinstance(o, set | frozenset | tuple):
+        return list(o)
+    return repr(o)
+
+
+def _dumps(obj: Any, **kw: Any) -> str:
+    return json.dumps(obj, default=_default, separators=(",", ":"))
+
+
+def read_events(run_dir: str) -> list[dict]:
+    """Every event of a run, merged into one timeline by (ts_ns, pid, seq)."""
+    logs = os.path.join(run_dir, "logs")
+    out = []
+    if not os.path.isdir(logs):
+        return out
+    for name in os.listdir(logs):
+        if not name.endswith(".jsonl"):
+            continue
+        with open(os.path.join(logs, name), encoding="utf-8") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    # A process killed mid-write leaves a torn last line.
+                    continue
+    out.sort(key=lambda e: (e.get("ts_ns", 0), e.get("pid", 0), e.get("seq", 0)))
+    return out

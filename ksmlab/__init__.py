@@ -1,0 +1,1 @@
+"""ksmlab: an executable, multiprocess model of Linux KSM (mm/ksm.c)."""

@@ -1,0 +1,232 @@
+# Slab caches of kernel objects in shared memory, with KASAN-style checking.
+#
+# Every kernel object (mm_struct, vm_area_struct, anon_vma, ksm_mm_slot,
+# ksm_rmap_item, ksm_stable_node, page-table page, task) lives in a fixed-size
+# numpy structured array inside a shared segment. Other records refer to it by a
+# handle: (generation << 32) | index, with 0 as NULL. A live record has an odd
+# generation; freeing bumps it to even and poisons the record bytes with 0x6b
+# (the kernel's POISON_FREE), so any later use of an old handle is detected at
+# the dereference and reported like KASAN's use-after-free, naming who allocated
+# and who freed the object. Allocation and free go through a per-cache free-list
+# under a lock, as kmem_cache_alloc does with its own locking.
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from shared_mem.atomic import AtomicField
+
+NULL = 0
+POISON_FREE = 0x6B
+
+# Provenance kept per record, so a UAF report can say who allocated and who freed.
+PROVENANCE = [
+    ("gen", "<u8"),
+    ("alloc_pid", "<i4"),
+    ("free_pid", "<i4"),
+    ("alloc_ns", "<i8"),
+    ("free_ns", "<i8"),
+    ("alloc_actor", "S16"),
+    ("free_actor", "S16"),
+    ("alloc_site", "S32"),
+    ("free_site", "S32"),
+]
+
+
+def pack(gen: int, idx: int) -> int:
+    return (gen << 32) | idx
+
+
+def h_index(h: int) -> int:
+    return h & 0xFFFFFFFF
+
+
+def h_gen(h: int) -> int:
+    return h >> 32
+
+
+def fmt_handle(h: int) -> str:
+    return "NULL" if h == NULL else f"{h_index(h)}#{h_gen(h)}"
+
+
+class UseAfterFree(Exception):
+    """Raised at the faulting dereference; .report holds the KASAN-shaped report."""
+
+    def __init__(self, report: dict) -> None:
+        super().__init__(report["title"])
+        self.report = report
+
+
+class BadFree(Exception):
+    def __init__(self, report: dict) -> None:
+        super().__init__(report["title"])
+        self.report = report
+
+
+class OutOfObjects(MemoryError):
+    pass
+
+
+class Arena:
+    """A kmem_cache of one record type.
+
+    `meta` is the provenance array (parallel to `rec`); fields of `rec` are exposed as
+    attributes (e.g. arena.users[i]) for speed. `atomic(name)` gives atomic access to an
+    8-byte field. The free list is a stack in shared memory, guarded by `lock`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        rec: np.ndarray,
+        meta: np.ndarray,
+        free_stack: np.ndarray,
+        hdr: np.ndarray,
+        lock: Any = None,
+    ) -> None:
+        self.name = name
+        self.rec = rec
+        self.meta = meta
+        self.gen = meta["gen"]
+        self.free_stack = free_stack
+        self.hdr = hdr  # [free_top, nr_live, nr_alloc_total]
+        self.lock = lock
+        self.capacity = len(rec)
+        self._bytes = rec.view(np.uint8).reshape(self.capacity, rec.dtype.itemsize)
+        self._atomics: dict[str, AtomicField] = {}
+        for field in rec.dtype.names:
+            if not hasattr(self, field):
+                setattr(self, field, rec[field])
+        self.actor = "?"
+        self.on_report: Callable[[dict], None] | None = None
+
+    # -- set-up -------------------------------------------------------------------
+    def format(self) -> None:
+        """First-time initialisation by the creator: every record free."""
+        self.gen[:] = 0
+        self._bytes[:] = POISON_FREE
+        self.free_stack[:] = np.arange(self.capacity - 1, -1, -1, dtype=self.free_stack.dtype)
+        self.hdr[:] = 0
+        self.hdr[0] = self.capacity
+
+    def atomic(self, field: str) -> AtomicField:
+        a = self._atomics.get(field)
+        if a is None:
+            a = self._atomics[field] = AtomicField(self.rec[field])
+        return a
+
+    # -- allocation -----------------------------------------------------------------
+    def alloc(self, site: str = "", zero: bool = True) -> int:
+        lock = self.lock
+        if lock is not None:
+            lock.lock()
+        try:
+            top = int(self.hdr[0])
+            if top == 0:
+                raise OutOfObjects(f"kmem_cache {self.name}: no free objects ({self.capacity})")
+            i = int(self.free_stack[top - 1])
+            self.hdr[0] = top - 1
+            self.hdr[1] += 1
+            self.hdr[2] += 1
+            g = int(self.gen[i]) + 1
+            self.gen[i] = g
+        finally:
+            if lock is not None:
+                lock.unlock()
+        if zero:
+            self._bytes[i] = 0
+        m = self.meta[i]
+        m["alloc_pid"] = os.getpid()
+        m["alloc_ns"] = time.monotonic_ns()
+        m["alloc_actor"] = self.actor.encode()[:16]
+        m["alloc_site"] = site.encode()[:32]
+        return pack(g, i)
+
+    def free(self, h: int, site: str = "") -> None:
+        i = h_index(h)
+        if h == NULL or i >= self.capacity or int(self.gen[i]) != h_gen(h):
+            rep = self._report(h, "double-free" if i < self.capacity else "invalid-free", site)
+            raise BadFree(rep)
+        m = self.meta[i]
+        m["free_pid"] = os.getpid()
+        m["free_ns"] = time.monotonic_ns()
+        m["free_actor"] = self.actor.encode()[:16]
+        m["free_site"] = site.encode()[:32]
+        self._bytes[i] = POISON_FREE
+        lock = self.lock
+        if lock is not None:
+            lock.lock()
+        try:
+            self.gen[i] = h_gen(h) + 1
+            top = int(self.hdr[0])
+            self.free_stack[top] = i
+            self.hdr[0] = top + 1
+            self.hdr[1] -= 1
+        finally:
+            if lock is not None:
+                lock.unlock()
+
+    # -- dereference ----------------------------------------------------------------
+    def idx(self, h: int, site: str = "") -> int:
+        """Index of a live record; a stale or NULL handle is a reported bug."""
+        i = h & 0xFFFFFFFF
+        if i < self.capacity and self.gen[i] == (h >> 32) and h != NULL:
+            return i
+        raise UseAfterFree(self._report(h, "use-after-free" if h != NULL else "null-ptr-deref", site))
+
+    def valid(self, h: int) -> bool:
+        i = h & 0xFFFFFFFF
+        return h != NULL and i < self.capacity and self.gen[i] == (h >> 32)
+
+    def live_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.gen & 1)
+
+    def nr_live(self) -> int:
+        return int(self.hdr[1])
+
+    def handle_of(self, i: int) -> int:
+        return pack(int(self.gen[i]), i)
+
+    # -- reports --------------------------------------------------------------------
+    def _report(self, h: int, kind: str, site: str) -> dict:
+        i = h_index(h)
+        if kind == "null-ptr-deref":
+            title = f"BUG: kernel NULL pointer dereference, {self.name} in {site or '?'}"
+            text = f"{title}\n{self.actor}/{os.getpid()} dereferenced a NULL {self.name} handle\n"
+            rep = {"kind": "null-ptr-deref", "title": title, "text": text,
+                   "data": {"cache": self.name, "actor": self.actor, "site": site}}
+        else:
+            m = self.meta[i] if i < self.capacity else None
+            title = f"BUG: KASAN: {kind} in {site or '?'}"
+            lines = [
+                "=" * 66,
+                title,
+                f"Access to {self.name} {fmt_handle(h)} by task {self.actor}/{os.getpid()}",
+            ]
+            data: dict[str, Any] = {"cache": self.name, "handle": [i, h_gen(h)], "site": site,
+                                    "actor": self.actor, "pid": os.getpid()}
+            if m is not None:
+                cur = int(m["gen"])
+                lines.append(f"The object is now generation {cur} ({'live, reused' if cur & 1 else 'free'}).")
+                lines.append("")
+                lines.append(f"Allocated by task {m['alloc_actor'].decode()}/{int(m['alloc_pid'])}:")
+                lines.append(f" {m['alloc_site'].decode() or '?'} at {int(m['alloc_ns'])} ns")
+                lines.append("")
+                lines.append(f"Freed by task {m['free_actor'].decode()}/{int(m['free_pid'])}:")
+                lines.append(f" {m['free_site'].decode() or '?'} at {int(m['free_ns'])} ns")
+                data.update(
+                    gen_now=cur,
+                    alloc={"actor": m["alloc_actor"].decode(), "pid": int(m["alloc_pid"]),
+                           "site": m["alloc_site"].decode(), "ns": int(m["alloc_ns"])},
+                    free={"actor": m["free_actor"].decode(), "pid": int(m["free_pid"]),
+                          "site": m["free_site"].decode(), "ns": int(m["free_ns"])},
+                )
+            lines.append("=" * 66)
+            rep = {"kind": "kasan", "title": title, "text": "\n".join(lines) + "\n", "data": data}
+        if self.on_report is not None:
+            self.on_report(rep)
+        return rep
