@@ -138,8 +138,9 @@ class Task:
         return await self.cluster.request(self.name, mtype, **fields)
 
     async def mmap(self, length: int, prot: int = PROT_READ | PROT_WRITE,
-                   flags: int = MAP_PRIVATE | MAP_ANONYMOUS, addr: int = 0) -> int:
-        return await self._call("mmap", length=length, prot=prot, flags=flags, addr=addr)
+                   flags: int = MAP_PRIVATE | MAP_ANONYMOUS, addr: int = 0, nid: int = -1) -> int:
+        """mmap(); nid >= 0 places the area's pages on that NUMA node (numa_alloc_onnode)."""
+        return await self._call("mmap", length=length, prot=prot, flags=flags, addr=addr, nid=nid)
 
     async def munmap(self, addr: int, length: int) -> int:
         return await self._call("munmap", addr=addr, length=length)

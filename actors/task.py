@@ -204,7 +204,8 @@ class Task(Actor):
 
     # -- system calls --------------------------------------------------------------------------
     def _on_mmap(self, m: dict) -> int:
-        return _syscall(syscalls.sys_mmap, self.k, self.mm, m["length"], m["prot"], m["flags"], m["addr"])
+        return _syscall(syscalls.sys_mmap, self.k, self.mm, m["length"], m["prot"], m["flags"], m["addr"],
+                        m["nid"])
 
     def _on_munmap(self, m: dict) -> int:
         r = _syscall(syscalls.sys_munmap, self.k, self.mm, m["addr"], m["length"])

@@ -140,7 +140,7 @@ MM_DT = np.dtype([
 
 VMA_DT = np.dtype([
     ("mm", H), ("start", "<i8"), ("end", "<i8"), ("flags", "<i8"), ("pgoff", "<i8"),
-    ("anon_vma", H), ("next", H), ("anon_next", H),
+    ("anon_vma", H), ("next", H), ("anon_next", H), ("nid", "<i8"),
 ])
 
 ANON_VMA_DT = np.dtype([

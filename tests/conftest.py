@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import pytest_asyncio
 
 # --- realkernel opt-in ------------------------------------------------------------------------
 # Tests marked @pytest.mark.realkernel drive this machine's /sys/kernel/mm/ksm. They run only
@@ -48,3 +49,33 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # --- end realkernel opt-in --------------------------------------------------------------------
+
+
+# --- cluster fixtures -------------------------------------------------------------------------
+# A real cluster (processes, sockets, shared memory) per test, torn down even when the test
+# fails; afterwards nothing of the run may be left in /dev/shm or the process table.
+
+
+@pytest_asyncio.fixture
+async def cluster_factory(tmp_path):
+    """async factory: `c = await cluster_factory(frames=...)`; every cluster is stopped after."""
+    from actors.cluster import Cluster
+    from shared_mem.segment import list_segments
+
+    made = []
+
+    async def make(**opts):
+        opts.setdefault("run_dir", str(tmp_path / f"run{len(made)}"))
+        opts.setdefault("hung_task_timeout", 20.0)
+        c = Cluster(**opts)
+        made.append(c)
+        await c.boot()
+        return c
+
+    yield make
+    for c in made:
+        await c.stop()
+        leftovers = list_segments(c.run_id)
+        assert not leftovers, f"segments left behind: {leftovers}"
+        for p in c.procs.values():
+            assert p.poll() is not None, f"actor process {p.pid} left running"

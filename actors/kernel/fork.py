@@ -43,7 +43,7 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
             vi = vma & 0xFFFFFFFF
             start, end = int(km.vma.start[vi]), int(km.vma.end[vi])
             flags = int(km.vma.flags[vi]) & ~VM_LOCKED  # mlock is not inherited
-            new = mmops.vma_new(k, mm, start, end, flags, int(km.vma.pgoff[vi]))
+            new = mmops.vma_new(k, mm, start, end, flags, int(km.vma.pgoff[vi]), int(km.vma.nid[vi]))
             av = int(km.vma.anon_vma[vi])
             if av:
                 mmops.anon_vma_link(k, av, new)

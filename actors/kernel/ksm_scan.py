@@ -101,7 +101,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     head = slots.head(k)
     slot = int(ksm["scan_slot"])
     if slot == head:
-        k.ev("ksm_start_scan", seq=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
+        k.ev("ksm_start_scan", seqnr=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
         for nid in range(km.geo.nr_nodes):
             ksm["root_unstable"][nid] = NULL
         k.ksm_mmlist_lock.lock()
@@ -191,7 +191,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
             ksm["scan_address"] = 0
             set_cursor_link(k, Link(slot, True))
             continue
-        k.ev("ksm_stop_scan", seq=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
+        k.ev("ksm_stop_scan", seqnr=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
         ksm["seqnr"] += 1
         return NULL, -1
 

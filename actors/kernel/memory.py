@@ -171,8 +171,10 @@ def handle_mm_fault(k: Kernel, vma: int, addr: int, flags: int) -> int:
     return 0
 
 
-def _node_for(k: Kernel, mm: int) -> int:
-    return int(k.km.mm.nid[mm & 0xFFFFFFFF])
+def _node_for(k: Kernel, mm: int, vma: int) -> int:
+    """The vma's memory policy node (mbind/numa_alloc_onnode), else the task's."""
+    nid = int(k.km.vma.nid[vma & 0xFFFFFFFF])
+    return nid if nid >= 0 else int(k.km.mm.nid[mm & 0xFFFFFFFF])
 
 
 def do_anonymous_page(k: Kernel, mm: int, vma: int, addr: int, flags: int) -> int:
@@ -185,7 +187,7 @@ def do_anonymous_page(k: Kernel, mm: int, vma: int, addr: int, flags: int) -> in
                 ptes[j] = ZERO_PTE | (k.km.ksm["zero_pfn"])
         return 0
     mmops.anon_vma_prepare(k, vma)
-    pfn = k.alloc_page(_node_for(k, mm), site="do_anonymous_page")
+    pfn = k.alloc_page(_node_for(k, mm, vma), site="do_anonymous_page")
     if pfn is None:
         return VM_FAULT_OOM
     km.frames[pfn] = 0
@@ -241,7 +243,7 @@ def wp_page_copy(k: Kernel, mm: int, vma: int, addr: int, orig: int, old: int, f
     """Copy-on-write: a private copy of old (or of the zero page when old < 0)."""
     km = k.km
     mmops.anon_vma_prepare(k, vma)
-    new = k.alloc_page(_node_for(k, mm), site="wp_page_copy")
+    new = k.alloc_page(_node_for(k, mm, vma), site="wp_page_copy")
     if new is None:
         return VM_FAULT_OOM
     if old < 0:

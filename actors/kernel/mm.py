@@ -139,10 +139,11 @@ def _unlink_vma(k: Kernel, mm: int, vma: int) -> None:
     raise RuntimeError("vma not on mm list")
 
 
-def vma_new(k: Kernel, mm: int, start: int, end: int, flags: int, pgoff: int) -> int:
+def vma_new(k: Kernel, mm: int, start: int, end: int, flags: int, pgoff: int, nid: int = -1) -> int:
     km = k.km
     v = km.vma.alloc(site="vm_area_alloc")
     vi = v & 0xFFFFFFFF
+    km.vma.nid[vi] = nid
     km.vma.mm[vi] = mm
     km.vma.start[vi] = start
     km.vma.end[vi] = end
@@ -234,7 +235,7 @@ def vma_split(k: Kernel, mm: int, vma: int, addr: int) -> int:
         raise ValueError("split outside vma")
     pgoff = int(km.vma.pgoff[vi]) + ((addr - start) >> PAGE_SHIFT)
     km.vma.end[vi] = addr
-    new = vma_new(k, mm, addr, end, int(km.vma.flags[vi]), pgoff)
+    new = vma_new(k, mm, addr, end, int(km.vma.flags[vi]), pgoff, int(km.vma.nid[vi]))
     av = int(km.vma.anon_vma[vi])
     if av:
         anon_vma_link(k, av, new)

@@ -79,7 +79,8 @@ def _check_range(addr: int, length: int) -> int:
     return addr + _page_align(length)
 
 
-def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int = 0) -> int:
+def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int = 0, nid: int = -1) -> int:
+    """mmap(); nid >= 0 binds the new area to that NUMA node (like numa_alloc_onnode)."""
     if length <= 0:
         raise SyscallError("EINVAL", "length must be > 0")
     if not flags & MAP_ANONYMOUS:
@@ -103,7 +104,9 @@ def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int =
         else:
             start = mmops.get_unmapped_area(k, mm, length)
         vmflags = ksm_mm.ksm_vma_flags(k, mm, vmflags)
-        vma = mmops.vma_new(k, mm, start, start + length, vmflags, start >> 12)
+        if nid >= k.km.geo.nr_nodes:
+            raise SyscallError("EINVAL", f"no NUMA node {nid}")
+        vma = mmops.vma_new(k, mm, start, start + length, vmflags, start >> 12, nid)
     except mmops.VmaError as e:
         raise SyscallError(e.errno_name, str(e)) from None
     finally:

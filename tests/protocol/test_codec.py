@@ -7,7 +7,6 @@ import enum
 import errno
 import pickle
 import random
-import time
 from typing import Any
 
 import msgpack
@@ -445,22 +444,6 @@ def test_fuzz_only_protocol_error_escapes() -> None:
             continue
         codec._check(m, False)
     assert accepted > 0  # some mutations (e.g. of a value's bits) stay valid
-
-
-# -- speed -----------------------------------------------------------------------------------
-
-
-def test_codec_speed_small_message() -> None:
-    msg = request("fault", 12345, "task.3", task=3, mm=7, addr=0x7F0000001000, write=True)
-    n = 20_000
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            decode(encode(msg))
-        best = min(best, (time.perf_counter() - t0) / n * 1e6)
-    print(f"encode+decode of a small message: {best:.2f} us")
-    assert best < 50, f"codec too slow: {best:.1f} us per encode+decode"
 
 
 def test_protocol_imports_nothing_else_from_the_project() -> None:

@@ -1,0 +1,196 @@
+# The `ksmlab` command line: run, ctl, stat, log, sweep, scenarios.
+#
+# A thin front: it wires options to the Cluster/scenario API and to a live run's
+# shared memory and sockets; it holds no kernel logic.
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+from ksmlab import live
+
+
+def _delay(s: str) -> tuple[str, float]:
+    name, _, ms = s.partition("=")
+    if not name or not ms:
+        raise argparse.ArgumentTypeError("expected NAME=MS")
+    return name, float(ms) / 1000.0
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from ksmlab.scenario import load_scenario, run_scenario
+
+    try:
+        spec = load_scenario(a.scenario)
+    except (KeyError, ValueError) as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    quiet = a.json
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    opts: dict[str, Any] = {"seed": a.seed, "frames": a.frames, "nodes": a.nodes, "run_dir": a.run_dir,
+                            "echo_reports": not quiet}
+    if a.variant:
+        opts["variants"] = tuple(a.variant)
+    if a.delay_at:
+        opts["delays"] = dict(a.delay_at)
+    if a.no_trace_locks:
+        opts["trace_locks"] = False
+
+    async def main() -> dict:
+        booted: list = []
+        task = asyncio.create_task(run_scenario(spec, log=log, on_boot=booted.append, **opts))
+        status = None if quiet else asyncio.create_task(live.status_loop(booted))
+        try:
+            return await task
+        finally:
+            if status is not None:
+                status.cancel()
+
+    try:
+        res = asyncio.run(main())
+    except KeyboardInterrupt:
+        print("ksmlab: interrupted; the run was torn down", file=sys.stderr)
+        return 130
+    if a.json:
+        print(json.dumps(res, default=str))
+    else:
+        _print_summary(res)
+    if res.get("failed") and not res.get("reports"):
+        return 1
+    return 0 if res.get("ok") else (2 if res.get("reports") else 1)
+
+
+def _print_summary(res: dict) -> None:
+    print()
+    print(f"scenario {res['scenario']}: {'PASS' if res['ok'] else 'FAIL'} in {res['seconds']} s "
+          f"(seed {res.get('seed')})")
+    if res.get("skipped"):
+        print(f"  skipped: {res['skipped']}")
+    if res.get("failed"):
+        print(f"  failed: {res['failed']}")
+    print("KSM counters (at the last check):")
+    for k, v in sorted(res.get("ksm", {}).items()):
+        print(f"  /sys/kernel/mm/ksm/{k}:{v}")
+    for r in res.get("reports", []):
+        print(f"report: {r['title']}")
+    print(f"run folder: {res.get('run_dir')}")
+
+
+def cmd_stat(a: argparse.Namespace) -> int:
+    try:
+        run = live.find_run(a.run)
+        with live.attach(run) as km:
+            for name, value in sorted(live.sysfs_files(km).items()):
+                print(f"/sys/kernel/mm/ksm/{name}:{value}")
+    except live.NoRun as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def cmd_ctl(a: argparse.Namespace) -> int:
+    try:
+        run = live.find_run(a.run)
+        if a.op == "get":
+            with live.attach(run) as km:
+                files = live.sysfs_files(km)
+            if a.knob not in files:
+                print(f"ksmlab: /sys/kernel/mm/ksm/{a.knob}: No such file or directory", file=sys.stderr)
+                return 2
+            print(files[a.knob])
+            return 0
+        if a.value is None:
+            print("ksmlab: ctl set needs KNOB VALUE", file=sys.stderr)
+            return 2
+        print(live.sysfs_write(run, a.knob, a.value))
+        return 0
+    except live.NoRun as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"ksmlab: write error: {e}", file=sys.stderr)
+        return 1
+
+
+def cmd_sweep(a: argparse.Namespace) -> int:
+    from shared_mem.segment import sweep_stale
+
+    removed = sweep_stale(dry_run=a.dry_run)
+    removed += live.sweep_socket_dirs(dry_run=a.dry_run)
+    for name in removed:
+        print(("would remove " if a.dry_run else "removed ") + name)
+    return 0
+
+
+def cmd_scenarios(a: argparse.Namespace) -> int:
+    from ksmlab.scenario import builtin_scenarios
+
+    for name, spec in sorted(builtin_scenarios().items()):
+        print(f"{name:24} {spec.description}")
+    return 0
+
+
+def cmd_log(a: argparse.Namespace) -> int:
+    from ksmlab import logview
+
+    return logview.main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ksmlab", description="An executable multiprocess model of Linux KSM.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="start a cluster and run a scenario (default: the tour)")
+    r.add_argument("scenario", nargs="?", default="default", help="built-in scenario name or a .py file")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--frames", type=int, help="physical page frames (4 KiB each)")
+    r.add_argument("--nodes", type=int, help="simulated NUMA nodes")
+    r.add_argument("--run-dir", help="run folder (default: runs/<time>-<run id>)")
+    r.add_argument("--variant", action="append", metavar="NAME", help="revert a seed fix (repeatable)")
+    r.add_argument("--delay-at", action="append", type=_delay, metavar="POINT=MS",
+                   help="force a delay at a schedule point (repeatable)")
+    r.add_argument("--no-trace-locks", action="store_true", help="do not log every lock event")
+    r.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("stat", help="print every /sys/kernel/mm/ksm file of a running cluster")
+    s.add_argument("--run", help="run folder (default: the newest live run under ./runs)")
+    s.set_defaults(fn=cmd_stat)
+
+    c = sub.add_parser("ctl", help="read or write a KSM knob of a running cluster")
+    c.add_argument("op", choices=["get", "set"])
+    c.add_argument("knob")
+    c.add_argument("value", nargs="?")
+    c.add_argument("--run", help="run folder (default: the newest live run under ./runs)")
+    c.set_defaults(fn=cmd_ctl)
+
+    sw = sub.add_parser("sweep", help="remove what killed runs left in /dev/shm and /tmp")
+    sw.add_argument("--dry-run", action="store_true")
+    sw.set_defaults(fn=cmd_sweep)
+
+    sc = sub.add_parser("scenarios", help="list the built-in scenarios")
+    sc.set_defaults(fn=cmd_scenarios)
+
+    lg = sub.add_parser("log", help="query a run's merged JSON-lines timeline")
+    lg.add_argument("run", nargs="?", help="run folder (default: the newest under ./runs)")
+    lg.add_argument("--event", action="append", help="only these event names (repeatable, prefix*)")
+    lg.add_argument("--actor", action="append", help="only these actors (repeatable, prefix*)")
+    lg.add_argument("--grep", help="substring anywhere in the line")
+    lg.add_argument("--no-locks", action="store_true", help="hide lock_* events")
+    lg.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    lg.add_argument("--summary", action="store_true", help="count events per actor and name")
+    lg.add_argument("--limit", type=int, default=0)
+    lg.set_defaults(fn=cmd_log)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

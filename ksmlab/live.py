@@ -1,0 +1,115 @@
+# Reaching a running cluster from another process: `ksmlab stat` and `ksmlab ctl`.
+#
+# A run folder holds cluster.json (segment names, socket endpoints, supervisor
+# pid). Reading /sys/kernel/mm/ksm is a lock-free read of the shared ksm record,
+# so stat attaches the kernel segment and reads it; a knob write is a message to
+# the run's sysfs/ctl actor, which applies the kernel's store handler.
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from protocol import codec, endpoints
+from shared_mem.layout import KernelMemory
+from shared_mem.segment import list_segments, pid_alive
+
+
+class NoRun(Exception):
+    pass
+
+
+def _owner_pid(cfg: dict) -> int:
+    name = next(iter(cfg["km"]["segs"].values()))
+    return int(name.split("_")[1])
+
+
+def find_run(run_dir: str | None, root: str = "runs") -> dict:
+    """The cluster.json of a live run (the newest under ./runs if none is named)."""
+    cands = [run_dir] if run_dir else sorted(glob.glob(os.path.join(root, "*")), key=os.path.getmtime,
+                                             reverse=True)
+    for d in cands:
+        path = os.path.join(d, "cluster.json")
+        if not os.path.exists(path):
+            continue
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        if pid_alive(_owner_pid(cfg)) and list_segments(cfg["run_id"]):
+            return cfg
+        if run_dir:
+            raise NoRun(f"the run in {run_dir} is not running")
+    raise NoRun("no running cluster found (start one with ./run.sh or name its folder with --run)")
+
+
+@contextlib.contextmanager
+def attach(cfg: dict) -> Iterator[KernelMemory]:
+    km = KernelMemory.attach(cfg["km"])
+    try:
+        yield km
+    finally:
+        km.close()
+
+
+def sysfs_files(km: KernelMemory) -> dict[str, str]:
+    from actors.kernel import sysfs
+
+    class _View:  # sysfs.show() only reads k.ksm
+        ksm = km.ksm[0]
+
+    out = {}
+    for name in sysfs.ALL_FILES:
+        out[name] = sysfs.show(_View, name)  # type: ignore[arg-type]
+    return out
+
+
+def sysfs_write(cfg: dict, knob: str, value: str, timeout: float = 60.0) -> str:
+    ctx = endpoints.make_context()
+    try:
+        s = endpoints.connect_dealer(ctx, cfg["endpoints"]["ctl"], f"cli-{os.getpid()}".encode())
+        s.send(codec.encode(codec.request("sysfs_write", 1, "cli", knob=knob, value=str(value))))
+        if not s.poll(int(timeout * 1000)):
+            raise TimeoutError("the ctl actor did not answer")
+        msg = codec.decode(s.recv())
+        return codec.unwrap_reply(msg)["value"]
+    finally:
+        ctx.destroy(linger=0)
+
+
+async def status_loop(booted: list, every: float = 1.0) -> None:
+    """Live KSM statistics while a scenario runs (one line a second on stderr)."""
+    t0 = time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        if not booted:
+            continue
+        c = booted[0]
+        if c.stopped or c.km is None:
+            return
+        k = c.ksm_counters()
+        sys.stderr.write(
+            f"[{time.monotonic() - t0:6.1f}s] full_scans {k['full_scans']} shared {k['pages_shared']} "
+            f"sharing {k['pages_sharing']} unshared {k['pages_unshared']} volatile {k['pages_volatile']} "
+            f"zero {k['ksm_zero_pages']} free frames {c.nr_free_frames()}/{c.opts.frames}\n")
+
+
+def sweep_socket_dirs(dry_run: bool = False) -> list[str]:
+    """/tmp/ksmlab-<run id> socket folders whose run has no segments left."""
+    out = []
+    for d in glob.glob(endpoints.FALLBACK_PREFIX + "*"):
+        rid = d[len(endpoints.FALLBACK_PREFIX):]
+        if not list_segments(rid):
+            if not dry_run:
+                shutil.rmtree(d, ignore_errors=True)
+            out.append(d)
+    return out
+
+
+def describe(cfg: dict) -> dict[str, Any]:
+    return {"run_id": cfg["run_id"], "run_dir": cfg["run_dir"], "seed": cfg["seed"]}

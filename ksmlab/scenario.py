@@ -1,0 +1,149 @@
+# Scenarios: async programs against the Cluster API, with kernel-test style checks.
+#
+# A scenario module defines NAME, DESCRIPTION, OPTIONS (Cluster options it needs)
+# and `async def scenario(c, ctx)`. ctx.expect() checks one expectation the way
+# the kernel's tests do (stop at the first failure, say which), and snapshots the
+# KSM counters at every check, so a run can report the counters "as they stood at
+# the test's last assertion" rather than after clean-up.
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import pkgutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+from actors.cluster import Cluster
+
+
+class ExpectationFailed(AssertionError):
+    def __init__(self, what: str, got: Any, want: Any, ksm: dict[str, int]) -> None:
+        super().__init__(f"{what}: got {got!r}, expected {want!r}")
+        self.what = what
+        self.got = got
+        self.want = want
+        self.ksm = ksm
+
+
+class Skipped(Exception):
+    """The scenario cannot run in this configuration (like KSFT_SKIP)."""
+
+
+@dataclass
+class ScenarioContext:
+    cluster: Cluster
+    args: dict[str, Any] = field(default_factory=dict)
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    last_ksm: dict[str, int] | None = None
+    log: Callable[[str], None] = lambda s: None
+
+    def snapshot(self) -> dict[str, int]:
+        self.last_ksm = self.cluster.ksm_counters()
+        return self.last_ksm
+
+    def expect(self, what: str, got: Any, want: Any) -> None:
+        ksm = self.snapshot()
+        ok = got == want
+        self.checks.append({"what": what, "got": got, "want": want, "ok": ok})
+        self.log(f"{'ok  ' if ok else 'FAIL'} {what}: {got!r}" + ("" if ok else f" (expected {want!r})"))
+        if not ok:
+            raise ExpectationFailed(what, got, want, ksm)
+
+    def expect_counters(self, what: str, **want: int) -> None:
+        """Compare KSM counters by sysfs name, all at once (one snapshot)."""
+        ksm = self.snapshot()
+        got = {k: ksm[k] for k in want}
+        self.expect(what, got, want)
+
+
+@dataclass
+class ScenarioSpec:
+    name: str
+    description: str
+    options: dict[str, Any]
+    fn: Callable[[Cluster, ScenarioContext], Awaitable[Any]]
+    module: ModuleType
+
+
+def _from_module(mod: ModuleType) -> ScenarioSpec:
+    fn = getattr(mod, "scenario", None)
+    if fn is None:
+        raise ValueError(f"{mod.__name__}: a scenario module needs `async def scenario(c, ctx)`")
+    return ScenarioSpec(getattr(mod, "NAME", mod.__name__.rsplit(".", 1)[-1]),
+                        getattr(mod, "DESCRIPTION", (mod.__doc__ or "").strip()),
+                        dict(getattr(mod, "OPTIONS", {})), fn, mod)
+
+
+def builtin_scenarios() -> dict[str, ScenarioSpec]:
+    from ksmlab import scenarios
+
+    out = {}
+    for info in pkgutil.iter_modules(scenarios.__path__):
+        if info.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"ksmlab.scenarios.{info.name}")
+        for spec in getattr(mod, "SCENARIOS", None) or [_from_module(mod)]:
+            out[spec.name] = spec
+    return out
+
+
+def load_scenario(name_or_path: str) -> ScenarioSpec:
+    if os.path.exists(name_or_path):
+        modname = "ksmlab_user_scenario_" + os.path.basename(name_or_path).replace(".", "_")
+        spec = importlib.util.spec_from_file_location(modname, name_or_path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"cannot load scenario file {name_or_path}")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return _from_module(mod)
+    found = builtin_scenarios()
+    if name_or_path not in found:
+        raise KeyError(f"no scenario {name_or_path!r}; built-in: {', '.join(sorted(found))}")
+    return found[name_or_path]
+
+
+async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s: None,
+                       args: dict[str, Any] | None = None,
+                       on_boot: Callable[[Cluster], Any] | None = None, **options: Any) -> dict[str, Any]:
+    """Boot a cluster with the scenario's options (overridden by `options`), run it, tear down."""
+    opts = {**spec.options, **{k: v for k, v in options.items() if v is not None}}
+    t0 = time.monotonic()
+    result: dict[str, Any] = {"scenario": spec.name, "ok": False}
+    c = Cluster(**opts)
+    ctx = ScenarioContext(c, args or {}, log=log)
+    try:
+        await c.boot()
+        if on_boot is not None:
+            on_boot(c)
+        result.update(run_dir=c.run_dir, seed=c.opts.seed, options=c.describe())
+        log(f"run {c.run_id}: scenario {spec.name}, seed {c.opts.seed}, run folder {c.run_dir}")
+        try:
+            value = await spec.fn(c, ctx)
+            result["ok"] = True
+            result["result"] = value
+        except Skipped as e:
+            result.update(ok=True, skipped=str(e))
+        except ExpectationFailed as e:
+            result["failed"] = str(e)
+        except Exception as e:  # the run crashed or the scenario raised
+            result["failed"] = f"{type(e).__name__}: {e}"
+        if c.crashed is None and not c.stopped:
+            ctx.last_ksm = ctx.last_ksm or c.ksm_counters()
+        result["ksm"] = ctx.last_ksm or {}
+        result["ksm_final"] = c.ksm_counters() if c.km is not None and not c.stopped else {}
+        result["checks"] = ctx.checks
+    finally:
+        await c.stop()
+        result.setdefault("run_dir", c.opts.run_dir)
+        result.setdefault("seed", c.opts.seed)
+        result["reports"] = [{k: v for k, v in r.items() if k != "data"} | {"data": r.get("data")}
+                             for r in c.reports]
+        result["seconds"] = round(time.monotonic() - t0, 3)
+    if result["ok"] and result["reports"]:
+        result["ok"] = False
+        result.setdefault("failed", f"{len(result['reports'])} report(s): {result['reports'][0]['title']}")
+    return result

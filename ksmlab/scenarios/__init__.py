@@ -1,0 +1,1 @@
+"""Built-in scenarios: `ksmlab run NAME` (see ksmlab.scenario for the format)."""
