@@ -112,7 +112,8 @@ class Actor:
             label = self.name if th is threading.main_thread() else f"{self.name}:{th.name.rsplit('_', 1)[-1]}"
             self.locks.bind_context(label)
             k = Kernel(self.km, self.locks, label, ev=self.ev, variants=self.variants,
-                       sched=self.sched, oom=self.call_oom)
+                       sched=self.sched, oom=self.call_oom,
+                       reclaim=self.call_reclaim if self.km.swap is not None else None)
             k.wake_ksmd_hook = lambda: self.notify("ksmd", "wakeup")
             self.kernel_setup(k)
             self.tls.kernel = k
@@ -167,6 +168,16 @@ class Actor:
                 return msg.get("result")
             if deadline is not None and time.monotonic() >= deadline:
                 raise KernelError("ETIMEDOUT", f"{target} did not answer {mtype}")
+
+    def call_reclaim(self, k: Kernel, nid: int) -> int:
+        """Direct reclaim: ask kswapd to free some frames now; returns how many it freed."""
+        if self.name == "kswapd":
+            return 0
+        try:
+            return int(self.call("kswapd", "reclaim", nr=32)["freed"])
+        except (RemoteError, KernelError) as e:
+            self.ev("reclaim_call_failed", error=str(e))
+            return 0
 
     def call_oom(self, k: Kernel, nid: int) -> None:
         try:

@@ -133,6 +133,8 @@ class Task:
         return f"<Task {self.pid}>"
 
     async def _call(self, mtype: str, **fields: Any) -> Any:
+        if self.cluster.crashed is not None:  # the run ended: say why, not "exited"
+            raise self.cluster.crashed
         if self.exited.done():
             raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: {self.name} has exited")
         return await self.cluster.request(self.name, mtype, **fields)
@@ -374,17 +376,22 @@ class Cluster:
         while True:
             frames = await self.router.recv_multipart()
             if len(frames) != 2:
+                self.ev("bad_message", error="EBADMSG: wrong number of frames", frames=len(frames))
+                if frames:
+                    await self._reply(frames[0], codec.reply_err(None, "supervisor", "EBADMSG",
+                                                                 "expected one frame"))
                 continue
             peer, raw = frames
             try:
                 msg = codec.decode(raw)
             except ProtocolError as e:
                 self.ev("bad_message", error=str(e))
-                await self.router.send_multipart([peer, codec.encode(
-                    codec.reply_err(e.envelope, "supervisor", e.errno, e.detail))])
+                await self._reply(peer, codec.reply_err(e.envelope, "supervisor", e.errno, e.detail))
                 continue
             mtype = msg["type"]
-            if mtype == "actor_ready":
+            if mtype == "ping":
+                await self._reply(peer, codec.reply_ok(msg, "supervisor", {"pong": "supervisor"}))
+            elif mtype == "actor_ready":
                 fut = self.ready.get(msg["actor"])
                 if fut is not None and not fut.done():
                     fut.set_result(msg["pid"])
@@ -398,8 +405,16 @@ class Cluster:
             elif mtype == "spawn_task":
                 asyncio.get_running_loop().create_task(self._spawn_child(peer, msg))
             elif msg["id"]:
-                await self.router.send_multipart([peer, codec.encode(codec.reply_err(
-                    msg, "supervisor", "EOPNOTSUPP", f"supervisor does not handle {mtype}"))])
+                await self._reply(peer, codec.reply_err(
+                    msg, "supervisor", "EOPNOTSUPP", f"supervisor does not handle {mtype}"))
+
+    async def _reply(self, peer: bytes, reply: dict) -> None:
+        # ROUTER_MANDATORY: a peer that went away raises EHOSTUNREACH; that must not end
+        # _serve (the supervisor would stop hearing actor_ready, report, task_exited).
+        try:
+            await self.router.send_multipart([peer, codec.encode(reply)])
+        except zmq.ZMQError as e:
+            self.ev("reply_undeliverable", peer=peer.decode("latin-1"), error=str(e))
 
     async def _spawn_child(self, peer: bytes, msg: dict) -> None:
         try:
@@ -409,7 +424,7 @@ class Cluster:
             reply = codec.reply_ok(msg, "supervisor", {"pid": pid})
         except Exception as e:
             reply = codec.reply_err(msg, "supervisor", "EAGAIN", str(e))
-        await self.router.send_multipart([peer, codec.encode(reply)])
+        await self._reply(peer, reply)
 
     def _adopt(self, pid: int, handle: int) -> Task:
         name = f"task-{pid}"
@@ -513,6 +528,10 @@ class Cluster:
     # -- scenario API -----------------------------------------------------------------------------------
     async def spawn_task(self, comm: str = "task", nid: int = -1) -> Task:
         """A new process with an empty address space (as after execve)."""
+        if self.crashed is not None:
+            raise self.crashed
+        if self.stopped:
+            raise ClusterError("cluster is stopped")
         k = self.k
         t = self.km.task
         h = t.alloc(site="spawn_task")
@@ -578,6 +597,44 @@ class Cluster:
     async def ksm_stop(self) -> None:
         """The kernel selftests' ksm_stop(): run=2."""
         await self.sysfs_write("run", 2)
+
+    async def reclaim(self, pfns: list[int] | None = None, nr: int = 32, force: bool = False) -> dict:
+        """Ask kswapd to reclaim now: the given frames, or nr frames by its clock hand."""
+        return await self.request("kswapd", "reclaim", nr=nr, pfns=list(pfns or []), force=force)
+
+    def check_invariants(self, report: bool = True) -> list[dict]:
+        """Check DESIGN.md's invariants now (call when no task is mid-syscall); reports them."""
+        from actors.kernel.invariants import check_invariants
+
+        self.k.ksm_thread_mutex.lock()
+        try:
+            found = check_invariants(self.k)
+        finally:
+            self.k.ksm_thread_mutex.unlock()
+        if report:
+            for r in found:
+                self._add_report(r)
+        return found
+
+    def check_leaks(self, report: bool = True) -> list[dict]:
+        """After every task has exited and ksmd reaped their slots: nothing may be left."""
+        from actors.kernel.invariants import leaks_after_teardown
+
+        found = leaks_after_teardown(self.k)
+        if report:
+            for r in found:
+                self._add_report(r)
+        return found
+
+    async def wait_for(self, cond, timeout: float = 30.0, what: str = "condition") -> None:
+        """Poll a condition on shared state with a deadline (never a fixed sleep)."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            if self.crashed is not None:
+                raise self.crashed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.005)
 
     def nr_free_frames(self) -> int:
         return self.k.alloc.nr_free()

@@ -25,11 +25,13 @@ class Ctl(Actor):
         origin = bool(task) and m["knob"] == "run" and t.valid(task)
         if origin:
             t.atomic("flags").set_bits(t.idx(task), PF_OOM_ORIGIN)
+        k.current_task = task if origin else 0  # the write runs in the writer's context
         try:
             sysfs.store(k, m["knob"], m["value"])
         except sysfs.SysfsError as e:
             raise KernelError(e.errno_name, str(e)) from None
         finally:
+            k.current_task = 0
             if origin and t.valid(task):
                 t.atomic("flags").clear_bits(t.idx(task), PF_OOM_ORIGIN)
         return {"knob": m["knob"], "value": sysfs.show(k, m["knob"])}

@@ -18,10 +18,11 @@ class OomKiller(Actor):
     def setup(self) -> None:
         self.handlers["out_of_memory"] = self._on_oom
         self.reaper_delay = float(self.cfg.get("oom_reaper_delay", 0.2))
+        self.oom_mms: list[int] = []  # victims' pinned mms until the reaper is done
 
     def _on_oom(self, m: dict) -> dict:
         k = self.k
-        res = out_of_memory(k)
+        res = out_of_memory(k, self.oom_mms)
         if res["action"] == "kill":
             self.notify(f"task-{res['pid']}", "signal", sig=9)
             self.pool.submit(self._reap, res["mm"])
@@ -30,12 +31,10 @@ class OomKiller(Actor):
             title = "Kernel panic - not syncing: System is deadlocked on memory"
             self.report("oom_panic", title, f"Out of memory and no killable processes...\n{title}\n",
                         {"requester": m["ctx"]})
-        else:
-            res = {**res, "victim": res["victim"] & 0xFFFFFFFF}
         return res
 
     def _reap(self, mm: int) -> None:
         time.sleep(self.reaper_delay)
         if mm:
-            oom_reap_task(self.k, mm)
+            oom_reap_task(self.k, mm, self.oom_mms)
         self.ev.flush()

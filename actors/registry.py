@@ -6,6 +6,7 @@ from actors.exit_path import ExitPath
 from actors.fault import FaultHandler
 from actors.ksmd import Ksmd
 from actors.oom_killer import OomKiller
+from actors.reclaim import Kswapd
 from actors.task import Task
 
 ROLES = {
@@ -15,7 +16,8 @@ ROLES = {
     "oom": OomKiller,
     "ctl": Ctl,
     "task": Task,
+    "kswapd": Kswapd,
 }
 
 # The kernel threads every cluster starts, in boot order (tasks come later).
-KERNEL_ACTORS = ("oom", "exit", "fault", "ctl", "ksmd")
+KERNEL_ACTORS = ("oom", "kswapd", "exit", "fault", "ctl", "ksmd")

@@ -278,7 +278,9 @@ class Task(Actor):
         if pte & PTE_PRESENT:
             return self.km.frames[pte & PTE_PFN_MASK]
         if pte & PTE_SWAP and self.km.swap is not None:
-            return self.km.swap[pte & PTE_PFN_MASK]
+            slot = pte & PTE_PFN_MASK
+            cached = int(self.km.swap_cache[slot]) - 1  # still in the swap cache?
+            return self.km.frames[cached] if cached >= 0 else self.km.swap[slot]
         return np.zeros(PAGE_SIZE, dtype=np.uint8)
 
     def _on_verify(self, m: dict) -> dict:

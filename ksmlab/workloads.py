@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
@@ -245,3 +246,170 @@ def standard_mix(name: str) -> Workload:
         if w.name == name:
             return w
     raise KeyError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The same workload on ksmlab (the model), for differential checks against the real kernel.
+
+#: Counters that must be identical across two snapshots (as ksmlab.realkernel.CONVERGENCE_KEYS).
+MODEL_CONVERGENCE_KEYS: tuple[str, ...] = (
+    "pages_shared",
+    "pages_sharing",
+    "pages_unshared",
+    "pages_volatile",
+    "ksm_zero_pages",
+    "stable_node_chains",
+    "stable_node_dups",
+)
+
+#: Bytes per Task.write request while loading a process image (pages stay whole).
+LOAD_CHUNK = 8 << 20
+
+
+def ksmlab_cluster_options(w: Workload, **cluster_opts: Any) -> dict[str, Any]:
+    """Cluster options sized for ``w``: enough frames (pages + headroom), mms and address space.
+
+    Explicit ``cluster_opts`` win; ``frames`` and ``va_pages`` are only raised, never lowered.
+    """
+    from shared_mem.layout import PTRS_PER_PTE
+
+    opts = dict(cluster_opts)
+    need = w.total_pages + max(1024, w.total_pages // 16)
+    opts["frames"] = max(int(opts.get("frames", 0)), need)
+    biggest = max(len(p) for p in w.processes)
+    # the first mmap lands at 16 MiB (MMAP_BASE); keep a page table of slack after it
+    va = (0x1000000 // PAGE_SIZE) + biggest + PTRS_PER_PTE
+    va = -(-va // PTRS_PER_PTE) * PTRS_PER_PTE
+    opts["va_pages"] = max(int(opts.get("va_pages", 1 << 18)), va)
+    opts["max_tasks"] = max(int(opts.get("max_tasks", 64)), w.n_procs + 8)
+    opts["max_mms"] = max(int(opts.get("max_mms", 64)), w.n_procs + 8)
+    return opts
+
+
+async def ksmlab_load(
+    c: Any, w: Workload, chunk: int = LOAD_CHUNK, images: list[bytes] | None = None
+) -> list[tuple[Any, int]]:
+    """Start one Task per workload process, as realkernel's workers do, on a booted Cluster.
+
+    Each task: mmap(MAP_PRIVATE|MAP_ANONYMOUS), MADV_NOHUGEPAGE, writes every page's bytes
+    (zero pages included, in ``chunk``-byte stores), MADV_MERGEABLE. Returns [(task, addr)].
+    Tasks are loaded concurrently (each is its own process). ``images`` (one per process,
+    as ``w.process_image(i)``) saves rebuilding them when the caller has them already.
+    """
+    import asyncio
+
+    from protocol.abi import MADV_MERGEABLE, MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE
+
+    chunk = max(PAGE_SIZE, chunk // PAGE_SIZE * PAGE_SIZE)
+
+    async def one(i: int) -> tuple[Any, int]:
+        t = await c.spawn_task(comm=f"{w.name[:10]}-{i}")
+        n = len(w.processes[i]) * PAGE_SIZE
+        addr = await t.mmap(n, flags=MAP_PRIVATE | MAP_ANONYMOUS)
+        await t.madvise(addr, n, MADV_NOHUGEPAGE)
+        image = memoryview(images[i] if images is not None else w.process_image(i))
+        for off in range(0, n, chunk):
+            await t.write(addr + off, image[off : off + chunk])
+        await t.madvise(addr, n, MADV_MERGEABLE)
+        return t, addr
+
+    return list(await asyncio.gather(*(one(i) for i in range(w.n_procs))))
+
+
+async def ksmlab_converge(
+    c: Any, *, stable_scans: int = 2, timeout: float = 120.0
+) -> tuple[dict[str, int], int]:
+    """realkernel.run_workload's convergence rule on a Cluster: ``run=1``, at least 2 full
+    scans, then snapshots (read with ``run=0``, like LTP) ``stable_scans`` full scans apart
+    until MODEL_CONVERGENCE_KEYS agree. Returns (counters, snapshots taken)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        t = deadline - time.monotonic()
+        if t <= 0:
+            raise TimeoutError(f"ksmlab did not converge in {timeout}s: {c.ksm_counters()}")
+        return t
+
+    async def snapshot() -> dict[str, int]:
+        await c.sysfs_write("run", 0)
+        return c.ksm_counters()
+
+    start = c.full_scans()
+    await c.sysfs_write("run", 1)
+    await c.wait_full_scans(start + 2 - c.full_scans(), timeout=left())
+    prev = await snapshot()
+    n = 1
+    while True:
+        await c.sysfs_write("run", 1)
+        await c.wait_full_scans(prev["full_scans"] + stable_scans - c.full_scans(), timeout=left())
+        cur = await snapshot()
+        n += 1
+        if all(cur[k] == prev[k] for k in MODEL_CONVERGENCE_KEYS):
+            return cur, n
+        prev = cur
+
+
+async def run_on_ksmlab(
+    w: Workload,
+    *,
+    smart_scan: int = 0,
+    use_zero_pages: int = 0,
+    max_page_sharing: int = 256,
+    pages_to_scan: int | None = None,
+    merge_across_nodes: int = 1,
+    sleep_millisecs: int = 0,
+    stable_scans: int = 2,
+    timeout: float = 120.0,
+    **cluster_opts: Any,
+) -> dict[str, int]:
+    """Run ``w`` on ksmlab exactly as ``ksmlab.realkernel.run_workload`` runs it on the kernel.
+
+    Boots a Cluster (``cluster_opts`` go to it; frames, va_pages, max_tasks and max_mms are
+    raised to fit ``w``), sets the knobs (``pages_to_scan`` defaults to max(100, total pages),
+    ``sleep_millisecs`` 0), loads one Task per process (``ksmlab_load``), then applies the same
+    convergence rule (``ksmlab_converge``) and returns every /sys/kernel/mm/ksm counter as read
+    with ``run=0``. Every task must read back exactly what it wrote (``Task.verify``) and the
+    run must produce no report; otherwise RuntimeError. The cluster is always stopped.
+    """
+    import asyncio
+
+    from actors.cluster import Cluster
+
+    if pages_to_scan is None:
+        pages_to_scan = max(100, w.total_pages)
+    if not cluster_opts.get("shadow", True):
+        raise ValueError("run_on_ksmlab verifies every task: it needs shadow=True")
+    opts = ksmlab_cluster_options(w, **cluster_opts)
+    c = Cluster(**opts)
+    try:
+        await c.boot()
+        knobs = {
+            "merge_across_nodes": merge_across_nodes,
+            "max_page_sharing": max_page_sharing,
+            "use_zero_pages": use_zero_pages,
+            "smart_scan": smart_scan,
+            "pages_to_scan": pages_to_scan,
+            "sleep_millisecs": sleep_millisecs,
+        }
+        for name, value in knobs.items():
+            if c.sysfs_read(name) != str(value):
+                await c.sysfs_write(name, value)
+        loaded = await ksmlab_load(c, w)
+        counters, _ = await asyncio.wait_for(
+            ksmlab_converge(c, stable_scans=stable_scans, timeout=timeout), timeout + 5
+        )
+        bad = []
+        for t, _addr in loaded:
+            v = await t.verify()
+            if v["bad"]:
+                bad.append((t.pid, v["bad"][:4]))
+        if bad:
+            raise RuntimeError(f"{w.name}: merging was visible to the tasks: {bad}")
+        if c.reports:
+            titles = [r.get("title") for r in c.reports]
+            raise RuntimeError(f"{w.name}: ksmlab produced reports: {titles}")
+        return counters
+    finally:
+        await c.stop()

@@ -83,6 +83,8 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "out_of_memory": {"ctx": str, "nid": opt(int, -1), "task": opt(int, -1)},
     # ksmd (wake_up_interruptible(&ksm_thread_wait))
     "wakeup":        {},
+    # reclaim (kswapd)
+    "reclaim":       {"nr": opt(int, 32), "pfns": opt(list, []), "force": opt(bool, False)},
     # sysfs ctl (/sys/kernel/mm/ksm/*)
     "sysfs_write":   {"knob": str, "value": str, "task": opt(int, 0)},
     "sysfs_read":    {"name": str},

@@ -267,6 +267,7 @@ def _plan(geo: Geometry) -> _Carver:
     c.add("page", PAGE_DT, (geo.nr_frames,))
     c.add("pgd", "<i8", (geo.max_mms, geo.pgd_entries))
     c.add("swap_map", "<i8", (max(geo.nr_swap_slots, 1),))
+    c.add("swap_cache", "<i8", (max(geo.nr_swap_slots, 1),))
     meta = _meta_dtype()
     for name, dt, cap_attr in ARENAS:
         cap = getattr(geo, cap_attr)
@@ -328,6 +329,7 @@ class KernelMemory:
         self.page = self.v["page"]
         self.pgd = self.v["pgd"]
         self.swap_map = self.v["swap_map"]
+        self.swap_cache = self.v["swap_cache"]
         self.frames = np.frombuffer(self.segs["frames"].buf, dtype=np.uint8).reshape(
             self.geo.nr_frames, PAGE_SIZE)
         self.swap = None
@@ -359,7 +361,7 @@ class KernelMemory:
         # Drop every numpy view before unmapping (mmap refuses while exports exist).
         self.v = {}
         self.arenas = {}
-        for attr in ("ksm", "zones", "free_frames", "page", "pgd", "swap_map", "frames", "swap",
+        for attr in ("ksm", "zones", "free_frames", "page", "pgd", "swap_map", "swap_cache", "frames", "swap",
                      "mm", "vma", "anon_vma", "ptable", "task", "mm_slot", "rmap_item", "stable_node"):
             self.__dict__.pop(attr, None)
         import gc

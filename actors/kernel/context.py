@@ -59,6 +59,7 @@ class Kernel:
         variants: Variants | None = None,
         sched: SchedPoints | None = None,
         oom: Callable[[Kernel, int], None] | None = None,
+        reclaim: Callable[[Kernel, int], int] | None = None,
     ) -> None:
         self.km = km
         self.locks = locks
@@ -68,6 +69,7 @@ class Kernel:
         self.variants = variants or Variants()
         self.sched = sched or SchedPoints()
         self.oom_call = oom
+        self.reclaim_call = reclaim
         self.alloc = FrameAllocator(km, locks)
         self.cmp = PageCmp(km.frames)
         self.ksm = km.ksm[0]
@@ -130,11 +132,14 @@ class Kernel:
             if self.fatal_signal_pending():
                 self.ev("mm_page_alloc_fail", site=site, why="fatal_signal")
                 return None
-            if self.oom_call is None:
-                self.ev("mm_page_alloc_fail", site=site, why="no_oom_killer")
-                return None
-            self.ev("mm_page_alloc_oom", site=site, nid=nid)
-            self.oom_call(self, nid)
+            # Slow path: direct reclaim first, the OOM killer only when that frees nothing.
+            freed = self.reclaim_call(self, nid) if self.reclaim_call is not None else 0
+            if not freed:
+                if self.oom_call is None:
+                    self.ev("mm_page_alloc_fail", site=site, why="no_oom_killer")
+                    return None
+                self.ev("mm_page_alloc_oom", site=site, nid=nid)
+                self.oom_call(self, nid)
             pfn = self.alloc.alloc(nid, strict)
             if pfn is not None:
                 return pfn

@@ -144,7 +144,10 @@ def handle_mm_fault(k: Kernel, vma: int, addr: int, flags: int) -> int:
     mm = int(km.vma.mm[vi])
     vflags = int(km.vma.flags[vi])
     write = flags & FAULT_FLAG_WRITE
-    if not flags & FAULT_FLAG_FORCE:
+    # The vma access check is the user fault's (access_error()/GUP's check_vma_flags());
+    # handle_mm_fault() itself has none, so break_ksm()'s remote unshare fault also
+    # works on a PROT_NONE vma (ksm_functional_tests' test_prot_none).
+    if not flags & (FAULT_FLAG_FORCE | FAULT_FLAG_REMOTE):
         if write and not vflags & VM_WRITE:
             return VM_FAULT_SIGSEGV
         if not vflags & (VM_READ | VM_WRITE):

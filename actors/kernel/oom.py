@@ -32,14 +32,16 @@ from shared_mem.layout import (
 MAX_OOM_REAP_RETRIES = 10
 
 
-def oom_victim_pending(k: Kernel) -> int:
-    """A marked victim whose memory has not been released yet (task handle), or NULL."""
-    t = k.km.task
-    for i in t.live_indices():
-        if t.flags[i] & TIF_MEMDIE and t.state[i] != 0:
-            mm = int(t.mm[i])
-            if mm and k.km.mm.valid(mm) and not k.km.mm.flags[mm & 0xFFFFFFFF] & MMF_OOM_SKIP:
-                return t.handle_of(int(i))
+def oom_victim_pending(k: Kernel, oom_mms: list[int]) -> int:
+    """An OOM victim's mm (signal->oom_mm, pinned by mmgrab) not yet MMF_OOM_SKIP, or NULL.
+
+    While a victim is still releasing its memory no second victim is chosen; what
+    counts is its oom_mm, not task->mm, which exit_mm() clears long before the memory
+    is actually freed.
+    """
+    for mm in oom_mms:
+        if not k.km.mm.flags[k.km.mm.idx(mm, "oom_victim_pending")] & MMF_OOM_SKIP:
+            return mm
     return NULL
 
 
@@ -76,11 +78,15 @@ def mark_oom_victim(k: Kernel, victim: int) -> int:
     return mm
 
 
-def out_of_memory(k: Kernel) -> dict:
-    """One OOM decision. Returns what was done: waited, killed, or nothing to kill."""
-    pending = oom_victim_pending(k)
+def out_of_memory(k: Kernel, oom_mms: list[int]) -> dict:
+    """One OOM decision. Returns what was done: waited, killed, or nothing to kill.
+
+    oom_mms: the mms of victims still being torn down (the caller keeps this list;
+    an mm is appended on a kill and removed by the reaper when it is done).
+    """
+    pending = oom_victim_pending(k, oom_mms)
     if pending:
-        return {"action": "wait", "victim": pending}
+        return {"action": "wait", "mm": pending & 0xFFFFFFFF}
     victim, pts = select_bad_process(k)
     if not victim:
         k.ev("oom_no_victim")
@@ -88,6 +94,8 @@ def out_of_memory(k: Kernel) -> dict:
     vi = victim & 0xFFFFFFFF
     t = k.km.task
     mm = mark_oom_victim(k, victim)
+    if mm:
+        oom_mms.append(mm)
     rss = int(k.km.mm.rss_anon[mm & 0xFFFFFFFF]) if mm else 0
     k.ev("oom_kill", victim=vi, pid=int(t.pid[vi]), comm=t.comm[vi].decode(), points=pts,
          anon_rss_kb=rss * 4)
@@ -107,7 +115,7 @@ def __oom_reap_task_mm(k: Kernel, mm: int) -> int:
     return freed
 
 
-def oom_reap_task(k: Kernel, mm: int, retry_interval: float = 0.1) -> dict:
+def oom_reap_task(k: Kernel, mm: int, oom_mms: list[int], retry_interval: float = 0.1) -> dict:
     """Free the victim's anonymous memory; always ends with MMF_OOM_SKIP set and mm dropped."""
     km = k.km
     mi = km.mm.idx(mm, "oom_reap_task")
@@ -131,5 +139,7 @@ def oom_reap_task(k: Kernel, mm: int, retry_interval: float = 0.1) -> dict:
         ksm_mm.set_mm_flag(k, mm, MMF_OOM_SKIP)
         k.ev("oom_reaper", **result)
     finally:
+        if mm in oom_mms:
+            oom_mms.remove(mm)
         mmops.mmdrop(k, mm, site="oom_reaper:mmdrop")
     return result

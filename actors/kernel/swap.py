@@ -1,19 +1,254 @@
-# Swap entries: the swap area, swap_free/swap_duplicate and do_swap_page.
+# Swap: the swap area, the swap cache, and swap-in (do_swap_page).
 #
-# (Reclaim and swap-in are built in the lifecycle work; until a run is booted with
-# swap slots, no pte ever holds a swap entry and none of this is reached.)
+# A swap slot is one page of the run's swap segment; swap_map[slot] counts the
+# swap ptes that refer to it plus one while a page is in the swap cache
+# (swap_cache[slot] = pfn + 1, PG_SWAPCACHE, page->private = slot). Swap-in looks
+# the slot up in the swap cache first, so a page faulted back soon after reclaim
+# is the very same page - a KSM page too. ksm_might_need_to_copy() decides whether
+# that page may be mapped here or must be copied (seed 002: copy while run=2 is
+# unmerging, so a KSM page cannot slip back in behind the unmerger; never copy
+# from a !Uptodate page, let the fault report the I/O error).
 from __future__ import annotations
 
+import numpy as np
+
+from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from shared_mem.layout import (
+    PG_ANON,
+    PG_KSM,
+    PG_SWAPCACHE,
+    PG_UPTODATE,
+    PTE_ACCESSED,
+    PTE_DIRTY,
+    PTE_PRESENT,
+    PTE_WRITE,
+    VM_WRITE,
+)
+
+KSM_RUN_UNMERGE = 2
+SWAP_BAD = 1 << 40    # a slot whose reads fail (I/O error injection)
 
 
-def swap_free(k: Kernel, slot: int) -> None:
-    raise RuntimeError(f"BUG: swap entry {slot} found but this run has no swap area")
+# -- slots --------------------------------------------------------------------------------
+def get_swap_page(k: Kernel) -> int:
+    """A free swap slot with one reference (the swap cache's), or -1."""
+    km = k.km
+    if km.swap is None:
+        return -1
+    with k.swap_lock:
+        free = np.flatnonzero(km.swap_map == 0)
+        if not len(free):
+            return -1
+        slot = int(free[0])
+        km.swap_map[slot] = 1
+    return slot
 
 
 def swap_duplicate(k: Kernel, slot: int) -> None:
-    raise RuntimeError(f"BUG: swap entry {slot} found but this run has no swap area")
+    with k.swap_lock:
+        if (k.km.swap_map[slot] & ~SWAP_BAD) <= 0:
+            raise RuntimeError(f"BUG: swap_duplicate of free swap entry {slot}")
+        k.km.swap_map[slot] += 1
 
 
-def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, pte: int, flags: int) -> int:
-    raise RuntimeError(f"BUG: swap pte {pte:#x} at {addr:#x} but this run has no swap area")
+def swap_free(k: Kernel, slot: int) -> None:
+    """Drop one pte's reference; an unreferenced slot becomes free (its cache page too)."""
+    km = k.km
+    with k.swap_lock:
+        cnt = int(km.swap_map[slot] & ~SWAP_BAD) - 1
+        if cnt < 0:
+            raise RuntimeError(f"BUG: swap_free of free swap entry {slot}")
+        km.swap_map[slot] = cnt | (int(km.swap_map[slot]) & SWAP_BAD)
+        cached = int(km.swap_cache[slot]) - 1
+    if cnt == 1 and cached >= 0:
+        # Only the swap cache still holds it: try_to_free_swap().
+        try_to_free_swap(k, cached, slot)
+    elif cnt == 0:
+        with k.swap_lock:
+            km.swap_map[slot] = 0
+
+
+def add_to_swap_cache(k: Kernel, pfn: int, slot: int) -> None:
+    km = k.km
+    with k.swap_lock:
+        km.swap_cache[slot] = pfn + 1
+    km.page["flags"][pfn] |= PG_SWAPCACHE
+    km.page["private"][pfn] = slot
+    k.page_ref.inc_return(pfn)  # the swap cache's reference
+
+
+def delete_from_swap_cache(k: Kernel, pfn: int) -> None:
+    """The page leaves the swap cache and drops the cache's slot and page references."""
+    from actors.kernel.memory import put_page
+
+    km = k.km
+    slot = int(km.page["private"][pfn])
+    with k.swap_lock:
+        if int(km.swap_cache[slot]) != pfn + 1:
+            return
+        km.swap_cache[slot] = 0
+        cnt = int(km.swap_map[slot] & ~SWAP_BAD) - 1
+        km.swap_map[slot] = cnt if cnt > 0 else 0
+    km.page["flags"][pfn] &= ~PG_SWAPCACHE
+    km.page["private"][pfn] = 0
+    put_page(k, pfn)
+
+
+def try_to_free_swap(k: Kernel, pfn: int, slot: int) -> bool:
+    """Free the slot of a swap-cache page nobody maps through a swap pte any more."""
+    km = k.km
+    lock = k.page_lock(pfn)
+    if not lock.trylock():
+        return False
+    try:
+        if not km.page["flags"][pfn] & PG_SWAPCACHE or int(km.page["private"][pfn]) != slot:
+            return False
+        if int(km.swap_map[slot] & ~SWAP_BAD) != 1:
+            return False
+        delete_from_swap_cache(k, pfn)
+        return True
+    finally:
+        lock.unlock()
+
+
+def swap_writepage(k: Kernel, pfn: int) -> None:
+    slot = int(k.km.page["private"][pfn])
+    k.km.swap[slot] = k.km.frames[pfn]
+
+
+# -- swap-in ----------------------------------------------------------------------------------
+def swap_cache_get(k: Kernel, slot: int) -> int:
+    """lookup_swap_cache(): the cached page with a reference, or -1."""
+    km = k.km
+    with k.swap_lock:
+        pfn = int(km.swap_cache[slot]) - 1
+        if pfn >= 0:
+            k.page_ref.inc_return(pfn)
+    return pfn
+
+
+def swapin_readpage(k: Kernel, mm: int, vma: int, slot: int) -> int:
+    """Read a slot into a new swap-cache page (with our reference), or -1 on OOM."""
+    from actors.kernel.memory import _node_for, put_page
+
+    km = k.km
+    pfn = k.alloc_page(_node_for(k, mm, vma), site="swapin_readahead")
+    if pfn is None:
+        return -1
+    km.frames[pfn] = km.swap[slot]
+    bad = bool(km.swap_map[slot] & SWAP_BAD)
+    km.page["flags"][pfn] = PG_ANON | (0 if bad else PG_UPTODATE)
+    with k.swap_lock:
+        cur = int(km.swap_cache[slot]) - 1
+        if cur >= 0:  # somebody else read it in meanwhile: use theirs
+            k.page_ref.inc_return(cur)
+            racing = cur
+        else:
+            km.swap_cache[slot] = pfn + 1
+            km.swap_map[slot] += 1
+            racing = -1
+    if racing >= 0:
+        put_page(k, pfn)
+        return racing
+    km.page["flags"][pfn] |= PG_SWAPCACHE
+    km.page["private"][pfn] = slot
+    k.page_ref.inc_return(pfn)  # cache reference + ours
+    return pfn
+
+
+def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
+    """The page to map at addr: pfn itself, a private copy, or -1 (out of memory)."""
+    from actors.kernel.memory import _node_for
+
+    km = k.km
+    flags = int(km.page["flags"][pfn])
+    vi = vma & 0xFFFFFFFF
+    if flags & PG_KSM:
+        unmerging = k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes")
+        if km.page["mapping"][pfn] and not unmerging:
+            return pfn
+    else:
+        av = int(km.page["mapping"][pfn])
+        if not av:
+            return pfn
+        vav = int(km.vma.anon_vma[vi])
+        if (km.anon_vma.valid(av) and vav and km.anon_vma.root[av & 0xFFFFFFFF] == km.anon_vma.root[vav & 0xFFFFFFFF]
+                and int(km.page["index"][pfn]) == mmops.linear_page_index(k, vma, addr)):
+            return pfn
+    if not flags & PG_UPTODATE and not k.variant("stale-stable-nodes"):
+        return pfn  # let do_swap_page report the read error
+    mm = int(km.vma.mm[vi])
+    new = k.alloc_page(_node_for(k, mm, vma), site="ksm_might_need_to_copy")
+    if new is None:
+        return -1
+    km.frames[new] = km.frames[pfn]
+    km.page["flags"][new] = PG_ANON | (flags & PG_UPTODATE) | PG_UPTODATE
+    k.ksm_atomic["ksm_swpin_copy"].inc_return(0)
+    k.ev("ksm_swpin_copy", pfn=pfn, new=new, ksm=bool(flags & PG_KSM))
+    return new
+
+
+def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int) -> int:
+    from actors.kernel.memory import (
+        FAULT_FLAG_UNSHARE,
+        FAULT_FLAG_WRITE,
+        VM_FAULT_OOM,
+        VM_FAULT_SIGBUS,
+        page_add_anon_rmap,
+        page_add_new_anon_rmap,
+        put_page,
+    )
+    from shared_mem.layout import PTE_PFN_MASK
+
+    km = k.km
+    if km.swap is None:
+        return VM_FAULT_SIGBUS
+    slot = orig & PTE_PFN_MASK
+    mmops.anon_vma_prepare(k, vma)
+    page = swap_cache_get(k, slot)
+    if page < 0:
+        page = swapin_readpage(k, mm, vma, slot)
+        if page < 0:
+            return VM_FAULT_OOM
+    lock = k.page_lock(page)
+    lock.lock()
+    try:
+        swapcache = page
+        page = ksm_might_need_to_copy(k, swapcache, vma, addr)
+        if page < 0:
+            put_page(k, swapcache)
+            return VM_FAULT_OOM
+        if not km.page["flags"][page] & PG_UPTODATE:
+            put_page(k, swapcache)
+            k.ev("swap_read_error", slot=slot, addr=addr)
+            return VM_FAULT_SIGBUS
+        ptl = k.ptl(mm)
+        with ptl:
+            ptes, j = mmops.pte_table(k, mm, addr)
+            if ptes is None or int(ptes[j]) != orig:
+                if page != swapcache:
+                    put_page(k, page)
+                put_page(k, swapcache)
+                return 0
+            pflags = int(km.page["flags"][page])
+            if page == swapcache and (pflags & PG_KSM or km.page["mapping"][page]):
+                page_add_anon_rmap(k, page)
+            else:
+                page_add_new_anon_rmap(k, page, vma, addr)
+                if page == swapcache:
+                    km.page["flags"][page] |= PG_SWAPCACHE
+            entry = page | PTE_PRESENT | PTE_ACCESSED
+            exclusive = not pflags & PG_KSM and km.page["mapcount"][page] == 1
+            if (flags & FAULT_FLAG_WRITE and not flags & FAULT_FLAG_UNSHARE and exclusive
+                    and km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE):
+                entry |= PTE_WRITE | PTE_DIRTY
+            ptes[j] = entry
+            km.mm.atomic("rss_anon").inc_return(mm & 0xFFFFFFFF)
+        if page != swapcache:
+            put_page(k, swapcache)  # we mapped a copy; the cached page keeps only its cache ref
+        k.ev("do_swap_page", mm=mm & 0xFFFFFFFF, addr=addr, slot=slot, pfn=page, copied=page != swapcache)
+    finally:
+        lock.unlock()
+    swap_free(k, slot)
+    return 0

@@ -1,0 +1,208 @@
+# Invariant checks at quiescent points (DESIGN.md "Detection and reports").
+#
+# Run with ksm_thread_mutex held and no task in the middle of a system call or
+# fault. Each violated invariant is a report shaped like the kernel's own checks:
+# "BUG: Bad page state" for refcount/mapcount conservation, "BUG: Bad page map" for
+# a pte that maps a free frame, "ksm: counter mismatch" for /sys/kernel/mm/ksm
+# counters that disagree with the objects they count, and so on.
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from shared_mem.layout import (
+    NODE_CHAIN,
+    NODE_DUP,
+    NODE_REGULAR,
+    PG_FREE,
+    PG_KSM,
+    PG_RESERVED,
+    PG_SWAPCACHE,
+    PTE_DIRTY,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_SWAP,
+    PTE_WRITE,
+    STABLE_FLAG,
+    UNSTABLE_FLAG,
+)
+
+from actors.kernel import mm_slot as slots
+from actors.kernel.context import Kernel
+from actors.kernel.sysfs import counters
+
+
+def _rep(title: str, lines: list[str], data: dict[str, Any]) -> dict:
+    return {"kind": "invariant", "title": title, "text": "\n".join([title, *lines]) + "\n", "data": data}
+
+
+def check_invariants(k: Kernel) -> list[dict]:
+    km = k.km
+    out: list[dict] = []
+    # -- ptes of every live mm -------------------------------------------------------------------
+    maps: Counter = Counter()
+    swaprefs: Counter = Counter()
+    kzero_by_mm: dict[int, int] = {}
+    rss_by_mm: dict[int, int] = {}
+    writable: set[int] = set()
+    for mi in km.mm.live_indices():
+        mi = int(mi)
+        kz = rss = 0
+        for pgi in np.flatnonzero(km.pgd[mi]):
+            pt = int(km.pgd[mi, pgi])
+            if not km.ptable.valid(pt):
+                out.append(_rep("BUG: KASAN: use-after-free: pgd points to a freed page table",
+                                [f"mm {mi} pgd[{int(pgi)}] = {pt:#x}"], {"mm": mi}))
+                continue
+            ptes = km.ptable.pte[pt & 0xFFFFFFFF]
+            for pte in ptes[ptes != 0]:
+                pte = int(pte)
+                if pte & PTE_PRESENT:
+                    if pte & PTE_SPECIAL:
+                        kz += (pte & PTE_DIRTY) != 0
+                        continue
+                    pfn = pte & PTE_PFN_MASK
+                    maps[pfn] += 1
+                    rss += 1
+                    if pte & PTE_WRITE:
+                        writable.add(pfn)
+                elif pte & PTE_SWAP:
+                    swaprefs[pte & PTE_PFN_MASK] += 1
+        kzero_by_mm[mi] = kz
+        rss_by_mm[mi] = rss
+        if int(km.mm.rss_anon[mi]) != rss:
+            out.append(_rep("BUG: Bad rss-counter state", [f"mm {mi}: rss_anon {int(km.mm.rss_anon[mi])}, ptes {rss}"],
+                            {"mm": mi, "rss": int(km.mm.rss_anon[mi]), "ptes": rss}))
+        if int(km.mm.ksm_zero_pages[mi]) != kz:
+            out.append(_rep("ksm: ksm_zero_pages mismatch", [f"mm {mi}: counter {int(km.mm.ksm_zero_pages[mi])}, ptes {kz}"],
+                            {"mm": mi}))
+
+    # -- struct page conservation ----------------------------------------------------------------
+    flags = km.page["flags"]
+    bad = []
+    for pfn in range(1, km.geo.nr_frames):
+        f = int(flags[pfn])
+        ref, mapc = int(km.page["refcount"][pfn]), int(km.page["mapcount"][pfn])
+        if f & PG_FREE:
+            if maps[pfn]:
+                bad.append(f"pfn {pfn}: free frame still mapped by {maps[pfn]} pte(s) (Bad page map)")
+            continue
+        if f & PG_RESERVED:
+            continue
+        want_ref = mapc + (1 if f & PG_SWAPCACHE else 0)
+        if mapc != maps[pfn] or ref != want_ref:
+            bad.append(f"pfn {pfn}: flags {f:#x} refcount {ref} mapcount {mapc}, mapped by {maps[pfn]} pte(s)")
+        if ref == 0:
+            bad.append(f"pfn {pfn}: leaked (refcount 0, not free)")
+    if bad:
+        out.append(_rep("BUG: Bad page state", bad[:32], {"count": len(bad)}))
+
+    # -- KSM objects and counters ------------------------------------------------------------------
+    sn, ri = km.stable_node, km.rmap_item
+    c = counters(k)
+    shared = sharing = chains = dups = 0
+    node_lines = []
+    for ni in sn.live_indices():
+        ni = int(ni)
+        role = int(sn.role[ni])
+        if role == NODE_CHAIN:
+            chains += 1
+            continue
+        if role == NODE_DUP:
+            dups += 1
+        h = sn.handle_of(ni)
+        items = 0
+        item = int(sn.hlist[ni])
+        while item:
+            items += 1
+            item = int(ri.hnext[ri.idx(item, "check_invariants")])
+        if items != int(sn.rmap_hlist_len[ni]):
+            node_lines.append(f"stable node {ni}: rmap_hlist_len {int(sn.rmap_hlist_len[ni])}, items {items}")
+        if items:
+            shared += 1
+            sharing += items - 1
+        pfn = int(sn.kpfn[ni])
+        alive = flags[pfn] & PG_KSM and int(km.page["mapping"][pfn]) == h
+        if alive and pfn in writable:
+            node_lines.append(f"stable node {ni}: KSM page {pfn} is mapped writable")
+        if role not in (NODE_REGULAR, NODE_DUP):
+            node_lines.append(f"stable node {ni}: unexpected role {role}")
+    expect = {"pages_shared": shared, "pages_sharing": sharing, "stable_node_chains": chains,
+              "stable_node_dups": dups}
+    mism = [f"{n}: counter {c[n]}, objects {v}" for n, v in expect.items() if c[n] != v]
+    live_items = ri.nr_live()
+    if int(k.ksm["rmap_items"]) != live_items:
+        mism.append(f"rmap_items: counter {int(k.ksm['rmap_items'])}, objects {live_items}")
+    unstable = sum(1 for i in ri.live_indices() if ri.address[int(i)] & UNSTABLE_FLAG)
+    if c["pages_unshared"] != unstable:
+        mism.append(f"pages_unshared: counter {c['pages_unshared']}, unstable items {unstable}")
+    stable_items = sum(1 for i in ri.live_indices() if ri.address[int(i)] & STABLE_FLAG)
+    if stable_items != shared + sharing:
+        mism.append(f"stable rmap_items {stable_items} != shared + sharing {shared + sharing}")
+    if int(k.ksm["rmap_items"]) < c["pages_shared"] + c["pages_sharing"] + c["pages_unshared"]:
+        mism.append("rmap_items < pages_shared + pages_sharing + pages_unshared")
+    live_mms = [int(i) for i in km.mm.live_indices()]
+    merging = sum(int(km.mm.ksm_merging_pages[i]) for i in live_mms)
+    if merging != c["pages_shared"] + c["pages_sharing"]:
+        mism.append(f"sum of ksm_merging_pages {merging} != pages_shared + pages_sharing")
+    zero_ptes = sum(kzero_by_mm.values())
+    if c["ksm_zero_pages"] != zero_ptes:
+        mism.append(f"ksm_zero_pages: counter {c['ksm_zero_pages']}, KSM zero ptes {zero_ptes}")
+    if mism or node_lines:
+        out.append(_rep("ksm: counter mismatch", mism + node_lines, {"counters": c, "objects": expect}))
+
+    # -- mm lifetimes and slots ----------------------------------------------------------------------
+    lines = []
+    slot_of: dict[int, int] = {}
+    for s in slots.slots(k):
+        si = s & 0xFFFFFFFF
+        mm = int(km.mm_slot.mm[si])
+        if not km.mm.valid(mm):
+            lines.append(f"mm_slot {si} points to a freed mm {mm:#x}")
+            continue
+        slot_of[mm & 0xFFFFFFFF] = si
+        if int(km.mm.ksm_slot[mm & 0xFFFFFFFF]) != s:
+            lines.append(f"mm_slot {si}: its mm does not point back")
+    if km.mm_slot.nr_live() != len(slots.slots(k)) + 1:
+        lines.append(f"{km.mm_slot.nr_live() - 1} mm_slots allocated, {len(slots.slots(k))} on the list (leak)")
+    for mi in live_mms:
+        users, count = int(km.mm.users[mi]), int(km.mm.count[mi])
+        need = (1 if users > 0 else 0) + (1 if mi in slot_of else 0)
+        if count < need:
+            lines.append(f"mm {mi}: mm_count {count} < references {need} (users {users})")
+        if users == 0 and mi not in slot_of and count > 0:
+            lines.append(f"mm {mi}: exited, no KSM slot, yet mm_count {count} (an mmdrop is missing)")
+    if lines:
+        out.append(_rep("BUG: mm lifetime", lines, {}))
+
+    # -- swap ------------------------------------------------------------------------------------------
+    if km.swap is not None:
+        lines = []
+        for slot in np.flatnonzero(km.swap_map | km.swap_cache):
+            slot = int(slot)
+            want = swaprefs[slot] + (1 if km.swap_cache[slot] else 0)
+            if int(km.swap_map[slot]) & ((1 << 40) - 1) != want:
+                lines.append(f"swap slot {slot}: swap_map {int(km.swap_map[slot])}, references {want}")
+        if lines:
+            out.append(_rep("BUG: swap accounting", lines[:32], {}))
+    return out
+
+
+def leaks_after_teardown(k: Kernel) -> list[dict]:
+    """After every task exited and ksmd reaped: nothing of any mm may remain."""
+    km = k.km
+    lines = []
+    if km.mm.nr_live():
+        lines.append(f"{km.mm.nr_live()} mm_struct(s) never freed: {[int(i) for i in km.mm.live_indices()]}")
+    for name in ("vma", "anon_vma", "ptable", "rmap_item"):
+        if km.arenas[name].nr_live():
+            lines.append(f"{km.arenas[name].nr_live()} {name} object(s) leaked")
+    if km.mm_slot.nr_live() != 1:
+        lines.append(f"{km.mm_slot.nr_live() - 1} mm_slot(s) leaked")
+    used = km.geo.nr_frames - 1 - k.alloc.nr_free()
+    if used:
+        lines.append(f"{used} page frame(s) not returned to the free lists")
+    return [_rep("BUG: leak after teardown", lines, {})] if lines else []

@@ -1,0 +1,238 @@
+# Reclaim: page_referenced, try_to_unmap and pageout, with KSM's rmap walk.
+#
+# mm/vmscan.c reduced to anonymous memory: a page is aged with page_referenced()
+# (test-and-clear the accessed bit of every pte mapping it), added to the swap
+# cache, unmapped everywhere with try_to_unmap() (each pte becomes a swap entry),
+# written to its slot and finally dropped from the swap cache. Anonymous pages are
+# found through their anon_vma (the 2009 layout: one anon_vma per vma family, its
+# list of vmas). KSM pages are found through their stable node: rmap_walk_ksm()
+# visits each rmap_item's anon_vma, first only the vma of the item's own mm, then
+# - search_new_forks - the other mms' vmas on the same anon_vma, which is how a
+# child forked after ksmd merged the page is found (seed 004). Reverting seed 004
+# (variant rmap-no-anon-vma) walks only (item->mm, item->address), the 2009 stopgap
+# that misses the forked child's pte.
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from actors.kernel import mm as mmops
+from actors.kernel import swap
+from actors.kernel.context import Kernel
+from actors.kernel.memory import put_page
+from actors.kernel.rmap import PAGE_MASK, items_of_node
+from shared_mem.layout import (
+    PAGE_SHIFT,
+    PG_ANON,
+    PG_DIRTY,
+    PG_FREE,
+    PG_KSM,
+    PG_MLOCKED,
+    PG_RESERVED,
+    PG_SWAPCACHE,
+    PTE_ACCESSED,
+    PTE_DIRTY,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_SWAP,
+    VM_LOCKED,
+)
+
+# A visitor returns True to go on walking, False to stop.
+Visitor = Callable[[int, int, int], bool]   # (vma, mm, addr)
+
+
+def _vmas_of_anon_vma(k: Kernel, av: int) -> list[int]:
+    km = k.km
+    out = []
+    v = int(km.anon_vma.head[km.anon_vma.idx(av, "anon_vma_walk")])
+    while v:
+        out.append(v)
+        v = int(km.vma.anon_next[km.vma.idx(v, "anon_vma_walk")])
+    return out
+
+
+def rmap_walk_anon(k: Kernel, pfn: int, visit: Visitor) -> None:
+    km = k.km
+    av = int(km.page["mapping"][pfn])
+    if not av or not km.anon_vma.valid(av):
+        return
+    index = int(km.page["index"][pfn])
+    with k.anon_vma_lock(av).read():
+        for vma in _vmas_of_anon_vma(k, av):
+            vi = vma & 0xFFFFFFFF
+            addr = int(km.vma.start[vi]) + ((index - int(km.vma.pgoff[vi])) << PAGE_SHIFT)
+            if not int(km.vma.start[vi]) <= addr < int(km.vma.end[vi]):
+                continue
+            if not visit(vma, int(km.vma.mm[vi]), addr):
+                return
+
+
+def rmap_walk_ksm(k: Kernel, pfn: int, visit: Visitor) -> None:
+    """Visit every pte that may map a KSM page (the page must be locked)."""
+    km = k.km
+    node = int(km.page["mapping"][pfn])
+    if not node or not km.stable_node.valid(node):
+        return
+    ri = km.rmap_item
+    if k.variant("rmap-no-anon-vma"):
+        # Before seed 004: only the (mm, address) each rmap_item records.
+        for item in items_of_node(k, node):
+            ii = item & 0xFFFFFFFF
+            mm = int(ri.mm[ii])
+            addr = int(ri.address[ii]) & PAGE_MASK
+            vma = mmops.vma_lookup(k, mm, addr) if km.mm.valid(mm) else 0
+            if vma and not visit(vma, mm, addr):
+                return
+        return
+    for search_new_forks in (False, True):
+        for item in items_of_node(k, node):
+            ii = item & 0xFFFFFFFF
+            av = int(ri.anon_vma[ii])
+            if not av:
+                continue
+            addr = int(ri.address[ii]) & PAGE_MASK
+            item_mm = int(ri.mm[ii])
+            with k.anon_vma_lock(av).read():
+                for vma in _vmas_of_anon_vma(k, av):
+                    vi = vma & 0xFFFFFFFF
+                    if not int(km.vma.start[vi]) <= addr < int(km.vma.end[vi]):
+                        continue
+                    vmm = int(km.vma.mm[vi])
+                    # First pass: the vma of the item's own mm; then the others (forks).
+                    if (vmm == item_mm) == search_new_forks:
+                        continue
+                    if not visit(vma, vmm, addr):
+                        return
+        if not km.page["mapcount"][pfn]:
+            return
+
+
+def rmap_walk(k: Kernel, pfn: int, visit: Visitor) -> None:
+    if k.km.page["flags"][pfn] & PG_KSM:
+        rmap_walk_ksm(k, pfn, visit)
+    else:
+        rmap_walk_anon(k, pfn, visit)
+
+
+def _pte_of(k: Kernel, mm: int, addr: int):
+    ptes, j = mmops.pte_table(k, mm, addr)
+    return ptes, j
+
+
+def page_referenced(k: Kernel, pfn: int) -> int:
+    """page_referenced() / page_referenced_ksm(): count and clear young ptes."""
+    n = 0
+    mapcount = int(k.km.page["mapcount"][pfn])
+
+    def visit(vma: int, mm: int, addr: int) -> bool:
+        nonlocal n, mapcount
+        with k.ptl(mm):
+            ptes, j = _pte_of(k, mm, addr)
+            if ptes is None:
+                return True
+            pte = int(ptes[j])
+            if pte & PTE_PRESENT and not pte & PTE_SPECIAL and pte & PTE_PFN_MASK == pfn:
+                mapcount -= 1
+                if pte & PTE_ACCESSED:
+                    ptes[j] = pte & ~PTE_ACCESSED
+                    n += 1
+        return mapcount > 0
+
+    rmap_walk(k, pfn, visit)
+    return n
+
+
+def try_to_unmap(k: Kernel, pfn: int) -> bool:
+    """Replace every pte of a swap-cache page with its swap entry; True if none is left."""
+    km = k.km
+    slot = int(km.page["private"][pfn])
+
+    def visit(vma: int, mm: int, addr: int) -> bool:
+        vi = vma & 0xFFFFFFFF
+        if km.vma.flags[vi] & VM_LOCKED:
+            return False  # mlocked: it stays
+        with k.ptl(mm):
+            ptes, j = _pte_of(k, mm, addr)
+            if ptes is None:
+                return True
+            pte = int(ptes[j])
+            if not pte & PTE_PRESENT or pte & PTE_SPECIAL or pte & PTE_PFN_MASK != pfn:
+                return True
+            if pte & PTE_DIRTY:
+                km.page["flags"][pfn] |= PG_DIRTY
+            swap.swap_duplicate(k, slot)
+            ptes[j] = slot | PTE_SWAP
+            k.page_map.dec_return(pfn)
+            km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)
+            put_page(k, pfn)
+        k.ev("try_to_unmap_one", pfn=pfn, mm=mm & 0xFFFFFFFF, addr=addr, slot=slot)
+        return km.page["mapcount"][pfn] > 0
+
+    rmap_walk(k, pfn, visit)
+    return km.page["mapcount"][pfn] == 0
+
+
+def shrink_page(k: Kernel, pfn: int, force: bool = False) -> str:
+    """Try to reclaim one page frame. Returns what happened (for events and tests)."""
+    km = k.km
+    flags = int(km.page["flags"][pfn])
+    if flags & (PG_FREE | PG_RESERVED) or not flags & (PG_ANON | PG_KSM):
+        return "skip"
+    if not k.page_ref.inc_not_zero(pfn):
+        return "skip"
+    lock = k.page_lock(pfn)
+    if not lock.trylock():
+        put_page(k, pfn)
+        return "busy"
+    try:
+        flags = int(km.page["flags"][pfn])
+        if flags & PG_FREE or not flags & (PG_ANON | PG_KSM):
+            return "skip"
+        if flags & PG_MLOCKED:
+            return "mlocked"
+        if not flags & PG_SWAPCACHE:
+            if km.page["mapcount"][pfn] == 0:
+                return "unmapped"
+            if not force and page_referenced(k, pfn):
+                return "referenced"
+            slot = swap.get_swap_page(k)
+            if slot < 0:
+                return "no_swap"
+            swap.add_to_swap_cache(k, pfn, slot)
+            k.point("shrink_page.added_to_swap_cache")
+        if km.page["mapcount"][pfn] and not try_to_unmap(k, pfn):
+            k.ev("shrink_page", pfn=pfn, result="still_mapped", ksm=bool(flags & PG_KSM),
+                 mapcount=int(km.page["mapcount"][pfn]))
+            return "still_mapped"
+        swap.swap_writepage(k, pfn)
+        # Only the swap cache and our reference are left: the page can go.
+        if km.page["refcount"][pfn] != 2:
+            return "busy_ref"
+        swap.delete_from_swap_cache(k, pfn)
+        k.ev("shrink_page", pfn=pfn, result="freed", ksm=bool(flags & PG_KSM))
+        return "freed"
+    finally:
+        lock.unlock()
+        put_page(k, pfn)
+
+
+def shrink_pages(k: Kernel, nr: int, start: int = 1, force: bool = False) -> tuple[int, int]:
+    """kswapd's pass: scan frames like a clock hand from `start`; returns (freed, next hand)."""
+    import numpy as np
+
+    km = k.km
+    n = km.geo.nr_frames
+    freed = 0
+    order = np.concatenate([np.arange(start, n), np.arange(1, start)])
+    flags = km.page["flags"][order]
+    cands = order[((flags & (PG_ANON | PG_KSM)) != 0) & ((flags & (PG_FREE | PG_RESERVED)) == 0)]
+    hand = start
+    for pfn in cands:
+        pfn = int(pfn)
+        hand = pfn + 1 if pfn + 1 < n else 1
+        if shrink_page(k, pfn, force) == "freed":
+            freed += 1
+            if freed >= nr:
+                break
+    return freed, hand

@@ -1,0 +1,362 @@
+"""ksmd speed: ksmlab's ksmd against this machine's real ksmd, on the same workload, in one run.
+
+    sudo .venv/bin/python bench/bench_ksmd.py [--scale 1.0] [--procs 4] [--steady-passes 3]
+                                              [--only kernel|ksmlab] [--smart-scan 0|1]
+
+The workload (issue 3, item 8): 8192 distinct pages x 8 copies + 65536 unique pages (512 MiB,
+131072 pages at --scale 1), dealt over --procs processes and shuffled (ksmlab.workloads.mix).
+Both sides run it with pages_to_scan=1000, sleep_millisecs=0, max_page_sharing=256,
+use_zero_pages=0, smart_scan=--smart-scan. Each process maps MAP_PRIVATE|MAP_ANONYMOUS,
+MADV_NOHUGEPAGE, writes every page, MADV_MERGEABLE; then run=1 and the counters are polled
+(sysfs on the kernel, the shared ksm record on ksmlab) to time every full scan:
+
+  converge  seconds from run=1 until pages_shared/sharing/unshared first equal the expected
+            values (8192 / 57344 / 65536 at --scale 1)
+  pass 1    pages/s of the first full scan (checksums only: every page is new)
+  pass 2    pages/s of the second (unstable-tree inserts and the merges)
+  steady    pages/s over passes 3 .. 2+--steady-passes (everything already merged or unshared)
+
+and the ratio ksmlab/kernel of each. ksmlab runs with trace_locks=False and shadow=False: the
+per-lock events and the tasks' shadow copies are debugging aids, not part of the kernel's
+work (the locks themselves are all still taken). Without shadows Task.verify cannot run, so
+the bench reads every page back through the tasks instead (--no-readback skips that).
+
+The real-kernel side needs root and a writable /sys/kernel/mm/ksm; it saves and restores
+every knob (ksmlab.realkernel.KsmKnobs) and refuses to measure if another process has
+mergeable memory. To profile ksmlab's ksmd, set KSMLAB_KSMD_PROFILE=/path/to/file.prof: the
+ksmd process then runs under cProfile and dumps its stats there when it stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+try:
+    from ksmlab import realkernel as rk
+    from ksmlab.workloads import Workload, ksmlab_cluster_options, ksmlab_load, mix, page_bytes
+except ImportError:  # run from a checkout without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from ksmlab import realkernel as rk
+    from ksmlab.workloads import Workload, ksmlab_cluster_options, ksmlab_load, mix, page_bytes
+
+PAGE = 4096
+FULL_DISTINCT, FULL_COPIES, FULL_UNIQUE = 8192, 8, 65536
+KNOBS = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "use_zero_pages": 0}
+
+
+def bench_workload(scale: float, procs: int) -> Workload:
+    distinct = max(1, round(FULL_DISTINCT * scale))
+    unique = max(1, round(FULL_UNIQUE * scale / procs))
+    return mix(
+        f"ksmd-bench-x{scale:g}",
+        procs,
+        dup_contents=distinct,
+        copies_per_content=FULL_COPIES,
+        unique_per_proc=unique,
+        zero_per_proc=0,
+        seed=8,
+    )
+
+
+def build_images(w: Workload) -> list[bytes]:
+    """w.process_image(i) for every process, generating each content's bytes once."""
+    cache: dict[int, bytes] = {}
+
+    def get(cid: int) -> bytes:
+        b = cache.get(cid)
+        if b is None:
+            b = cache[cid] = page_bytes.__wrapped__(cid)
+        return b
+
+    return [b"".join(get(c) for c in p) for p in w.processes]
+
+
+@dataclass
+class Timeline:
+    """Samples (t since run=1, full_scans, pages_scanned, shared, sharing, unshared)."""
+
+    samples: list[tuple[float, int, int, int, int, int]] = field(default_factory=list)
+    start_scans: int = 0
+    start_scanned: int = 0
+
+    def add(self, t: float, c: dict[str, int]) -> None:
+        self.samples.append(
+            (
+                t,
+                c["full_scans"],
+                c["pages_scanned"],
+                c["pages_shared"],
+                c["pages_sharing"],
+                c["pages_unshared"],
+            )
+        )
+
+    def converged_at(self, want: tuple[int, int, int]) -> float | None:
+        for s in self.samples:
+            if s[3:6] == want:
+                return s[0]
+        return None
+
+    def pass_ends(self) -> list[tuple[float, int]]:
+        """(time, pages_scanned) at the first sample showing each new full scan."""
+        out = [(0.0, self.start_scanned)]
+        seen = self.start_scans
+        for s in self.samples:
+            while s[1] > seen:  # several passes between two samples: split evenly (rare)
+                seen += 1
+                out.append((s[0], s[2]))
+        return out
+
+    def rates(self) -> list[tuple[float, int, float]]:
+        """Per full scan: (seconds, pages scanned, pages/s)."""
+        ends = self.pass_ends()
+        out = []
+        for (t0, p0), (t1, p1) in itertools.pairwise(ends):
+            dt = max(t1 - t0, 1e-9)
+            out.append((dt, p1 - p0, (p1 - p0) / dt))
+        return out
+
+
+@dataclass
+class Result:
+    side: str
+    converge: float | None
+    passes: list[tuple[float, int, float]]
+    final: dict[str, int]
+    load_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def rate(self, lo: int, hi: int | None = None) -> float | None:
+        """pages/s over passes lo..hi (1-based, inclusive), total pages / total time."""
+        sel = self.passes[lo - 1 : hi]
+        if not sel or (hi is not None and len(sel) < hi - lo + 1):
+            return None
+        return sum(p[1] for p in sel) / sum(p[0] for p in sel)
+
+
+def expected_triplet(w: Workload) -> tuple[int, int, int]:
+    e = w.expected(max_page_sharing=KNOBS["max_page_sharing"])
+    return e["pages_shared"], e["pages_sharing"], e["pages_unshared"]
+
+
+# --------------------------------------------------------------------------------------------
+# the real kernel
+
+
+def run_kernel(w: Workload, images: list[bytes], smart_scan: int, passes: int) -> Result:
+    root = rk.KSM_SYSFS
+    if not rk.ksm_available(root):
+        raise rk.KsmError(f"{root}/run is not writable (run as root on a kernel with KSM)")
+    want = expected_triplet(w)
+    files = ("full_scans", "pages_scanned", "pages_shared", "pages_sharing", "pages_unshared")
+    fds = {}
+
+    def read() -> dict[str, int]:
+        out = {}
+        for name in files:
+            fd = fds[name]
+            out[name] = int(os.pread(fd, 32, 0))
+        return out
+
+    with rk.KsmKnobs(root) as knobs:
+        knobs.set("run", 2)
+        foreign = rk.foreign_mergeable_pids()
+        if foreign:
+            raise rk.ForeignMergeableMemory(
+                f"other processes have mergeable memory: {foreign}", foreign
+            )
+        if "advisor_mode" in knobs.saved:
+            knobs.set("advisor_mode", "none")
+        for name, value in KNOBS.items():
+            knobs.set(name, value)
+        if "smart_scan" in knobs.saved:
+            knobs.set("smart_scan", smart_scan)
+        for name in files:
+            fds[name] = os.open(root / name, os.O_RDONLY)
+        kids = rk._Children(images)
+        try:
+            t_load = time.monotonic()
+            kids.start()
+            kids.wait_ready(time.monotonic() + 300)
+            load_s = time.monotonic() - t_load
+            tl = Timeline()
+            c0 = read()
+            tl.start_scans, tl.start_scanned = c0["full_scans"], c0["pages_scanned"]
+            target = tl.start_scans + 2 + passes
+            deadline = time.monotonic() + 300
+            t0 = time.monotonic()
+            knobs.set("run", 1)
+            while True:
+                c = read()
+                tl.add(time.monotonic() - t0, c)
+                if c["full_scans"] >= target:
+                    break
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kernel: full_scans {c['full_scans']} < {target}")
+                time.sleep(0.001)
+            knobs.set("run", 0)
+            final = rk.read_counters(root)
+            knobs.set("run", 2)
+            kids.stop(grace=5.0)
+        finally:
+            kids.stop(grace=0.0)
+            for fd in fds.values():
+                os.close(fd)
+    res = Result("kernel", tl.converged_at(want), tl.rates(), final, load_s)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# ksmlab
+
+
+async def run_ksmlab_async(
+    w: Workload, images: list[bytes], smart_scan: int, passes: int, readback: bool, poll: float
+) -> Result:
+    from actors.cluster import Cluster
+
+    want = expected_triplet(w)
+    run_dir = tempfile.mkdtemp(prefix="ksmlab-bench-")
+    opts = ksmlab_cluster_options(
+        w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0
+    )
+    c = Cluster(**opts)
+    notes = [f"run folder {run_dir}", f"frames {opts['frames']}, va_pages {opts['va_pages']}"]
+    try:
+        await c.boot()
+        for name, value in {**KNOBS, "smart_scan": smart_scan}.items():
+            await c.sysfs_write(name, value)
+        t_load = time.monotonic()
+        loaded = await ksmlab_load(c, w, images=images)
+        load_s = time.monotonic() - t_load
+        tl = Timeline()
+        c0 = c.ksm_counters()
+        tl.start_scans, tl.start_scanned = c0["full_scans"], c0["pages_scanned"]
+        target = tl.start_scans + 2 + passes
+        t0 = time.monotonic()
+        await c.sysfs_write("run", 1)
+        deadline = t0 + 3600
+        while True:
+            cur = c.ksm_counters()
+            tl.add(time.monotonic() - t0, cur)
+            if cur["full_scans"] >= target:
+                break
+            if c.crashed is not None:
+                raise c.crashed
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ksmlab: full_scans {cur['full_scans']} < {target}")
+            await asyncio.sleep(poll)
+        await c.sysfs_write("run", 0)
+        final = c.ksm_counters()
+        if readback:
+            t_rb = time.monotonic()
+            bad = 0
+            for i, (t, addr) in enumerate(loaded):
+                img = images[i]
+                step = 8 << 20
+                for off in range(0, len(img), step):
+                    got = await t.read(addr + off, min(step, len(img) - off))
+                    if got != img[off : off + step]:
+                        bad += 1
+            notes.append(
+                f"read-back of every page: {'OK' if not bad else f'{bad} BAD chunks'} "
+                f"({time.monotonic() - t_rb:.1f}s)"
+            )
+            if bad:
+                raise RuntimeError("ksmlab: merged memory reads back wrong")
+        if c.reports:
+            raise RuntimeError(f"ksmlab reports: {[r['title'] for r in c.reports]}")
+    finally:
+        await c.stop()
+    return Result("ksmlab", tl.converged_at(want), tl.rates(), final, load_s, notes)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def report(w: Workload, results: list[Result], passes: int) -> None:
+    want = expected_triplet(w)
+    print(
+        f"\nworkload {w.name}: {w.n_procs} processes, {w.total_pages} pages "
+        f"({w.total_pages * PAGE / 2**20:.0f} MiB); expect shared/sharing/unshared {want}"
+    )
+    print(f"knobs: {KNOBS}")
+    hdr = f"{'':8} {'converge s':>11} {'pass1 p/s':>11} {'pass2 p/s':>11} {'steady p/s':>11}"
+    print(hdr)
+    rows = {}
+    for r in results:
+        row = (r.converge, r.rate(1, 1), r.rate(2, 2), r.rate(3, 2 + passes))
+        rows[r.side] = row
+        print(
+            f"{r.side:8} {_f(row[0], '11.3f')} {_f(row[1], '11,.0f')} {_f(row[2], '11,.0f')} "
+            f"{_f(row[3], '11,.0f')}"
+        )
+    if "kernel" in rows and "ksmlab" in rows:
+        k, m = rows["kernel"], rows["ksmlab"]
+        ratio = [None if a is None or b is None else b / a for a, b in zip(k, m)]
+        # converge: a time, so ksmlab/kernel > 1 is slower; rates: ksmlab/kernel < 1 is slower
+        print(
+            f"{'ratio':8} {_f(ratio[0], '11.1f')} {_f(ratio[1], '11.4f')} "
+            f"{_f(ratio[2], '11.4f')} {_f(ratio[3], '11.4f')}   (ksmlab/kernel)"
+        )
+    for r in results:
+        got = (r.final["pages_shared"], r.final["pages_sharing"], r.final["pages_unshared"])
+        ok = "OK" if got == want else "MISMATCH"
+        per = ", ".join(f"{p[2]:,.0f}" for p in r.passes)
+        print(f"  {r.side}: final {got} {ok}; load {r.load_s:.1f}s; pages/s per pass: {per}")
+        for n in r.notes:
+            print(f"    {n}")
+    print(
+        "ksmlab ran with trace_locks=False and shadow=False (debugging aids off; every kernel "
+        "lock is still taken)"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 512 MiB)")
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--steady-passes", type=int, default=3)
+    ap.add_argument("--smart-scan", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--only", choices=("kernel", "ksmlab"))
+    ap.add_argument("--no-readback", action="store_true")
+    ap.add_argument("--poll", type=float, default=0.002, help="ksmlab counter poll interval (s)")
+    args = ap.parse_args()
+
+    w = bench_workload(args.scale, args.procs)
+    t = time.monotonic()
+    images = build_images(w)
+    print(f"built {w.total_pages} pages of images in {time.monotonic() - t:.1f}s", flush=True)
+    results = []
+    if args.only != "ksmlab":
+        try:
+            results.append(run_kernel(w, images, args.smart_scan, args.steady_passes))
+        except rk.KsmError as e:
+            print(f"kernel side skipped: {e}")
+        print("kernel done", flush=True)
+    if args.only != "kernel":
+        results.append(
+            asyncio.run(
+                run_ksmlab_async(
+                    w, images, args.smart_scan, args.steady_passes, not args.no_readback, args.poll
+                )
+            )
+        )
+    report(w, results, args.steady_passes)
+
+
+if __name__ == "__main__":
+    main()
