@@ -211,6 +211,11 @@ class Actor:
     def tick(self) -> None:
         """Periodic work between messages (ksmd's scanning)."""
 
+    def on_oops(self) -> None:
+        """After an oops in tick(): locks this context still holds stay held, like a
+        task that died in the kernel; release nothing, but stop the periodic work."""
+        self.tick = lambda: None  # type: ignore[method-assign]
+
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
@@ -237,7 +242,13 @@ class Actor:
                         break
                     self._dispatch(frames)
             if not self.stopping:
-                self.tick()
+                try:
+                    self.tick()
+                except Exception as e:  # a BUG in background kernel work: oops, keep going
+                    tb = traceback.format_exc()
+                    title = f"Oops: {type(e).__name__}: {e} in {self.name}"
+                    self.report("oops", title, f"{title}\n{tb}", {})
+                    self.on_oops()
         self.ev("actor_stop")
 
     def _send_frames(self, frames: list[bytes]) -> None:

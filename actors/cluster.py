@@ -606,11 +606,17 @@ class Cluster:
         """Check DESIGN.md's invariants now (call when no task is mid-syscall); reports them."""
         from actors.kernel.invariants import check_invariants
 
+        ksm = self.k.ksm
+        ksm["reclaim_paused"] = 1          # kswapd parks between pages
+        deadline = time.monotonic() + 5.0
+        while ksm["reclaim_paused"] != 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
         self.k.ksm_thread_mutex.lock()
         try:
             found = check_invariants(self.k)
         finally:
             self.k.ksm_thread_mutex.unlock()
+            ksm["reclaim_paused"] = 0
         if report:
             for r in found:
                 self._add_report(r)

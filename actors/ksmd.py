@@ -4,8 +4,12 @@
 # (run=1 and some mm registered), drops the mutex and sleeps sleep_millisecs; a
 # wakeup message (a knob write, the first __ksm_enter) cuts the sleep short, as
 # wake_up_interruptible(&ksm_iter_wait / &ksm_thread_wait) does.
+#
+# KSMLAB_KSMD_PROFILE=FILE in the environment runs every ksm_do_scan() batch under
+# cProfile and dumps the stats to FILE when ksmd stops (bench/bench_ksmd.py).
 from __future__ import annotations
 
+import os
 import time
 
 from actors.base import Actor
@@ -18,7 +22,13 @@ class Ksmd(Actor):
     def setup(self) -> None:
         self.handlers["wakeup"] = self._on_wakeup
         self.next_scan = 0.0
-        self.k.ksm["ksmd_pid"] = __import__("os").getpid()
+        self.k.ksm["ksmd_pid"] = os.getpid()
+        self.prof_path = os.environ.get("KSMLAB_KSMD_PROFILE") or None
+        self.prof = None
+        if self.prof_path:
+            import cProfile
+
+            self.prof = cProfile.Profile()
 
     def flush_every(self) -> int:
         return 4096
@@ -38,8 +48,19 @@ class Ksmd(Actor):
         k.ksm_thread_mutex.lock()
         try:
             if ksmd_should_run(k):
-                ksm_do_scan(k, int(k.ksm["pages_to_scan"]))
+                if self.prof is None:
+                    ksm_do_scan(k, int(k.ksm["pages_to_scan"]))
+                else:
+                    self.prof.runcall(ksm_do_scan, k, int(k.ksm["pages_to_scan"]))
         finally:
             k.ksm_thread_mutex.unlock()
         self.ev.flush()
         self.next_scan = time.monotonic() + int(k.ksm["sleep_millisecs"]) / 1000.0
+
+    def close(self) -> None:
+        if self.prof is not None:
+            try:
+                self.prof.dump_stats(self.prof_path)
+            except OSError as e:
+                self.ev("profile_dump_failed", path=self.prof_path, error=str(e))
+        super().close()

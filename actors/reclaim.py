@@ -25,9 +25,17 @@ class Kswapd(Actor):
     def flush_every(self) -> int:
         return 256
 
+    def parked(self) -> bool:
+        """The invariant checker asked reclaim to stand still (between pages)."""
+        ksm = self.k.ksm
+        if ksm["reclaim_paused"]:
+            ksm["reclaim_paused"] = 2
+            return True
+        return False
+
     def _on_reclaim(self, m: dict) -> dict:
         k = self.k
-        if not self.enabled:
+        if not self.enabled or self.parked():
             return {"freed": 0, "results": {}}
         if m["pfns"]:
             results = {str(p): shrink_page(k, int(p), m["force"]) for p in m["pfns"]}
@@ -41,7 +49,7 @@ class Kswapd(Actor):
         return 50
 
     def tick(self) -> None:
-        if not self.enabled or time.monotonic() < self.next_tick:
+        if not self.enabled or time.monotonic() < self.next_tick or self.parked():
             return
         self.next_tick = time.monotonic() + 0.05
         k = self.k

@@ -79,18 +79,36 @@ def build_images(w: Workload) -> list[bytes]:
     return [b"".join(get(c) for c in p) for p in w.processes]
 
 
+def schedstat_ns(pid: int) -> int:
+    """CPU time (ns) of the thread ``pid`` so far (/proc/PID/task/PID/schedstat)."""
+    with open(f"/proc/{pid}/task/{pid}/schedstat", "rb") as f:
+        return int(f.read().split()[0])
+
+
+def kernel_ksmd_pid() -> int | None:
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if (p / "comm").read_text().strip() == "ksmd":
+                    return int(p.name)
+            except OSError:
+                continue
+    return None
+
+
 @dataclass
 class Timeline:
-    """Samples (t since run=1, full_scans, pages_scanned, shared, sharing, unshared)."""
+    """Samples (t since run=1, ksmd cpu s, full_scans, pages_scanned, shared, sharing, unshared)."""
 
-    samples: list[tuple[float, int, int, int, int, int]] = field(default_factory=list)
+    samples: list[tuple[float, float, int, int, int, int, int]] = field(default_factory=list)
     start_scans: int = 0
     start_scanned: int = 0
 
-    def add(self, t: float, c: dict[str, int]) -> None:
+    def add(self, t: float, cpu: float, c: dict[str, int]) -> None:
         self.samples.append(
             (
                 t,
+                cpu,
                 c["full_scans"],
                 c["pages_scanned"],
                 c["pages_shared"],
@@ -101,45 +119,51 @@ class Timeline:
 
     def converged_at(self, want: tuple[int, int, int]) -> float | None:
         for s in self.samples:
-            if s[3:6] == want:
+            if s[4:7] == want:
                 return s[0]
         return None
 
-    def pass_ends(self) -> list[tuple[float, int]]:
-        """(time, pages_scanned) at the first sample showing each new full scan."""
-        out = [(0.0, self.start_scanned)]
+    def pass_ends(self) -> list[tuple[float, float, int]]:
+        """(time, cpu, pages_scanned) at the first sample showing each new full scan."""
+        first = self.samples[0]
+        out = [(0.0, first[1], self.start_scanned)]
         seen = self.start_scans
         for s in self.samples:
-            while s[1] > seen:  # several passes between two samples: split evenly (rare)
+            while s[2] > seen:  # several passes between two samples: they share the sample
                 seen += 1
-                out.append((s[0], s[2]))
+                out.append((s[0], s[1], s[3]))
         return out
 
-    def rates(self) -> list[tuple[float, int, float]]:
-        """Per full scan: (seconds, pages scanned, pages/s)."""
+    def rates(self) -> list[Pass]:
         ends = self.pass_ends()
-        out = []
-        for (t0, p0), (t1, p1) in itertools.pairwise(ends):
-            dt = max(t1 - t0, 1e-9)
-            out.append((dt, p1 - p0, (p1 - p0) / dt))
-        return out
+        return [
+            Pass(max(t1 - t0, 1e-9), max(c1 - c0, 1e-9), p1 - p0)
+            for (t0, c0, p0), (t1, c1, p1) in itertools.pairwise(ends)
+        ]
+
+
+@dataclass
+class Pass:
+    wall: float
+    cpu: float
+    pages: int
 
 
 @dataclass
 class Result:
     side: str
     converge: float | None
-    passes: list[tuple[float, int, float]]
+    passes: list[Pass]
     final: dict[str, int]
     load_s: float
     notes: list[str] = field(default_factory=list)
 
-    def rate(self, lo: int, hi: int | None = None) -> float | None:
-        """pages/s over passes lo..hi (1-based, inclusive), total pages / total time."""
+    def rate(self, lo: int, hi: int, cpu: bool = False) -> float | None:
+        """pages/s over passes lo..hi (1-based, inclusive): total pages / total wall (cpu) s."""
         sel = self.passes[lo - 1 : hi]
-        if not sel or (hi is not None and len(sel) < hi - lo + 1):
+        if not sel or len(sel) < hi - lo + 1:
             return None
-        return sum(p[1] for p in sel) / sum(p[0] for p in sel)
+        return sum(p.pages for p in sel) / sum(p.cpu if cpu else p.wall for p in sel)
 
 
 def expected_triplet(w: Workload) -> tuple[int, int, int]:
@@ -187,16 +211,20 @@ def run_kernel(w: Workload, images: list[bytes], smart_scan: int, passes: int) -
             kids.start()
             kids.wait_ready(time.monotonic() + 300)
             load_s = time.monotonic() - t_load
+            ksmd = kernel_ksmd_pid()
+            if ksmd is None:
+                raise rk.KsmError("no ksmd kernel thread found")
             tl = Timeline()
             c0 = read()
             tl.start_scans, tl.start_scanned = c0["full_scans"], c0["pages_scanned"]
+            tl.add(0.0, schedstat_ns(ksmd) / 1e9, c0)
             target = tl.start_scans + 2 + passes
             deadline = time.monotonic() + 300
             t0 = time.monotonic()
             knobs.set("run", 1)
             while True:
                 c = read()
-                tl.add(time.monotonic() - t0, c)
+                tl.add(time.monotonic() - t0, schedstat_ns(ksmd) / 1e9, c)
                 if c["full_scans"] >= target:
                     break
                 if time.monotonic() > deadline:
@@ -237,16 +265,18 @@ async def run_ksmlab_async(
         t_load = time.monotonic()
         loaded = await ksmlab_load(c, w, images=images)
         load_s = time.monotonic() - t_load
+        ksmd = c.procs["ksmd"].pid
         tl = Timeline()
         c0 = c.ksm_counters()
         tl.start_scans, tl.start_scanned = c0["full_scans"], c0["pages_scanned"]
+        tl.add(0.0, schedstat_ns(ksmd) / 1e9, c0)
         target = tl.start_scans + 2 + passes
         t0 = time.monotonic()
         await c.sysfs_write("run", 1)
         deadline = t0 + 3600
         while True:
             cur = c.ksm_counters()
-            tl.add(time.monotonic() - t0, cur)
+            tl.add(time.monotonic() - t0, schedstat_ns(ksmd) / 1e9, cur)
             if cur["full_scans"] >= target:
                 break
             if c.crashed is not None:
@@ -293,35 +323,43 @@ def report(w: Workload, results: list[Result], passes: int) -> None:
         f"\nworkload {w.name}: {w.n_procs} processes, {w.total_pages} pages "
         f"({w.total_pages * PAGE / 2**20:.0f} MiB); expect shared/sharing/unshared {want}"
     )
-    print(f"knobs: {KNOBS}")
-    hdr = f"{'':8} {'converge s':>11} {'pass1 p/s':>11} {'pass2 p/s':>11} {'steady p/s':>11}"
-    print(hdr)
+    print(f"knobs: {KNOBS}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    cols = ("converge s", "pass1 p/s", "pass2 p/s", "steady p/s", "p1 p/cpu-s", "steady p/cpu-s")
+    print(f"{'':8}" + "".join(f"{c:>15}" for c in cols))
     rows = {}
+    hi = 2 + passes
     for r in results:
-        row = (r.converge, r.rate(1, 1), r.rate(2, 2), r.rate(3, 2 + passes))
-        rows[r.side] = row
-        print(
-            f"{r.side:8} {_f(row[0], '11.3f')} {_f(row[1], '11,.0f')} {_f(row[2], '11,.0f')} "
-            f"{_f(row[3], '11,.0f')}"
+        rows[r.side] = (
+            r.converge,
+            r.rate(1, 1),
+            r.rate(2, 2),
+            r.rate(3, hi),
+            r.rate(1, 1, cpu=True),
+            r.rate(3, hi, cpu=True),
         )
+        fmts = (".3f",) + (",.0f",) * 5
+        print(f"{r.side:8}" + "".join(f"{_f(v, f):>15}" for v, f in zip(rows[r.side], fmts)))
     if "kernel" in rows and "ksmlab" in rows:
         k, m = rows["kernel"], rows["ksmlab"]
         ratio = [None if a is None or b is None else b / a for a, b in zip(k, m)]
-        # converge: a time, so ksmlab/kernel > 1 is slower; rates: ksmlab/kernel < 1 is slower
+        fmts = (".1f",) + (".4f",) * 5
         print(
-            f"{'ratio':8} {_f(ratio[0], '11.1f')} {_f(ratio[1], '11.4f')} "
-            f"{_f(ratio[2], '11.4f')} {_f(ratio[3], '11.4f')}   (ksmlab/kernel)"
+            f"{'ratio':8}"
+            + "".join(f"{_f(v, f):>15}" for v, f in zip(ratio, fmts))
+            + "   (ksmlab/kernel: time for converge, speed for the rest)"
         )
     for r in results:
         got = (r.final["pages_shared"], r.final["pages_sharing"], r.final["pages_unshared"])
         ok = "OK" if got == want else "MISMATCH"
-        per = ", ".join(f"{p[2]:,.0f}" for p in r.passes)
-        print(f"  {r.side}: final {got} {ok}; load {r.load_s:.1f}s; pages/s per pass: {per}")
+        per = ", ".join(f"{p.pages / p.wall:,.0f}" for p in r.passes)
+        print(f"  {r.side}: final {got} {ok}; load {r.load_s:.1f}s; wall pages/s per pass: {per}")
         for n in r.notes:
             print(f"    {n}")
     print(
-        "ksmlab ran with trace_locks=False and shadow=False (debugging aids off; every kernel "
-        "lock is still taken)"
+        "p/s = pages_scanned per wall second; p/cpu-s = per second of ksmd CPU time "
+        "(schedstat), which a busy machine disturbs less.\n"
+        "ksmlab ran with trace_locks=False and shadow=False: lock events and the tasks' shadow "
+        "copies are debugging aids (every kernel lock is still taken)."
     )
 
 

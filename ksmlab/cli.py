@@ -41,7 +41,8 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     async def main() -> dict:
         booted: list = []
-        task = asyncio.create_task(run_scenario(spec, log=log, on_boot=booted.append, **opts))
+        args = dict(kv.split("=", 1) for kv in a.arg if "=" in kv)
+        task = asyncio.create_task(run_scenario(spec, log=log, args=args, on_boot=booted.append, **opts))
         status = None if quiet else asyncio.create_task(live.status_loop(booted))
         try:
             return await task
@@ -153,6 +154,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--delay-at", action="append", type=_delay, metavar="POINT=MS",
                    help="force a delay at a schedule point (repeatable)")
     r.add_argument("--no-trace-locks", action="store_true", help="do not log every lock event")
+    r.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="scenario argument, e.g. --arg seconds=30 for soak (repeatable)")
     r.add_argument("--json", action="store_true", help="print one JSON object at the end")
     r.set_defaults(fn=cmd_run)
 

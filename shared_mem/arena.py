@@ -11,6 +11,7 @@
 # under a lock, as kmem_cache_alloc does with its own locking.
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Callable
@@ -92,12 +93,19 @@ class Arena:
         self.rec = rec
         self.meta = meta
         self.gen = meta["gen"]
+        # The same generations as a ctypes array over the shared memory (record i at word
+        # i * _gw): idx() runs on every dereference, and a ctypes item read is a plain int.
+        self._gw = self.gen.strides[0] // 8 if len(meta) else 1
+        self._gq = (ctypes.c_uint64 * max(1, (len(meta) - 1) * self._gw + 1)).from_address(
+            self.gen.ctypes.data)
         self.free_stack = free_stack
         self.hdr = hdr  # [free_top, nr_live, nr_alloc_total]
         self.lock = lock
         self.capacity = len(rec)
         self._bytes = rec.view(np.uint8).reshape(self.capacity, rec.dtype.itemsize)
         self._atomics: dict[str, AtomicField] = {}
+        # provenance field views, looked up once (alloc/free run on every rmap_item)
+        self._m = {f: meta[f] for f in meta.dtype.names}
         for field in rec.dtype.names:
             if not hasattr(self, field):
                 setattr(self, field, rec[field])
@@ -139,11 +147,11 @@ class Arena:
                 lock.unlock()
         if zero:
             self._bytes[i] = 0
-        m = self.meta[i]
-        m["alloc_pid"] = os.getpid()
-        m["alloc_ns"] = time.monotonic_ns()
-        m["alloc_actor"] = self.actor.encode()[:16]
-        m["alloc_site"] = site.encode()[:32]
+        m = self._m
+        m["alloc_pid"][i] = os.getpid()
+        m["alloc_ns"][i] = time.monotonic_ns()
+        m["alloc_actor"][i] = self.actor.encode()[:16]
+        m["alloc_site"][i] = site.encode()[:32]
         return pack(g, i)
 
     def free(self, h: int, site: str = "") -> None:
@@ -151,11 +159,11 @@ class Arena:
         if h == NULL or i >= self.capacity or int(self.gen[i]) != h_gen(h):
             rep = self._report(h, "double-free" if i < self.capacity else "invalid-free", site)
             raise BadFree(rep)
-        m = self.meta[i]
-        m["free_pid"] = os.getpid()
-        m["free_ns"] = time.monotonic_ns()
-        m["free_actor"] = self.actor.encode()[:16]
-        m["free_site"] = site.encode()[:32]
+        m = self._m
+        m["free_pid"][i] = os.getpid()
+        m["free_ns"][i] = time.monotonic_ns()
+        m["free_actor"][i] = self.actor.encode()[:16]
+        m["free_site"][i] = site.encode()[:32]
         self._bytes[i] = POISON_FREE
         lock = self.lock
         if lock is not None:
@@ -174,13 +182,13 @@ class Arena:
     def idx(self, h: int, site: str = "") -> int:
         """Index of a live record; a stale or NULL handle is a reported bug."""
         i = h & 0xFFFFFFFF
-        if i < self.capacity and self.gen[i] == (h >> 32) and h != NULL:
+        if i < self.capacity and h > 0 and self._gq[i * self._gw] == h >> 32:
             return i
         raise UseAfterFree(self._report(h, "use-after-free" if h != NULL else "null-ptr-deref", site))
 
     def valid(self, h: int) -> bool:
         i = h & 0xFFFFFFFF
-        return h != NULL and i < self.capacity and self.gen[i] == (h >> 32)
+        return h > 0 and i < self.capacity and self._gq[i * self._gw] == h >> 32
 
     def live_indices(self) -> np.ndarray:
         return np.flatnonzero(self.gen & 1)

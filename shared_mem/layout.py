@@ -135,7 +135,7 @@ MM_DT = np.dtype([
     ("mmap", H), ("map_count", "<i8"), ("ksm_slot", H), ("mmap_base", "<i8"),
     ("def_flags", "<i8"), ("rss_anon", "<i8"), ("ksm_merging_pages", "<i8"),
     ("ksm_rmap_items", "<i8"), ("ksm_zero_pages", "<i8"), ("nid", "<i8"),
-    ("lock_idx", "<i8"), ("pgtables", "<i8"),
+    ("lock_idx", "<i8"), ("pgtables", "<i8"), ("oom_refs", "<i8"),
 ])
 
 VMA_DT = np.dtype([
@@ -196,6 +196,7 @@ KSM_DT = np.dtype([
     ("zero_checksum", "<i8"), ("zero_pfn", "<i8"), ("wake_seq", "<i8"),
     ("variants", "<i8"), ("ksmd_pid", "<i8"), ("numa_trees", "<i8"),
     ("swap_free", "<i8"), ("last_pid", "<i8"),
+    ("reclaim_paused", "<i8"),   # debug: 1 = checker asks kswapd to park, 2 = parked
 ])
 
 # Frame allocator: one free stack per NUMA node, under zone_lock[nid].

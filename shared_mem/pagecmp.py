@@ -4,11 +4,17 @@
 # 32 bits) just filters volatile pages: a page enters the unstable tree only when
 # its checksum did not change since ksmd's previous visit. Ours is a linear hash of
 # the page's 512 little-endian words with fixed odd multipliers (each multiply is a
-# bijection mod 2^64, so any single-word change always changes the sum), computed
-# for a whole scan batch in one numpy pass straight from the shared frames.
-# memcmp order is byte order: comparing big-endian 64-bit words gives the same
-# answer as memcmp, 8 bytes at a time.
+# bijection mod 2^64, so any single-word change always changes the 64-bit sum; the
+# fold to 32 bits keeps that only with probability 1 - 2^-32, like xxhash's cut),
+# computed page by page, or for many pages in one numpy pass (checksum_batch).
+# memcmp_pages() and pages_identical() are libc's memcmp() on the two frames in
+# place (through ctypes: no copy, no numpy temporaries), which is the kernel's
+# byte order by definition; memcmp_words() is the same order computed with numpy
+# on big-endian 64-bit words, kept as the reference the tests compare against.
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
 
 import numpy as np
 
@@ -16,13 +22,26 @@ from shared_mem.layout import PAGE_SIZE
 
 WORDS = PAGE_SIZE // 8
 _K = (np.random.default_rng(0x6B736D).integers(1, 2**63, WORDS, dtype=np.uint64) | np.uint64(1))
+# Like xxhash's, the checksum of an all-zero page is not 0: a new rmap_item starts with
+# oldchecksum 0, so a zero page must not look "unchanged" on its very first visit (the
+# kernel needs two visits before any page, zero pages included, can merge).
+_SEED = 0x9E3779B1
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+_memcmp = _libc.memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 
 class PageCmp:
     """Comparison kernels bound to one frames array (nr_frames x 4096 uint8)."""
 
     def __init__(self, frames: np.ndarray) -> None:
+        if frames.ndim != 2 or frames.shape[1] != PAGE_SIZE or not frames.flags.c_contiguous:
+            raise ValueError("frames must be a C-contiguous (nr_frames, PAGE_SIZE) uint8 array")
         self.frames = frames
+        self.nr = frames.shape[0]
+        self.base = frames.ctypes.data        # frame pfn starts at base + pfn * PAGE_SIZE
         self.le = frames.view("<u8")          # (nr_frames, 512) for hashing
         self.be = frames.view(">u8")          # memcmp order, 8 bytes at a time
         self.zero_checksum = self.checksum_bytes(np.zeros(PAGE_SIZE, dtype=np.uint8))
@@ -33,8 +52,8 @@ class PageCmp:
 
     def checksum(self, pfn: int) -> int:
         """calc_checksum() of one frame."""
-        h = np.dot(self.le[pfn], _K)  # wraps mod 2^64
-        return int((int(h) ^ (int(h) >> 32)) & 0xFFFFFFFF)
+        h = int(np.vdot(self.le[pfn], _K))  # wraps mod 2^64
+        return ((h ^ (h >> 32)) & 0xFFFFFFFF) ^ _SEED
 
     def checksum_batch(self, pfns: np.ndarray) -> np.ndarray:
         """calc_checksum() of many frames at once (one pass over the batch)."""
@@ -42,14 +61,25 @@ class PageCmp:
             return np.zeros(0, dtype=np.int64)
         with np.errstate(over="ignore"):
             h = self.le[pfns] @ _K
-        return self._fold(h)
+        return self._fold(h) ^ _SEED
 
     def checksum_bytes(self, data: np.ndarray) -> int:
         h = int(np.dot(np.frombuffer(data.tobytes(), dtype="<u8"), _K))
-        return (h ^ (h >> 32)) & 0xFFFFFFFF
+        return ((h ^ (h >> 32)) & 0xFFFFFFFF) ^ _SEED
+
+    def _check(self, a: int, b: int) -> None:
+        if not (0 <= a < self.nr and 0 <= b < self.nr):
+            raise IndexError(f"pfn out of range 0..{self.nr - 1}: {a}, {b}")
 
     def memcmp(self, a: int, b: int) -> int:
-        """memcmp_pages(): <0, 0, >0 in byte order."""
+        """memcmp_pages(): -1, 0 or 1 in byte order (libc memcmp of the frames in place)."""
+        if not (0 <= a < self.nr and 0 <= b < self.nr):
+            self._check(a, b)
+        r = _memcmp(self.base + a * PAGE_SIZE, self.base + b * PAGE_SIZE, PAGE_SIZE)
+        return (r > 0) - (r < 0)
+
+    def memcmp_words(self, a: int, b: int) -> int:
+        """memcmp_pages() computed with numpy on big-endian words (the reference order)."""
         wa, wb = self.be[a], self.be[b]
         ne = wa != wb
         i = int(ne.argmax())
@@ -59,7 +89,9 @@ class PageCmp:
 
     def identical(self, a: int, b: int) -> bool:
         """pages_identical()."""
-        return bool(np.array_equal(self.le[a], self.le[b]))
+        if not (0 <= a < self.nr and 0 <= b < self.nr):
+            self._check(a, b)
+        return not _memcmp(self.base + a * PAGE_SIZE, self.base + b * PAGE_SIZE, PAGE_SIZE)
 
     def is_zero(self, pfn: int) -> bool:
         return not self.le[pfn].any()

@@ -8,10 +8,13 @@
 # deterministic scheduler that supplies its own locks, clock and schedule points.
 from __future__ import annotations
 
+import ctypes
 import os
 import time
 from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from actors.kernel.variants import Variants
 from shared_mem.atomic import AtomicField
@@ -47,6 +50,32 @@ def _no_event(event: str, **kw: Any) -> None:
     return None
 
 
+def ksm_struct(km: KernelMemory) -> ctypes.Structure:
+    """The single ksm record (km.ksm[0]) as a ctypes Structure over the same shared memory.
+
+    Same fields, same bytes as the numpy record; reading k.ks.scan_address gives a plain
+    int and assigning it stores straight into the record, several times cheaper than the
+    numpy record's k.ksm["scan_address"] on the scan's per-page path.
+    """
+    dt = km.ksm.dtype
+    fields = []
+    for name in dt.names:
+        sub, off = dt.fields[name][:2]
+        if sub.base.itemsize != 8 or sub.base.kind not in "iu" or off % 8:
+            raise TypeError(f"ksm field {name}: {sub} is not an aligned 64-bit integer")
+        ct = ctypes.c_int64 if sub.base.kind == "i" else ctypes.c_uint64
+        n = int(np.prod(sub.shape)) if sub.shape else 0
+        fields.append((name, ct * n if n else ct, off))
+    fields.sort(key=lambda f: f[2])
+    cls = type("ksm_struct", (ctypes.Structure,), {"_fields_": [(n, t) for n, t, _ in fields]})
+    for name, _t, off in fields:
+        if getattr(cls, name).offset != off:
+            raise TypeError(f"ksm field {name}: ctypes offset differs from the numpy record")
+    if ctypes.sizeof(cls) != dt.itemsize:
+        raise TypeError("ksm record size differs between ctypes and numpy")
+    return cls.from_buffer(km.ksm)
+
+
 class Kernel:
     """One kernel context's view of the machine."""
 
@@ -73,6 +102,9 @@ class Kernel:
         self.alloc = FrameAllocator(km, locks)
         self.cmp = PageCmp(km.frames)
         self.ksm = km.ksm[0]
+        self.ks = ksm_struct(km)       # the same record, fast plain-int field access
+        self.page_flags = km.page["flags"]      # struct page fields, looked up once
+        self.page_mapping = km.page["mapping"]
         self.page_ref = AtomicField(km.page["refcount"])
         self.page_map = AtomicField(km.page["mapcount"])
         self.ksm_atomic = {f: AtomicField(km.ksm[f]) for f in ("ksm_zero_pages", "cow_ksm", "ksm_swpin_copy", "last_pid")}

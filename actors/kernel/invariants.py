@@ -12,6 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from actors.kernel import mm_slot as slots
+from actors.kernel.context import Kernel
+from actors.kernel.sysfs import counters
 from shared_mem.layout import (
     NODE_CHAIN,
     NODE_DUP,
@@ -29,10 +32,6 @@ from shared_mem.layout import (
     STABLE_FLAG,
     UNSTABLE_FLAG,
 )
-
-from actors.kernel import mm_slot as slots
-from actors.kernel.context import Kernel
-from actors.kernel.sysfs import counters
 
 
 def _rep(title: str, lines: list[str], data: dict[str, Any]) -> dict:
@@ -170,11 +169,13 @@ def check_invariants(k: Kernel) -> list[dict]:
         lines.append(f"{km.mm_slot.nr_live() - 1} mm_slots allocated, {len(slots.slots(k))} on the list (leak)")
     for mi in live_mms:
         users, count = int(km.mm.users[mi]), int(km.mm.count[mi])
-        need = (1 if users > 0 else 0) + (1 if mi in slot_of else 0)
+        oom = int(km.mm.oom_refs[mi])
+        need = (1 if users > 0 else 0) + (1 if mi in slot_of else 0) + oom
         if count < need:
             lines.append(f"mm {mi}: mm_count {count} < references {need} (users {users})")
-        if users == 0 and mi not in slot_of and count > 0:
-            lines.append(f"mm {mi}: exited, no KSM slot, yet mm_count {count} (an mmdrop is missing)")
+        if users == 0 and count > need:
+            lines.append(f"mm {mi}: exited, mm_count {count} but only {need} holder(s) "
+                         f"(slot {mi in slot_of}, oom {oom}): an mmdrop is missing")
     if lines:
         out.append(_rep("BUG: mm lifetime", lines, {}))
 

@@ -64,11 +64,11 @@ def skip_age(age: int) -> int:
 
 def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
     """Smart scan: pages that stayed unmergeable are visited less and less often."""
-    if not k.ksm["smart_scan"]:
+    if not k.ks.smart_scan:
         return False
     ri = k.km.rmap_item
     ii = item & 0xFFFFFFFF
-    if k.km.page["flags"][pfn] & PG_KSM or ri.address[ii] & STABLE_FLAG:
+    if k.page_flags[pfn] & PG_KSM or ri.address[ii] & STABLE_FLAG:
         return False
     age = int(ri.age[ii])
     if age != U8_MAX:
@@ -78,7 +78,7 @@ def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
     if not ri.remaining_skips[ii]:
         ri.remaining_skips[ii] = skip_age(age)
         return False
-    k.ksm["pages_skipped"] += 1
+    k.ks.pages_skipped += 1
     ri.remaining_skips[ii] -= 1
     remove_rmap_item_from_tree(k, item)
     return True
@@ -95,26 +95,27 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     when the list is empty, or when no rmap_item could be allocated.
     """
     km = k.km
-    ksm = k.ksm
+    ks = k.ks  # the ksm record: ks.scan_address is ksm_scan.address, and so on
     if slots.list_empty(k):
         return NULL, -1
     head = slots.head(k)
-    slot = int(ksm["scan_slot"])
+    slot = ks.scan_slot
     if slot == head:
-        k.ev("ksm_start_scan", seqnr=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
+        k.ev("ksm_start_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         for nid in range(km.geo.nr_nodes):
-            ksm["root_unstable"][nid] = NULL
+            ks.root_unstable[nid] = NULL
         k.ksm_mmlist_lock.lock()
         slot = slots.next_slot(k, head)
-        ksm["scan_slot"] = slot
+        ks.scan_slot = slot
         k.ksm_mmlist_lock.unlock()
         k.point("scan_get_next_rmap_item.after_cursor_advance")
         if slot == head and not k.variant("cve-2011-2183"):
             # A racing __ksm_exit removed the last mm since list_empty() above.
             return NULL, -1
-        ksm["scan_address"] = 0
+        ks.scan_address = 0
         set_cursor_link(k, Link(slot, True))
 
+    vstart_of, vend_of, vflags_of, vanon_of = km.vma.start, km.vma.end, km.vma.flags, km.vma.anon_vma
     while True:  # next_mm
         mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "scan_get_next_rmap_item")])
         lock = k.mmap_lock(mm, "scan_get_next_rmap_item")
@@ -123,20 +124,20 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         if not exiting:
             for vma in list(mmops.vmas(k, mm)):
                 vi = vma & 0xFFFFFFFF
-                vstart, vend = int(km.vma.start[vi]), int(km.vma.end[vi])
-                if vend <= ksm["scan_address"]:
+                vstart, vend = int(vstart_of[vi]), int(vend_of[vi])
+                if vend <= ks.scan_address:
                     continue
-                if not km.vma.flags[vi] & VM_MERGEABLE:
+                if not vflags_of[vi] & VM_MERGEABLE:
                     continue
-                if ksm["scan_address"] < vstart:
-                    ksm["scan_address"] = vstart
-                if not km.vma.anon_vma[vi]:
-                    ksm["scan_address"] = vend
-                while ksm["scan_address"] < vend:
+                if ks.scan_address < vstart:
+                    ks.scan_address = vstart
+                if not vanon_of[vi]:
+                    ks.scan_address = vend
+                while ks.scan_address < vend:
                     if mmops.ksm_test_exit(k, mm):
                         break
-                    addr = next_present(k, mm, int(ksm["scan_address"]), vend)
-                    ksm["scan_address"] = addr
+                    addr = next_present(k, mm, ks.scan_address, vend)
+                    ks.scan_address = addr
                     if addr >= vend:
                         break
                     pfn = follow_page(k, mm, addr)
@@ -147,25 +148,25 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
                             set_cursor_link(k, Link(item, False))
                             if should_skip_rmap_item(k, pfn, item):
                                 put_page(k, pfn)
-                                ksm["scan_address"] = addr + PAGE_SIZE
+                                ks.scan_address = addr + PAGE_SIZE
                                 continue
-                            ksm["scan_address"] = addr + PAGE_SIZE
+                            ks.scan_address = addr + PAGE_SIZE
                         else:
                             put_page(k, pfn)
                             pfn = -1
                         lock.up_read()
                         return item, pfn
-                    ksm["scan_address"] = addr + PAGE_SIZE
+                    ks.scan_address = addr + PAGE_SIZE
             exiting = mmops.ksm_test_exit(k, mm)
         if exiting:
-            ksm["scan_address"] = 0
+            ks.scan_address = 0
             set_cursor_link(k, Link(slot, True))
         # Nuke the rmap_items above the cursor: no mergeable vma covers them now.
         remove_trailing_rmap_items(k, cursor_link(k))
 
         k.ksm_mmlist_lock.lock()
-        ksm["scan_slot"] = slots.next_slot(k, slot)
-        if ksm["scan_address"] == 0:
+        ks.scan_slot = slots.next_slot(k, slot)
+        if ks.scan_address == 0:
             # No mergeable vma left (or the mm is exiting): unregister it, as
             # __ksm_exit would, and drop the slot's mm_count reference.
             slots.hash_del(k, slot)
@@ -186,13 +187,13 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
             k.point("scan_get_next_rmap_item.before_spin_unlock")
             k.ksm_mmlist_lock.unlock()
 
-        slot = int(ksm["scan_slot"])
+        slot = ks.scan_slot
         if slot != head:
-            ksm["scan_address"] = 0
+            ks.scan_address = 0
             set_cursor_link(k, Link(slot, True))
             continue
-        k.ev("ksm_stop_scan", seqnr=int(ksm["seqnr"]), rmap_entries=int(ksm["rmap_items"]))
-        ksm["seqnr"] += 1
+        k.ev("ksm_stop_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
+        ks.seqnr += 1
         return NULL, -1
 
 
@@ -202,8 +203,8 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
     ri = km.rmap_item
     ii = ri.idx(item, "cmp_and_merge_page")
     bypass = False
-    pflags = int(km.page["flags"][pfn])
-    node = int(km.page["mapping"][pfn]) if pflags & PG_KSM else NULL
+    pflags = int(k.page_flags[pfn])
+    node = int(k.page_mapping[pfn]) if pflags & PG_KSM else NULL
     if node and km.stable_node.valid(node):
         if int(ri.head[ii]) == node:
             return
@@ -232,7 +233,7 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
             lock = k.page_lock(kpfn)
             lock.lock()
             try:
-                knode = int(km.page["mapping"][kpfn])
+                knode = int(k.page_mapping[kpfn])
                 if knode:
                     stable_tree_append(k, item, knode, bypass)
             finally:
@@ -261,6 +262,7 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
 
 def ksm_do_scan(k: Kernel, scan_npages: int) -> int:
     """One batch of ksmd work; returns the number of pages scanned."""
+    ks = k.ks
     n = 0
     while n < scan_npages:
         item, pfn = scan_get_next_rmap_item(k)
@@ -270,7 +272,7 @@ def ksm_do_scan(k: Kernel, scan_npages: int) -> int:
             cmp_and_merge_page(k, pfn, item)
         finally:
             put_page(k, pfn)
-        k.ksm["pages_scanned"] += 1
+        ks.pages_scanned += 1
         n += 1
     return n
 

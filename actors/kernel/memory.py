@@ -62,9 +62,11 @@ def get_page(k: Kernel, pfn: int) -> None:
 
 def put_page(k: Kernel, pfn: int) -> None:
     c = k.page_ref.dec_return(pfn)
+    if c > 0:
+        return
     if c == 0:
         k.alloc.free(pfn)
-    elif c < 0:
+    else:
         k.ev("bad_page", pfn=pfn, refcount=c, why="refcount underflow")
         raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} refcount:{c}")
 
@@ -279,27 +281,30 @@ def wp_page_copy(k: Kernel, mm: int, vma: int, addr: int, orig: int, old: int, f
 # -- ksmd's and GUP's view of a pte ------------------------------------------------------
 def follow_page(k: Kernel, mm: int, addr: int) -> int:
     """The anon (or KSM) page mapped at addr with a reference taken, or -1."""
-    km = k.km
-    with k.ptl(mm):
-        ptes, j = mmops.pte_table(k, mm, addr)
-        if ptes is None:
-            return -1
-        pte = int(ptes[j])
-        if not pte & PTE_PRESENT or pte & PTE_SPECIAL:
+    ptl = k.ptl(mm)
+    ptl.lock()
+    try:
+        pte = mmops.read_pte(k, mm, addr)
+        if pte & (PTE_PRESENT | PTE_SPECIAL) != PTE_PRESENT:
             return -1
         pfn = pte & PTE_PFN_MASK
-        if not km.page["flags"][pfn] & (PG_ANON | PG_KSM):
+        if not k.page_flags[pfn] & (PG_ANON | PG_KSM):
             return -1
-        get_page(k, pfn)
+        k.page_ref.inc_return(pfn)
         return pfn
+    finally:
+        ptl.unlock()
 
 
 def next_present(k: Kernel, mm: int, start: int, end: int) -> int:
     """Address of the first present, non-special pte in [start, end), or end.
 
     A vectorized walk: ksmd skips holes a page table at a time, as the kernel's
-    page walk skips empty pmds.
+    page walk skips empty pmds. The pte at start is looked at first on its own:
+    in a populated area that is the answer, and one read is cheaper than a scan.
     """
+    if start < end and mmops.read_pte(k, mm, start) & (PTE_PRESENT | PTE_SPECIAL) == PTE_PRESENT:
+        return start
     for addr, ptes, _n in mmops.pte_ranges(k, mm, start, end):
         if ptes is None:
             continue

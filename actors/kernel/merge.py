@@ -88,7 +88,7 @@ def write_protect_page(k: Kernel, mm: int, addr: int, pfn: int) -> int:
 
 def replace_page(k: Kernel, mm: int, addr: int, pfn: int, kpfn: int, orig_pte: int) -> int:
     km = k.km
-    zero = kpfn == int(k.ksm["zero_pfn"])
+    zero = kpfn == int(k.ks.zero_pfn)
     with k.ptl(mm):
         ptes, j = mmops.pte_table(k, mm, addr)
         if ptes is None or int(ptes[j]) != orig_pte:
@@ -186,7 +186,7 @@ def try_to_merge_with_zero_page(k: Kernel, item: int, pfn: int) -> int:
     """0 when the page was replaced by the zero page (or its vma is gone)."""
     km = k.km
     ii = km.rmap_item.idx(item, "try_to_merge_with_zero_page")
-    if not k.ksm["use_zero_pages"] or int(km.rmap_item.oldchecksum[ii]) != int(k.ksm["zero_checksum"]):
+    if not k.ks.use_zero_pages or int(km.rmap_item.oldchecksum[ii]) != int(k.ks.zero_checksum):
         return EFAULT
     mm = int(km.rmap_item.mm[ii])
     addr = int(km.rmap_item.address[ii]) & PAGE_MASK
@@ -196,7 +196,7 @@ def try_to_merge_with_zero_page(k: Kernel, item: int, pfn: int) -> int:
         vma = find_mergeable_vma(k, mm, addr)
         if not vma:
             return 0
-        return try_to_merge_one_page(k, vma, addr, pfn, int(k.ksm["zero_pfn"]))
+        return try_to_merge_one_page(k, vma, addr, pfn, int(k.ks.zero_pfn))
     finally:
         lock.up_read()
 

@@ -89,11 +89,15 @@ def vmas(k: Kernel, mm: int):
 
 
 def find_vma(k: Kernel, mm: int, addr: int) -> int:
-    """First vma with end > addr, or NULL."""
-    vend = k.km.vma.end
-    for v in vmas(k, mm):
+    """First vma with end > addr, or NULL (the vmas() walk, written out: a hot path)."""
+    km = k.km
+    vma = km.vma
+    vend, vnext = vma.end, vma.next
+    v = int(km.mm.mmap[km.mm.idx(mm, "vma_iter")])
+    while v:
         if vend[v & 0xFFFFFFFF] > addr:
             return v
+        v = int(vnext[vma.idx(v, "vma_iter")])
     return NULL
 
 
@@ -334,8 +338,17 @@ def pte_table(k: Kernel, mm: int, addr: int, alloc: bool = False) -> tuple[np.nd
 
 
 def read_pte(k: Kernel, mm: int, addr: int) -> int:
-    ptes, i = pte_table(k, mm, addr)
-    return 0 if ptes is None else int(ptes[i])
+    """The pte at addr, 0 when there is no page table (pte_table() without the row view)."""
+    km = k.km
+    vpn = addr >> PAGE_SHIFT
+    pgi = vpn // PTRS_PER_PTE
+    pgd = km.pgd
+    if pgi >= pgd.shape[1]:
+        return 0
+    pt = int(pgd[mm & 0xFFFFFFFF, pgi])
+    if not pt:
+        return 0
+    return int(km.ptable.pte[km.ptable.idx(pt, "pte_offset"), vpn % PTRS_PER_PTE])
 
 
 def pte_ranges(k: Kernel, mm: int, start: int, end: int, alloc: bool = False):

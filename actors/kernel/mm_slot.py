@@ -22,7 +22,7 @@ def boot_init(k: Kernel) -> None:
 
 
 def head(k: Kernel) -> int:
-    return int(k.ksm["mm_head"])
+    return k.ks.mm_head
 
 
 def next_slot(k: Kernel, slot: int) -> int:

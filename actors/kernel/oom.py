@@ -75,6 +75,7 @@ def mark_oom_victim(k: Kernel, victim: int) -> int:
     mm = int(t.mm[vi])
     if mm:
         mmops.mmgrab(k, mm)
+        k.km.mm.atomic("oom_refs").inc_return(mm & 0xFFFFFFFF)
     return mm
 
 
@@ -141,5 +142,6 @@ def oom_reap_task(k: Kernel, mm: int, oom_mms: list[int], retry_interval: float 
     finally:
         if mm in oom_mms:
             oom_mms.remove(mm)
+        km.mm.atomic("oom_refs").dec_return(mi)
         mmops.mmdrop(k, mm, site="oom_reaper:mmdrop")
     return result

@@ -40,12 +40,14 @@ class Link:
 
 
 def cursor_link(k: Kernel) -> Link:
-    return Link(int(k.ksm["scan_rmap_owner"]), bool(k.ksm["scan_rmap_in_slot"]))
+    ks = k.ks
+    return Link(ks.scan_rmap_owner, bool(ks.scan_rmap_in_slot))
 
 
 def set_cursor_link(k: Kernel, link: Link) -> None:
-    k.ksm["scan_rmap_owner"] = link.owner
-    k.ksm["scan_rmap_in_slot"] = int(link.in_slot)
+    ks = k.ks
+    ks.scan_rmap_owner = link.owner
+    ks.scan_rmap_in_slot = int(link.in_slot)
 
 
 # -- allocation ----------------------------------------------------------------------------
@@ -56,14 +58,14 @@ def alloc_rmap_item(k: Kernel) -> int:
     except OutOfObjects:
         k.ev("rmap_item_alloc_fail")
         return NULL
-    k.ksm["rmap_items"] += 1
+    k.ks.rmap_items += 1
     return h
 
 
 def free_rmap_item(k: Kernel, item: int) -> None:
     km = k.km
     ii = km.rmap_item.idx(item, "free_rmap_item")
-    k.ksm["rmap_items"] -= 1
+    k.ks.rmap_items -= 1
     mm = int(km.rmap_item.mm[ii])
     km.mm.atomic("ksm_rmap_items").dec_return(km.mm.idx(mm, "free_rmap_item"))
     km.rmap_item.free(item, site="free_rmap_item")
@@ -96,9 +98,9 @@ def remove_rmap_item_from_tree(k: Kernel, item: int) -> None:
             put_page(k, pfn)
         ni = km.stable_node.idx(node, "remove_rmap_item_from_tree")
         if km.stable_node.hlist[ni]:
-            k.ksm["pages_sharing"] -= 1
+            k.ks.pages_sharing -= 1
         else:
-            k.ksm["pages_shared"] -= 1
+            k.ks.pages_shared -= 1
         mm = int(ri.mm[ii])
         km.mm.atomic("ksm_merging_pages").dec_return(km.mm.idx(mm, "ksm_merging_pages"))
         if km.stable_node.rmap_hlist_len[ni] <= 0:
@@ -112,17 +114,18 @@ def remove_rmap_item_from_tree(k: Kernel, item: int) -> None:
         ri.address[ii] = address & PAGE_MASK
         k.ev("ksm_remove_rmap_item", rmap_item=ii, stable_node=ni, addr=address & PAGE_MASK)
     elif address & UNSTABLE_FLAG:
-        age = (int(k.ksm["seqnr"]) - address) & 0xFF
+        ks = k.ks
+        age = (ks.seqnr - address) & 0xFF
         if age > 1:
             raise RuntimeError(f"BUG: unstable rmap_item {ii} age {age} > 1")
         if age == 0:
             tree.erase(ri, unstable_root(k, int(ri.nid[ii])), item)
-        k.ksm["pages_unshared"] -= 1
+        ks.pages_unshared -= 1
         ri.address[ii] = address & PAGE_MASK
 
 
 def unstable_flags(k: Kernel) -> int:
-    return UNSTABLE_FLAG | (int(k.ksm["seqnr"]) & SEQNR_MASK)
+    return UNSTABLE_FLAG | (k.ks.seqnr & SEQNR_MASK)
 
 
 def remove_trailing_rmap_items(k: Kernel, link: Link) -> None:
@@ -174,7 +177,7 @@ def stable_tree_append(k: Kernel, item: int, node: int, bypass: bool) -> None:
     ii = ri.idx(item, "stable_tree_append")
     ni = sn.idx(node, "stable_tree_append")
     sn.rmap_hlist_len[ni] += 1
-    if not bypass and sn.rmap_hlist_len[ni] > k.ksm["max_page_sharing"]:
+    if not bypass and sn.rmap_hlist_len[ni] > k.ks.max_page_sharing:
         k.ev("warning", what="rmap_hlist_len > max_page_sharing", stable_node=ni)
     ri.head[ii] = node
     ri.address[ii] = int(ri.address[ii]) | STABLE_FLAG
@@ -185,9 +188,9 @@ def stable_tree_append(k: Kernel, item: int, node: int, bypass: bool) -> None:
         ri.hprev[ri.idx(first, "stable_tree_append")] = item
     sn.hlist[ni] = item
     if first:
-        k.ksm["pages_sharing"] += 1
+        k.ks.pages_sharing += 1
     else:
-        k.ksm["pages_shared"] += 1
+        k.ks.pages_shared += 1
     mm = int(ri.mm[ii])
     km.mm.atomic("ksm_merging_pages").inc_return(km.mm.idx(mm, "ksm_merging_pages"))
 

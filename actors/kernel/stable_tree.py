@@ -35,7 +35,7 @@ def stable_root(k: Kernel, nid: int) -> tree.RootRef:
 
 
 def get_kpfn_nid(k: Kernel, pfn: int) -> int:
-    return 0 if k.ksm["merge_across_nodes"] else int(k.km.page["nid"][pfn])
+    return 0 if k.ks.merge_across_nodes else int(k.km.page["nid"][pfn])
 
 
 def is_chain(k: Kernel, node: int) -> bool:
@@ -43,8 +43,9 @@ def is_chain(k: Kernel, node: int) -> bool:
 
 
 def is_page_sharing_candidate(k: Kernel, node: int, offset: int = 0) -> bool:
-    n = int(k.km.stable_node.rmap_hlist_len[k.km.stable_node.idx(node, "sharing_candidate")])
-    return n + offset < int(k.ksm["max_page_sharing"])
+    sn = k.km.stable_node
+    n = int(sn.rmap_hlist_len[sn.idx(node, "sharing_candidate")])
+    return n + offset < k.ks.max_page_sharing
 
 
 def set_page_stable_node(k: Kernel, pfn: int, node: int) -> None:
@@ -59,29 +60,27 @@ def get_ksm_page(k: Kernel, node: int, lock: bool = False, trylock: bool = False
 
     Returns EBUSY (negative, distinct from -1) when trylock fails.
     """
-    km = k.km
-    sn = km.stable_node
-    ni = sn.idx(node, "get_ksm_page")
-    pfn = int(sn.kpfn[ni])
-    page = km.page
-    if not page["flags"][pfn] & PG_KSM or page["mapping"][pfn] != node:
+    sn = k.km.stable_node
+    pfn = int(sn.kpfn[sn.idx(node, "get_ksm_page")])
+    flags, mapping = k.page_flags, k.page_mapping
+    if not flags[pfn] & PG_KSM or mapping[pfn] != node:
         return _stale(k, node)
     if not k.page_ref.inc_not_zero(pfn):
         return _stale(k, node)
-    if page["mapping"][pfn] != node or not page["flags"][pfn] & PG_KSM:
+    if mapping[pfn] != node or not flags[pfn] & PG_KSM:
         put_page(k, pfn)
         return _stale(k, node)
     if trylock:
         if not k.page_lock(pfn).trylock():
             put_page(k, pfn)
             return EBUSY
-        if page["mapping"][pfn] != node:
+        if mapping[pfn] != node:
             k.page_lock(pfn).unlock()
             put_page(k, pfn)
             return _stale(k, node)
     elif lock:
         k.page_lock(pfn).lock()
-        if page["mapping"][pfn] != node:
+        if mapping[pfn] != node:
             k.page_lock(pfn).unlock()
             put_page(k, pfn)
             return _stale(k, node)
@@ -144,7 +143,7 @@ def chain_add_dup(k: Kernel, dup: int, chain: int) -> None:
     if first:
         sn.dup_prev[sn.idx(first, "chain_add_dup")] = dup
     sn.hlist[ci] = dup
-    k.ksm["stable_node_dups"] += 1
+    k.ks.stable_node_dups += 1
 
 
 def _chain_unlink_dup(k: Kernel, dup: int) -> None:
@@ -169,7 +168,7 @@ def stable_node_dup_del(k: Kernel, node: int) -> None:
     role = int(sn.role[ni])
     if role == NODE_DUP:
         _chain_unlink_dup(k, node)
-        k.ksm["stable_node_dups"] -= 1
+        k.ks.stable_node_dups -= 1
     elif role == NODE_REGULAR:
         tree.erase(sn, stable_root(k, int(sn.nid[ni])), node)
     elif role == NODE_MIGRATE:
@@ -189,9 +188,9 @@ def remove_node_from_stable_tree(k: Kernel, node: int) -> None:
         ii = ri.idx(item, "remove_node_from_stable_tree")
         nxt = int(ri.hnext[ii])
         if nxt:
-            k.ksm["pages_sharing"] -= 1
+            k.ks.pages_sharing -= 1
         else:
-            k.ksm["pages_shared"] -= 1
+            k.ks.pages_shared -= 1
         mm = int(ri.mm[ii])
         km.mm.atomic("ksm_merging_pages").dec_return(km.mm.idx(mm, "ksm_merging_pages"))
         av = int(ri.anon_vma[ii])
@@ -215,7 +214,7 @@ def free_stable_node_chain(k: Kernel, chain: int) -> None:
     ci = sn.idx(chain, "free_stable_node_chain")
     tree.erase(sn, stable_root(k, int(sn.nid[ci])), chain)
     sn.free(chain, site="free_stable_node_chain")
-    k.ksm["stable_node_chains"] -= 1
+    k.ks.stable_node_chains -= 1
 
 
 def alloc_stable_node_chain(k: Kernel, dup: int) -> int:
@@ -229,7 +228,7 @@ def alloc_stable_node_chain(k: Kernel, dup: int) -> int:
     sn.chain_prune_time[ci] = time.monotonic_ns()
     tree.replace_node(sn, stable_root(k, int(sn.nid[di])), dup, chain)
     chain_add_dup(k, dup, chain)
-    k.ksm["stable_node_chains"] += 1
+    k.ks.stable_node_chains += 1
     return chain
 
 
@@ -239,7 +238,7 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
     sn = k.km.stable_node
     ci = sn.idx(chain, "stable_node_dup")
     now = time.monotonic_ns()
-    if prune and now < int(sn.chain_prune_time[ci]) + int(k.ksm["stable_node_chains_prune_millisecs"]) * 1_000_000:
+    if prune and now < int(sn.chain_prune_time[ci]) + int(k.ks.stable_node_chains_prune_millisecs) * 1_000_000:
         prune = False
     elif prune:
         sn.chain_prune_time[ci] = now
@@ -268,13 +267,13 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
             sn.role[fi] = NODE_REGULAR
             tree.replace_node(sn, stable_root(k, int(sn.nid[ci])), chain, found)
             sn.free(chain, site="stable_node_dup")
-            k.ksm["stable_node_chains"] -= 1
-            k.ksm["stable_node_dups"] -= 1
+            k.ks.stable_node_chains -= 1
+            k.ks.stable_node_dups -= 1
             node = found
         elif int(sn.hlist[ci]) != found and is_page_sharing_candidate(k, found, 1):
             _chain_unlink_dup(k, found)
             chain_add_dup(k, found, chain)
-            k.ksm["stable_node_dups"] -= 1  # chain_add_dup counted it again
+            k.ks.stable_node_dups -= 1  # chain_add_dup counted it again
     else:
         free_stable_node_chain(k, chain)
         node = NULL
@@ -313,7 +312,7 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
     """
     km = k.km
     sn = km.stable_node
-    page_node = int(km.page["mapping"][pfn]) if km.page["flags"][pfn] & PG_KSM else NULL
+    page_node = int(k.page_mapping[pfn]) if k.page_flags[pfn] & PG_KSM else NULL
     if page_node and sn.valid(page_node) and sn.role[page_node & 0xFFFFFFFF] != NODE_MIGRATE:
         get_page(k, pfn)
         return pfn

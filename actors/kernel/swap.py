@@ -45,10 +45,11 @@ def get_swap_page(k: Kernel) -> int:
     return slot
 
 
-def swap_duplicate(k: Kernel, slot: int) -> None:
+def swap_duplicate(k: Kernel, slot: int, why: str = "") -> None:
     with k.swap_lock:
         if (k.km.swap_map[slot] & ~SWAP_BAD) <= 0:
-            raise RuntimeError(f"BUG: swap_duplicate of free swap entry {slot}")
+            raise RuntimeError(f"BUG: swap_duplicate of free swap entry {slot} ({why}), "
+                               f"swap_cache {int(k.km.swap_cache[slot]) - 1}")
         k.km.swap_map[slot] += 1
 
 
@@ -59,6 +60,8 @@ def swap_free(k: Kernel, slot: int) -> None:
         cnt = int(km.swap_map[slot] & ~SWAP_BAD) - 1
         if cnt < 0:
             raise RuntimeError(f"BUG: swap_free of free swap entry {slot}")
+        if cnt == 0 and km.swap_cache[slot]:
+            raise RuntimeError(f"BUG: swap_free dropped the swap cache's reference of entry {slot}")
         km.swap_map[slot] = cnt | (int(km.swap_map[slot]) & SWAP_BAD)
         cached = int(km.swap_cache[slot]) - 1
     if cnt == 1 and cached >= 0:
@@ -239,7 +242,12 @@ def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int)
                 if page == swapcache:
                     km.page["flags"][page] |= PG_SWAPCACHE
             entry = page | PTE_PRESENT | PTE_ACCESSED
-            exclusive = not pflags & PG_KSM and km.page["mapcount"][page] == 1
+            # Writable only if nobody else can reach this page: not KSM, mapped once, and
+            # (for the swap-cache page) this pte was the slot's only swap reference -
+            # a forked sibling still holding the entry must not see our stores.
+            swap_refs = int(km.swap_map[slot] & ~SWAP_BAD) - (1 if km.swap_cache[slot] else 0)
+            exclusive = (not pflags & PG_KSM and km.page["mapcount"][page] == 1
+                         and (page != swapcache or swap_refs == 1))
             if (flags & FAULT_FLAG_WRITE and not flags & FAULT_FLAG_UNSHARE and exclusive
                     and km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE):
                 entry |= PTE_WRITE | PTE_DIRTY

@@ -41,7 +41,7 @@ def unstable_tree_search_insert(k: Kernel, item: int, pfn: int) -> tuple[int, in
         elif ret > 0:
             put_page(k, tree_pfn)
             left, node = False, int(ri.right[ni])
-        elif not k.ksm["merge_across_nodes"] and int(km.page["nid"][tree_pfn]) != nid:
+        elif not k.ks.merge_across_nodes and int(km.page["nid"][tree_pfn]) != nid:
             put_page(k, tree_pfn)
             return NULL, -1
         else:
@@ -50,5 +50,5 @@ def unstable_tree_search_insert(k: Kernel, item: int, pfn: int) -> tuple[int, in
     ri.address[ii] = int(ri.address[ii]) | unstable_flags(k)
     ri.nid[ii] = nid
     tree.link_node(ri, root, parent, left, item)
-    k.ksm["pages_unshared"] += 1
+    k.ks.pages_unshared += 1
     return NULL, -1

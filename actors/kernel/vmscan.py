@@ -161,7 +161,7 @@ def try_to_unmap(k: Kernel, pfn: int) -> bool:
                 return True
             if pte & PTE_DIRTY:
                 km.page["flags"][pfn] |= PG_DIRTY
-            swap.swap_duplicate(k, slot)
+            swap.swap_duplicate(k, slot, f"try_to_unmap pfn {pfn} mm {mm & 0xFFFFFFFF} addr {addr:#x}")
             ptes[j] = slot | PTE_SWAP
             k.page_map.dec_return(pfn)
             km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)

@@ -19,7 +19,8 @@
 # What differs: the children are model tasks driven by the scenario instead of
 # forked processes stopping themselves with SIGSTOP; the default size is 8 MB
 # per child (P = 6144) instead of LTP's 128 MB, to keep the run short; pass
-# args={"size_mb": N} (and enough frames) for other sizes. Like today's LTP,
+# args={"size_mb": N} (and enough frames) for other sizes; the children store
+# in 64 KiB pieces (see STORE_CHUNK). Like today's LTP,
 # the test saves and restores run, sleep_millisecs and max_page_sharing, forces
 # merge_across_nodes=1 and turns smart_scan off (the phases rewrite pages that
 # ksmd already visited, so smart scan would skip them for longer than the
@@ -43,6 +44,13 @@ PAGES_PER_MB = MB // PAGE_SIZE
 NUM = 3
 UNIT_MB = 1
 DEFAULT_SIZE_MB = 8
+#: The children store in 64 KiB pieces. The model's fault path populates (or COW-copies) every
+#: page a store will touch before the store writes them, so within one store a page holds stale
+#: content (zeros, or the old KSM page's bytes) for as long as the whole store takes; the
+#: kernel faults and writes one page at a time. Small stores keep that window short, so ksmd
+#: does not merge transient contents (a merge racing a store can leave a second KSM page of
+#: the final content in a stable chain, which the LTP counts would then show).
+STORE_CHUNK = 16 * PAGE_SIZE
 
 
 def frames_needed(size_mb: int, num: int = NUM) -> int:
@@ -88,7 +96,8 @@ class Child:
         """ksm_child_memset(): every byte the phase's value, maybe the very last one 'e'."""
         data, whole = PHASES[self.num][phase]
         for addr in self.memory:
-            await self.task.memset(addr, ord(data), self.unit)
+            for off in range(0, self.unit, STORE_CHUNK):
+                await self.task.memset(addr + off, ord(data), min(STORE_CHUNK, self.unit - off))
         if not whole:
             await self.task.memset(self.memory[-1] + self.unit - 1, ord("e"), 1)
 

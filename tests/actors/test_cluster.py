@@ -240,8 +240,11 @@ async def test_mmap_lock_held_for_write_excludes_a_fault_in_another_actor(cluste
     released = None
     try:
         store = asyncio.ensure_future(t.write(addr, b"after up_write"))
-        snap = await wait_for(lambda: (lambda s: s if _fault_waiting_on(s, lock_idx) else None)(
-            c.locks.contexts_snapshot()), 15, "a fault waiting for mmap_lock")
+        def fault_waiting() -> list[dict] | None:
+            snap = c.locks.contexts_snapshot()
+            return snap if _fault_waiting_on(snap, lock_idx) else None
+
+        snap = await wait_for(fault_waiting, 15, "a fault waiting for mmap_lock")
         holder = [x for x in snap if any(h["lock"] == "mmap_lock" and h["idx"] == lock_idx
                                          for h in x["held"])]
         assert [(x["actor"], x["held"][0]["mode"], x["held"][0]["site"]) for x in holder] == [

@@ -13,8 +13,6 @@ import pytest
 
 from ksmlab.scenarios.ksm_tests import MPS_CASES, chain_counters, ksm_pages_count
 
-pytestmark = [pytest.mark.asyncio]
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The numbers the kernel selftest expects (tools/testing/selftests/mm/ksm_tests.c).
@@ -36,6 +34,7 @@ def _subset(d: dict, keys: dict) -> dict:
     return {k: d.get(k) for k in keys}
 
 
+@pytest.mark.timeout(10)
 def test_formula_matches_the_selftest_table():
     """assert_ksm_pages_count()'s two branches, with the defaults and with small limits."""
     assert ksm_pages_count(10, 256) == (1, 9)
@@ -49,6 +48,21 @@ def test_formula_matches_the_selftest_table():
                                     "stable_node_chains": 1, "stable_node_dups": 2}
 
 
+@pytest.mark.timeout(10)
+def test_fresh_zero_page_needs_two_visits():
+    """A new rmap_item's oldchecksum is 0; the zero page's checksum must differ (as xxhash's
+    does), or freshly faulted zero pages would skip the volatility filter and merge at once."""
+    import numpy as np
+
+    from shared_mem.pagecmp import PageCmp
+
+    frames = np.zeros((2, 4096), dtype=np.uint8)
+    cmp = PageCmp(frames)
+    assert cmp.checksum(0) == cmp.zero_checksum != 0
+    assert int(cmp.checksum_batch(np.array([0, 1]))[0]) == cmp.zero_checksum
+
+
+@pytest.mark.asyncio
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 async def test_ksm_tests_mode(run_builtin, name):
@@ -61,6 +75,7 @@ async def test_ksm_tests_mode(run_builtin, name):
     assert res["result"]["tunables_after"] == DEFAULT_TUNABLES
 
 
+@pytest.mark.asyncio
 @pytest.mark.timeout(60)
 async def test_max_page_sharing_sweep(run_builtin):
     res = await run_builtin("ksm-max-page-sharing")

@@ -1,0 +1,225 @@
+# soak: everything at once, for a bounded time, then every invariant.
+#
+# Workers drive tasks that map memory with a seeded mix of duplicated, unique and
+# zero pages, advise it mergeable (madvise or prctl), rewrite pages (COW on KSM
+# pages), fork, exit, and allocate past physical memory so that kswapd swaps KSM
+# and anonymous pages out and faults bring them back, or the OOM killer kills.
+# ksmd runs flat out and run is toggled through 0, 1 and now and then 2. At
+# quiescent points every live task verifies it reads back exactly what it wrote,
+# and the invariants of DESIGN.md are checked; at the end every task exits, ksmd
+# reaps every slot, and nothing may be leaked. Bounded: `seconds` (ctx.args or
+# KSMLAB_SOAK_SECONDS, default 60 here and 12 in the test suite) and `ops`.
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Any
+
+from actors.cluster import Cluster, ClusterCrashed, SyscallFailed, Task
+from ksmlab.scenario import ScenarioContext
+from protocol.abi import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE
+
+NAME = "soak"
+DESCRIPTION = "tasks fork, write, exit, swap and get OOM-killed while ksmd merges; bounded; all invariants"
+OPTIONS: dict[str, Any] = {"frames": 768, "swap_slots": 384, "max_tasks": 64, "max_mms": 64,
+                           "trace_locks": False, "hung_task_timeout": 30.0}
+
+CONTENTS = 24
+
+
+def _page(content: int) -> bytes:
+    return content.to_bytes(4, "little") * (PAGE_SIZE // 4)
+
+
+class _Gone(Exception):
+    pass
+
+
+class Soak:
+    def __init__(self, c: Cluster, ctx: ScenarioContext, seed: int, seconds: float, max_ops: int) -> None:
+        self.c = c
+        self.ctx = ctx
+        self.rng = random.Random(seed)
+        self.deadline = time.monotonic() + seconds
+        self.max_ops = max_ops
+        self.ops = 0
+        self.tasks: list[Task] = []
+        self.areas: dict[int, list[tuple[int, int]]] = {}
+        self.stats: dict[str, int] = {}
+        self.running = asyncio.Event()
+        self.running.set()
+        self.busy = 0
+        self.idle = asyncio.Event()
+
+    def count(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    async def call(self, t: Task, coro: Any) -> Any:
+        try:
+            return await coro
+        except SyscallFailed as e:
+            if t.exited.done() or e.errno in (3, 4):   # ESRCH, EINTR: OOM-killed meanwhile
+                self.drop(t)
+                raise _Gone() from None
+            raise
+
+    def drop(self, t: Task) -> None:
+        if t in self.tasks:
+            self.tasks.remove(t)
+            self.count("killed_or_gone")
+
+    async def new_task(self) -> Task:
+        t = await self.c.spawn_task(comm="soak")
+        self.tasks.append(t)
+        self.areas[t.pid] = []
+        return t
+
+    async def map_and_fill(self, t: Task, npages: int = 0) -> None:
+        npages = npages or self.rng.choice([8, 16, 32, 64])
+        addr = await self.call(t, t.mmap(npages * PAGE_SIZE))
+        data = bytearray()
+        hog = npages > 64
+        for _ in range(npages):
+            r = 1.0 if hog else self.rng.random()
+            data += _page(0) if r < 0.2 else _page(self.rng.randrange(1, CONTENTS)) if r < 0.8 \
+                else _page(self.rng.randrange(1 << 20, 1 << 30))
+        await self.call(t, t.write(addr, bytes(data)))
+        if self.rng.random() < 0.8:
+            await self.call(t, t.madvise(addr, npages * PAGE_SIZE, MADV_MERGEABLE))
+        self.areas[t.pid].append((addr, npages))
+        self.count("mmap")
+
+    async def step(self) -> None:
+        rng = self.rng
+        if len(self.tasks) < 3 or (len(self.tasks) < 10 and rng.random() < 0.1):
+            t = await self.new_task()
+            if rng.random() < 0.3:
+                await self.call(t, t.prctl(PR_SET_MEMORY_MERGE, 1))
+            await self.map_and_fill(t)
+            return
+        t = rng.choice(self.tasks)
+        areas = self.areas.get(t.pid) or []
+        r = rng.random()
+        if r < 0.05:
+            # A memory hog: unique pages past what is free, for kswapd and the OOM killer.
+            await self.map_and_fill(t, 96 + self.rng.randrange(96))
+            self.count("hog")
+        elif r < 0.25 or not areas:
+            await self.map_and_fill(t)
+        elif r < 0.55:
+            addr, npages = rng.choice(areas)
+            off = rng.randrange(npages) * PAGE_SIZE + rng.randrange(PAGE_SIZE - 8)
+            await self.call(t, t.write(addr + off, rng.randbytes(8)))
+            self.count("write")
+        elif r < 0.65:
+            addr, npages = rng.choice(areas)
+            await self.call(t, t.read(addr, npages * PAGE_SIZE))
+            self.count("read")
+        elif r < 0.72 and len(self.tasks) < 12:
+            child = await self.call(t, t.fork())
+            self.tasks.append(child)
+            self.areas[child.pid] = list(areas)
+            self.count("fork")
+        elif r < 0.80:
+            addr, npages = areas.pop(rng.randrange(len(areas)))
+            await self.call(t, t.munmap(addr, npages * PAGE_SIZE))
+            self.count("munmap")
+        elif r < 0.84:
+            addr, npages = rng.choice(areas)
+            await self.call(t, t.madvise(addr, npages * PAGE_SIZE, MADV_UNMERGEABLE))
+            self.count("unmerge")
+        elif r < 0.92 and len(self.tasks) > 2:
+            self.tasks.remove(t)
+            await self.call(t, t.exit())
+            self.count("exit")
+        else:
+            await self.knob()
+
+    async def knob(self) -> None:
+        r = self.rng.random()
+        value = 2 if r < 0.15 else 0 if r < 0.35 else 1
+        try:
+            await self.c.sysfs_write("run", value)
+        except SyscallFailed as e:   # run=2 may fail with ENOMEM under pressure: run is then 0
+            self.count(f"run{value}_{e.strerror or e.errno}")
+        self.count(f"run{value}")
+        if value != 1:
+            await self.c.sysfs_write("run", 1)
+
+    async def worker(self) -> None:
+        while time.monotonic() < self.deadline and self.ops < self.max_ops:
+            await self.running.wait()
+            self.busy += 1
+            try:
+                self.ops += 1
+                await self.step()
+            except _Gone:
+                pass
+            finally:
+                self.busy -= 1
+                if self.busy == 0:
+                    self.idle.set()
+
+    async def quiesce(self) -> None:
+        self.running.clear()
+        while self.busy:
+            self.idle.clear()
+            await self.idle.wait()
+
+    async def checkpoint(self, when: str) -> None:
+        """All workers parked: every task verifies, then the invariants."""
+        await self.quiesce()
+        try:
+            for t in list(self.tasks):
+                try:
+                    v = await self.call(t, t.verify())
+                except _Gone:
+                    continue
+                self.ctx.expect(f"{when}: task {t.pid} reads back what it wrote", v["bad"], [])
+            found = self.c.check_invariants()
+            self.ctx.expect(f"{when}: invariants", [r["title"] for r in found], [])
+            self.count("checkpoint")
+        finally:
+            self.running.set()
+
+
+async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
+    seconds = float(ctx.args.get("seconds", os.environ.get("KSMLAB_SOAK_SECONDS", 60)))
+    max_ops = int(ctx.args.get("ops", 100_000))
+    s = Soak(c, ctx, c.opts.seed, seconds, max_ops)
+    await c.sysfs_write("pages_to_scan", 200)
+    await c.sysfs_write("sleep_millisecs", 0)
+    await c.sysfs_write("run", 1)
+    workers = [asyncio.create_task(s.worker()) for _ in range(3)]
+    try:
+        while any(not w.done() for w in workers):
+            done, _ = await asyncio.wait(workers, timeout=max(1.0, seconds / 4))
+            for w in done:
+                if w.exception() is not None:
+                    raise w.exception()  # type: ignore[misc]
+            if any(not w.done() for w in workers):
+                await s.checkpoint(f"t+{s.ops} ops")
+    except ClusterCrashed:
+        raise
+    finally:
+        for w in workers:
+            w.cancel()
+    await s.checkpoint("end of load")
+    ctx.log(f"soak: {s.ops} operations: {dict(sorted(s.stats.items()))}")
+    # Teardown: every task exits, ksmd reaps every slot, nothing may be left.
+    for t in list(s.tasks):
+        try:
+            await s.call(t, t.exit())
+        except _Gone:
+            pass
+    await c.sysfs_write("run", 1)
+    from actors.kernel import mm_slot
+
+    await c.wait_for(lambda: mm_slot.list_empty(c.k), 60, "ksmd to reap every mm_slot")
+    await c.wait_for(lambda: c.km.mm.nr_live() == 0, 30, "every mm to be freed")
+    leaks = c.check_leaks()
+    ctx.expect("leaks after teardown", [r["text"] for r in leaks], [])
+    ctx.expect("reports", [r["title"] for r in c.reports], [])
+    return {"ops": s.ops, "stats": s.stats}
