@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from actors.base import Actor, KernelError
+from actors.base import Actor, KernelError, RemoteError
 from actors.fault import VM_FAULT_SIGKILL
 from actors.kernel import fork as forkops
 from actors.kernel import mm as mmops
@@ -92,6 +92,9 @@ class Task(Actor):
         self.exiting = True
         try:
             self.call("exit", "do_exit", task=self.task, code=code, reason=reason)
+        except (RemoteError, KernelError) as e:
+            # The exit path oopsed (it reported why); this task is gone all the same.
+            self.ev("do_exit_failed", error=str(e))
         finally:
             self.stopping = True
 

@@ -252,7 +252,7 @@ async def run_ksmlab_async(
     from actors.cluster import Cluster
 
     want = expected_triplet(w)
-    run_dir = tempfile.mkdtemp(prefix="ksmlab-bench-")
+    run_dir = tempfile.mkdtemp(prefix="ksmd-bench-")
     opts = ksmlab_cluster_options(
         w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0
     )

@@ -78,5 +78,6 @@ def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool
                 elif pte & PTE_SWAP:
                     from actors.kernel import swap
 
-                    swap.swap_duplicate(k, pte & PTE_PFN_MASK)
+                    swap.swap_duplicate(k, pte & PTE_PFN_MASK, "copy_pte_range")
+                    k.ev("fork_swap_entry", mm=dst & 0xFFFFFFFF, slot=pte & PTE_PFN_MASK)
                 dptes[j + int(off)] = pte

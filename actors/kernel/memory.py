@@ -121,6 +121,7 @@ def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int) -> None:
     elif pte & PTE_SWAP:
         from actors.kernel import swap
 
+        k.ev("zap_swap_entry", mm=mm & 0xFFFFFFFF, slot=pte & PTE_PFN_MASK)
         swap.swap_free(k, pte & PTE_PFN_MASK)
 
 

@@ -67,9 +67,6 @@ def swap_free(k: Kernel, slot: int) -> None:
     if cnt == 1 and cached >= 0:
         # Only the swap cache still holds it: try_to_free_swap().
         try_to_free_swap(k, cached, slot)
-    elif cnt == 0:
-        with k.swap_lock:
-            km.swap_map[slot] = 0
 
 
 def add_to_swap_cache(k: Kernel, pfn: int, slot: int) -> None:
