@@ -456,8 +456,16 @@ class Cluster:
                     continue
                 t = self.tasks.get(name)
                 if t is not None and rc == 0:
+                    # The task ended through the exit path: requests still queued to it
+                    # can never be answered (a killed task's mailbox dies with it).
+                    gone = SyscallFailed(errno_mod.ESRCH, f"ESRCH: {name} has exited")
                     if name in self.peers:
-                        self.peers.pop(name).close()
+                        peer = self.peers.pop(name)
+                        peer.fail_all(gone)
+                        peer.close()
+                    # Its task_exited notice (code and reason) is normally already queued
+                    # on our socket; give it a moment before settling for less.
+                    asyncio.get_running_loop().call_later(1.0, _settle_exit, t)
                     continue
                 how = f"killed by signal {-rc} ({SIGNAMES.get(-rc, '?')})" if rc < 0 else f"exit code {rc}"
                 title = f"actor {name} (pid {p.pid}) died unexpectedly: {how}"
@@ -519,7 +527,11 @@ class Cluster:
         rid = next(_ids)
         fut = asyncio.get_running_loop().create_future()
         peer.pending[rid] = fut
-        await peer.sock.send(codec.encode(codec.request(mtype, rid, "supervisor", **fields)))
+        try:
+            await peer.sock.send(codec.encode(codec.request(mtype, rid, "supervisor", **fields)))
+        except zmq.ZMQError as e:   # the peer went away meanwhile
+            peer.pending.pop(rid, None)
+            raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: {actor}: {e}") from None
         msg = await (asyncio.wait_for(fut, timeout) if timeout else fut)
         if not msg["ok"]:
             raise SyscallFailed(_errno_of(msg), msg.get("error", ""))
@@ -650,3 +662,8 @@ class Cluster:
 
 
 _ids = iter(range(1, 1 << 62))
+
+
+def _settle_exit(t: Task) -> None:
+    if not t.exited.done():
+        t.exited.set_result({"code": None, "reason": "exited"})

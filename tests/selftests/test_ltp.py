@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from ksmlab.scenarios.ltp_ksm01 import DEFAULT_SIZE_MB, PAGES_PER_MB, expected_table
+from ksmlab.scenarios.ltp_ksm01 import (
+    DEFAULT_SIZE_MB,
+    OPTIONS,
+    PAGES_PER_MB,
+    expected_table,
+    frames_needed,
+)
 
-pytestmark = [pytest.mark.asyncio]
 
-
+@pytest.mark.asyncio
 @pytest.mark.timeout(90)
 async def test_ltp_ksm01_default_size(run_builtin):
     res = await run_builtin("ltp-ksm01")
@@ -31,9 +36,11 @@ async def test_ltp_ksm01_default_size(run_builtin):
     assert len(verified) == 3 * 4 and all(c["ok"] for c in verified)
 
 
-@pytest.mark.timeout(60)
-async def test_ltp_ksm01_size_option_needs_frames(run_builtin):
-    """args size_mb picks another size; too few frames for it is an error, not a wrong result."""
-    res = await run_builtin("ltp-ksm01", args={"size_mb": 64})
-    assert not res["ok"]
-    assert "needs frames >=" in res["failed"]
+@pytest.mark.timeout(10)
+def test_ltp_ksm01_sizes_and_frames():
+    """The default fits its OPTIONS; LTP's own size (128 MB, P = 98304) needs far more frames."""
+    assert OPTIONS["frames"] >= frames_needed(DEFAULT_SIZE_MB) > 3 * DEFAULT_SIZE_MB * PAGES_PER_MB
+    assert frames_needed(128) > 128 * PAGES_PER_MB * 3 == 98304
+    assert expected_table(98304)[3] == {"pages_shared": 1, "pages_sharing": 98302, "pages_volatile": 0,
+                                        "pages_unshared": 1, "sleep_millisecs": 0, "pages_to_scan": 98304}
+
