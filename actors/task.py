@@ -30,7 +30,7 @@ from actors.kernel.memory import (
     VM_FAULT_SIGSEGV,
     user_access,
 )
-from protocol.abi import MADV_DONTNEED, PROT_WRITE
+from protocol.abi import MADV_DONTNEED
 from shared_mem.layout import (
     PAGE_SIZE,
     PTE_PFN_MASK,
@@ -334,5 +334,3 @@ class Task(Actor):
         finally:
             lock.up_read()
 
-
-__all__ = ["PROT_WRITE", "Task"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import pkgutil
 import time
@@ -121,6 +122,8 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
             on_boot(c)
         result.update(run_dir=c.run_dir, seed=c.opts.seed, options=c.describe())
         log(f"run {c.run_id}: scenario {spec.name}, seed {c.opts.seed}, run folder {c.run_dir}")
+        log("options: " + json.dumps({k: v for k, v in c.describe().items() if k not in ("run_dir",)},
+                                     sort_keys=True))
         try:
             value = await spec.fn(c, ctx)
             result["ok"] = True

@@ -30,10 +30,13 @@ _fetch_add = _fn("__atomic_fetch_add_8", _I64, [_VP, _I64, ctypes.c_int])
 _fetch_or = _fn("__atomic_fetch_or_8", _I64, [_VP, _I64, ctypes.c_int])
 _fetch_and = _fn("__atomic_fetch_and_8", _I64, [_VP, _I64, ctypes.c_int])
 _load = _fn("__atomic_load_8", _I64, [_VP, ctypes.c_int])
+# libatomic's out-of-line compare-and-swap has no `weak` argument (that exists only on the
+# __atomic_compare_exchange_n builtin): bool f(I8 *mptr, I8 *eptr, I8 newval, int smodel,
+# int fmodel).
 _cmpxchg = _fn(
     "__atomic_compare_exchange_8",
     ctypes.c_bool,
-    [_VP, ctypes.POINTER(_I64), _I64, ctypes.c_bool, ctypes.c_int, ctypes.c_int],
+    [_VP, ctypes.POINTER(_I64), _I64, ctypes.c_int, ctypes.c_int],
 )
 
 
@@ -83,7 +86,7 @@ class AtomicField:
     def cmpxchg(self, i: int, old: int, new: int) -> int:
         """Returns the value found (== old on success), like the kernel's cmpxchg."""
         expected = _I64(old)
-        _cmpxchg(self.base + i * self.stride, ctypes.byref(expected), new, False, _SEQ_CST, _SEQ_CST)
+        _cmpxchg(self.base + i * self.stride, expected, new, _SEQ_CST, _SEQ_CST)
         return expected.value
 
     def inc_not_zero(self, i: int) -> bool:
@@ -92,7 +95,7 @@ class AtomicField:
         v = self.read(i)
         while v:
             expected = _I64(v)
-            if _cmpxchg(addr, ctypes.byref(expected), v + 1, False, _SEQ_CST, _SEQ_CST):
+            if _cmpxchg(addr, expected, v + 1, _SEQ_CST, _SEQ_CST):
                 return True
             v = expected.value
         return False

@@ -13,7 +13,7 @@ from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
 from actors.kernel.context import Kernel
 from actors.kernel.merge import ENOMEM, unmerge_ksm_pages
-from shared_mem.arena import NULL, OutOfObjects
+from shared_mem.arena import OutOfObjects
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
@@ -244,5 +244,3 @@ def ksm_fork(k: Kernel, mm: int, oldmm: int) -> int:
     k.ksm_atomic["ksm_zero_pages"].add_return(0, int(km.mm.ksm_zero_pages[mi]))
     return __ksm_enter(k, mm)
 
-
-__all__ = ["NULL"]

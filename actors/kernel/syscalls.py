@@ -41,7 +41,6 @@ from shared_mem.layout import (
     VM_MAYREAD,
     VM_MAYSHARE,
     VM_MAYWRITE,
-    VM_MERGEABLE,
     VM_NOHUGEPAGE,
     VM_READ,
     VM_SHARED,
@@ -275,5 +274,3 @@ def sys_munlockall(k: Kernel, mm: int) -> int:
         lock.up_write()
     return 0
 
-
-__all__ = ["VM_MERGEABLE", "SyscallError"]
