@@ -128,9 +128,11 @@ class Task(Actor):
         return {"code": m["code"]}
 
     # -- memory access -------------------------------------------------------------------------
-    def _fault(self, addr: int, npages: int, flags: int) -> None:
+    def _fault(self, addr: int, npages: int, flags: int, **store: Any) -> int:
+        """Fault npages from addr; a store passed along completes page by page in the
+        handler (returns the bytes it stored), as the trapped instruction would."""
         r = self.call("fault", "fault", task=self.task, mm=self.mm, addr=addr & ~(PAGE_SIZE - 1),
-                      npages=npages, write=bool(flags & FAULT_FLAG_WRITE), flags=flags)
+                      npages=npages, write=bool(flags & FAULT_FLAG_WRITE), flags=flags, **store)
         ret = r["ret"]
         if ret & VM_FAULT_SIGKILL or self.killed():
             raise Killed()
@@ -140,6 +142,7 @@ class Task(Actor):
             raise KernelError("EFAULT", f"SIGBUS at {addr:#x}")
         if ret & VM_FAULT_OOM:
             raise KernelError("ENOMEM", f"out of memory faulting {addr:#x}")
+        return int(r.get("stored", 0))
 
     def access(self, addr: int, length: int, write: bool, src: Any = None, force: bool = False) -> bytes:
         if length < 0:
@@ -159,7 +162,18 @@ class Task(Actor):
                 break
             end = addr + length
             npages = min(MAX_FAULT_AROUND, (end - (fault_addr & ~(PAGE_SIZE - 1)) + PAGE_SIZE - 1) // PAGE_SIZE)
-            self._fault(fault_addr, npages, flags)
+            if not write:
+                self._fault(fault_addr, npages, flags)
+                continue
+            # The rest of the store that falls into the pages being faulted goes along.
+            upto = min(end, (fault_addr & ~(PAGE_SIZE - 1)) + npages * PAGE_SIZE)
+            store: dict[str, Any] = {"store_addr": fault_addr, "store_len": upto - fault_addr}
+            if isinstance(src, int):
+                store["store_fill"] = src
+            else:
+                off = fault_addr - addr
+                store["store_data"] = src[off:off + upto - fault_addr].tobytes()
+            done += self._fault(fault_addr, npages, flags, **store)
         return b"" if dst is None else dst.tobytes()
 
     def populate(self, start: int, length: int, write: bool) -> None:

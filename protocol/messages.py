@@ -76,7 +76,10 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "signal":        {"sig": int},
     "pagemap":       {"addr": int, "length": int},
     # page-fault handler (handle_mm_fault)
-    "fault":         {"task": int, "mm": int, "addr": int, "npages": opt(int, 1), "write": bool, "flags": opt(int, 0)},
+    "fault":         {"task": int, "mm": int, "addr": int, "npages": opt(int, 1), "write": bool, "flags": opt(int, 0),
+                      # the trapped store, completed page by page right after each page's fault
+                      "store_addr": opt(int, 0), "store_len": opt(int, 0), "store_fill": opt(int, -1),
+                      "store_data": opt(bytes, b"")},
     # exit path (do_exit -> mmput)
     "do_exit":       {"task": int, "code": opt(int, 0), "reason": opt(str, "exit")},
     # OOM killer (out_of_memory)
