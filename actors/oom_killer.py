@@ -25,7 +25,11 @@ class OomKiller(Actor):
         res = out_of_memory(k, self.oom_mms)
         if res["action"] == "kill":
             self.notify(f"task-{res['pid']}", "signal", sig=9)
-            self.pool.submit(self._reap, res["mm"])
+            if self.variants.reverted("oom-deadlock"):
+                # 2009 had no OOM reaper: only the victim's own exit frees its memory.
+                k.ev("oom_reaper_absent", mm=res["mm"] & 0xFFFFFFFF)
+            else:
+                self.pool.submit(self._reap, res["mm"])
             res = {**res, "victim": res["victim"] & 0xFFFFFFFF}
         elif res["action"] == "none":
             title = "Kernel panic - not syncing: System is deadlocked on memory"
