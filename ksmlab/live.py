@@ -11,7 +11,7 @@ import contextlib
 import glob
 import json
 import os
-import shutil
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -99,15 +99,24 @@ async def status_loop(booted: list, every: float = 1.0) -> None:
             f"zero {k['ksm_zero_pages']} free frames {c.nr_free_frames()}/{c.opts.frames}\n")
 
 
+_RUN_ID = re.compile(r"^[0-9a-f]{8}$")
+
+
 def sweep_socket_dirs(dry_run: bool = False) -> list[str]:
-    """/tmp/ksmlab-<run id> socket folders whose run has no segments left."""
+    """Socket folders /tmp/ksmlab-<run id> of runs that have no segments left.
+
+    Only folders named with a run id (8 hex digits) are considered, and only their
+    *.sock files are removed, then the folder if that leaves it empty: anything else
+    someone keeps under a similar name is left alone.
+    """
     out = []
     for d in glob.glob(endpoints.FALLBACK_PREFIX + "*"):
         rid = d[len(endpoints.FALLBACK_PREFIX):]
-        if not list_segments(rid):
-            if not dry_run:
-                shutil.rmtree(d, ignore_errors=True)
-            out.append(d)
+        if not _RUN_ID.match(rid) or not os.path.isdir(d) or os.path.islink(d) or list_segments(rid):
+            continue
+        if not dry_run:
+            endpoints.cleanup(d)
+        out.append(d)
     return out
 
 

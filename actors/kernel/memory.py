@@ -291,7 +291,7 @@ def follow_page(k: Kernel, mm: int, addr: int) -> int:
         pfn = pte & PTE_PFN_MASK
         if not k.page_flags[pfn] & (PG_ANON | PG_KSM):
             return -1
-        k.page_ref.inc_return(pfn)
+        get_page(k, pfn)
         return pfn
     finally:
         ptl.unlock()
