@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -14,6 +13,7 @@ from actors.cluster import SyscallFailed
 from actors.log import read_events
 from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
 from shared_mem.arena import UseAfterFree, fmt_handle, h_gen, h_index
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.asyncio
 
@@ -24,16 +24,6 @@ DUP = 2              # pages 12..13: one content twice within a task (unique to 
 UNIQUE = PAGES - COMMON - DUP
 
 
-async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll cond() until truthy; fail with `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.005)
 
 
 class Model:

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +25,7 @@ from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
 from protocol.codec import ProtocolError
 from protocol.messages import VERSION, errno_name, errno_number
 from shared_mem.segment import list_segments, sweep_stale
-
-
-async def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll cond() until truthy; fail with `what` after timeout seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
+from tests.helpers import wait_for
 
 # --- malformed messages -------------------------------------------------------------------------
 
