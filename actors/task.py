@@ -62,6 +62,7 @@ class Task(Actor):
         self.shadow_on = bool(cfg.get("shadow", True))
         self.shadow: dict[int, np.ndarray] = {}
         self.exiting = False
+        self.stored = 0  # bytes of the current store done so far
 
     def setup(self) -> None:
         t = self.km.task
@@ -149,7 +150,7 @@ class Task(Actor):
             raise KernelError("EINVAL", "negative length")
         k = self.k
         dst = None if write else np.empty(length, dtype=np.uint8)
-        done = 0
+        done = self.stored = 0
         flags = (FAULT_FLAG_WRITE if write else 0) | (FAULT_FLAG_FORCE if force else 0)
         if force and write:
             flags |= FAULT_FLAG_UNSHARE
@@ -158,6 +159,7 @@ class Task(Actor):
             d = None if dst is None else dst[done:]
             n, fault_addr = user_access(k, self.mm, addr + done, length - done, write, s, d, force)
             done += n
+            self.stored = done
             if fault_addr < 0:
                 break
             end = addr + length
@@ -174,6 +176,7 @@ class Task(Actor):
                 off = fault_addr - addr
                 store["store_data"] = src[off:off + upto - fault_addr].tobytes()
             done += self._fault(fault_addr, npages, flags, **store)
+            self.stored = done
         return b"" if dst is None else dst.tobytes()
 
     def populate(self, start: int, length: int, write: bool) -> None:
@@ -206,14 +209,18 @@ class Task(Actor):
 
     def _on_memset(self, m: dict) -> dict:
         value = m["value"] & 0xFF
-        self.access(m["addr"], m["length"], True, value, m["force"])
-        self._shadow_store(m["addr"], value, m["length"])
+        try:
+            self.access(m["addr"], m["length"], True, value, m["force"])
+        finally:  # a store that failed part way (ENOMEM, SIGSEGV) still wrote its prefix
+            self._shadow_store(m["addr"], value, self.stored)
         return {"written": m["length"]}
 
     def _on_write(self, m: dict) -> dict:
         data = np.frombuffer(m["data"], dtype=np.uint8)
-        self.access(m["addr"], len(data), True, data, m["force"])
-        self._shadow_store(m["addr"], data, len(data))
+        try:
+            self.access(m["addr"], len(data), True, data, m["force"])
+        finally:
+            self._shadow_store(m["addr"], data, self.stored)
         return {"written": len(data)}
 
     def _on_read(self, m: dict) -> bytes:

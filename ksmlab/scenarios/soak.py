@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import time
@@ -60,8 +61,13 @@ class Soak:
         try:
             return await coro
         except SyscallFailed as e:
-            if t.exited.done() or e.errno in (3, 4):   # ESRCH, EINTR: OOM-killed meanwhile
+            if t.exited.done() or e.errno in (errno.ESRCH, errno.EINTR):   # OOM-killed meanwhile
                 self.drop(t)
+                raise _Gone() from None
+            if e.errno in (errno.EAGAIN, errno.ENOMEM):
+                # Out of memory is an answer the kernel gives under pressure (MADV_UNMERGEABLE
+                # returns EAGAIN when breaking COW cannot get a page): count it, go on.
+                self.count(f"{errno.errorcode[e.errno]}")
                 raise _Gone() from None
             raise
 
