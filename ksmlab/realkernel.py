@@ -26,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
-from ksmlab.workloads import Workload
+from ksmlab.workloads import CONVERGENCE_KEYS, Workload
 
 KSM_SYSFS = Path("/sys/kernel/mm/ksm")
 
@@ -45,16 +45,6 @@ COUNTERS: tuple[str, ...] = (
     "general_profit",
 )
 
-#: Counters that must be identical across two snapshots for a run to count as converged.
-CONVERGENCE_KEYS: tuple[str, ...] = (
-    "pages_shared",
-    "pages_sharing",
-    "pages_unshared",
-    "pages_volatile",
-    "ksm_zero_pages",
-    "stable_node_chains",
-    "stable_node_dups",
-)
 
 # Knobs that return EBUSY while KSM pages exist: restored right after run=2.
 _EBUSY_KNOBS = ("merge_across_nodes", "max_page_sharing")

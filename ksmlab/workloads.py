@@ -251,8 +251,9 @@ def standard_mix(name: str) -> Workload:
 # ---------------------------------------------------------------------------------------------
 # The same workload on ksmlab (the model), for differential checks against the real kernel.
 
-#: Counters that must be identical across two snapshots (as ksmlab.realkernel.CONVERGENCE_KEYS).
-MODEL_CONVERGENCE_KEYS: tuple[str, ...] = (
+#: Counters that must be identical across two snapshots for a run to count as converged
+#: (the same rule on the real kernel, ksmlab.realkernel, and on the model).
+CONVERGENCE_KEYS: tuple[str, ...] = (
     "pages_shared",
     "pages_sharing",
     "pages_unshared",
@@ -321,7 +322,7 @@ async def ksmlab_converge(
 ) -> tuple[dict[str, int], int]:
     """realkernel.run_workload's convergence rule on a Cluster: ``run=1``, at least 2 full
     scans, then snapshots (read with ``run=0``, like LTP) ``stable_scans`` full scans apart
-    until MODEL_CONVERGENCE_KEYS agree. Returns (counters, snapshots taken)."""
+    until CONVERGENCE_KEYS agree. Returns (counters, snapshots taken)."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -346,7 +347,7 @@ async def ksmlab_converge(
         await c.wait_full_scans(prev["full_scans"] + stable_scans - c.full_scans(), timeout=left())
         cur = await snapshot()
         n += 1
-        if all(cur[k] == prev[k] for k in MODEL_CONVERGENCE_KEYS):
+        if all(cur[k] == prev[k] for k in CONVERGENCE_KEYS):
             return cur, n
         prev = cur
 
