@@ -40,7 +40,7 @@ class FaultHandler(Actor):
         mm, addr, n, flags = m["mm"], m["addr"], m["npages"], m["flags"]
         store = _Store(m)
         lock = k.mmap_lock(mm, "do_user_addr_fault")
-        lock.down_read()
+        lock.down_read(site="do_user_addr_fault")
         done, ret = 0, 0
         try:
             for i in range(n):

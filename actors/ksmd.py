@@ -45,7 +45,7 @@ class Ksmd(Actor):
         k = self.k
         if time.monotonic() < self.next_scan or not ksmd_should_run(k):
             return
-        k.ksm_thread_mutex.lock()
+        k.ksm_thread_mutex.lock(site="ksm_scan_thread")
         try:
             if ksmd_should_run(k):
                 if self.prof is None:

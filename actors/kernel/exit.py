@@ -22,7 +22,7 @@ def exit_mmap(k: Kernel, mm: int) -> int:
     nolock = k.variant("mmput-race")
     lock = k.mmap_lock(mm, "exit_mmap")
     if not nolock:
-        lock.down_read()
+        lock.down_read(site="exit_mmap")
     zapped = 0
     try:
         for vma in list(mmops.vmas(k, mm)):
@@ -38,7 +38,7 @@ def exit_mmap(k: Kernel, mm: int) -> int:
     ksm_mm.set_mm_flag(k, mm, MMF_OOM_SKIP)
     k.point("exit_mmap.before_free_pgtables")
     if not nolock:
-        lock.down_write()
+        lock.down_write(site="exit_mmap")
     try:
         for vma in list(mmops.vmas(k, mm)):
             mmops.vma_remove(k, mm, vma)

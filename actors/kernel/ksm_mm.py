@@ -65,7 +65,7 @@ def __ksm_enter(k: Kernel, mm: int) -> int:
     except OutOfObjects:
         return ENOMEM
     needs_wakeup = slots.list_empty(k)
-    k.ksm_mmlist_lock.lock()
+    k.ksm_mmlist_lock.lock(site="__ksm_enter")
     slots.hash_add(k, mm, slot)
     if k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes"):
         # run=2 is unmerging: put the mm where the unmerger will still see it.
@@ -88,7 +88,7 @@ def __ksm_exit(k: Kernel, mm: int) -> None:
     if k.variant("oom-deadlock"):
         return _ksm_exit_2009(k, mm)
     easy_to_free = False
-    k.ksm_mmlist_lock.lock()
+    k.ksm_mmlist_lock.lock(site="__ksm_exit")
     slot = slots.get_mm_slot(k, mm)
     if slot and int(k.ksm["scan_slot"]) != slot:
         if not km.mm_slot.rmap_list[km.mm_slot.idx(slot, "__ksm_exit")]:
@@ -109,7 +109,7 @@ def __ksm_exit(k: Kernel, mm: int) -> None:
         # Barrier: wait out any ksmd or break_cow holding mmap_lock for read
         # before exit_mmap tears down the page tables.
         lock = k.mmap_lock(mm, "__ksm_exit")
-        lock.down_write()
+        lock.down_write(site="__ksm_exit")
         lock.up_write()
         k.ev("ksm_exit", mm=mm & 0xFFFFFFFF, path="barrier")
     else:
@@ -121,15 +121,15 @@ def _ksm_exit_2009(k: Kernel, mm: int) -> None:
     from actors.kernel.rmap import Link, remove_trailing_rmap_items
 
     km = k.km
-    k.ksm_thread_mutex.lock()
+    k.ksm_thread_mutex.lock(site="__ksm_exit")
     try:
-        k.ksm_mmlist_lock.lock()
+        k.ksm_mmlist_lock.lock(site="__ksm_exit")
         slot = slots.get_mm_slot(k, mm)
         k.ksm_mmlist_lock.unlock()
         if not slot:
             return
         remove_trailing_rmap_items(k, Link(slot, True))
-        k.ksm_mmlist_lock.lock()
+        k.ksm_mmlist_lock.lock(site="__ksm_exit")
         if int(k.ksm["scan_slot"]) == slot:
             nxt = slots.next_slot(k, slot)
             k.ksm["scan_slot"] = nxt

@@ -104,7 +104,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         k.ev("ksm_start_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         for nid in range(km.geo.nr_nodes):
             ks.root_unstable[nid] = NULL
-        k.ksm_mmlist_lock.lock()
+        k.ksm_mmlist_lock.lock(site="scan_get_next_rmap_item")
         slot = slots.next_slot(k, head)
         ks.scan_slot = slot
         k.ksm_mmlist_lock.unlock()
@@ -119,7 +119,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     while True:  # next_mm
         mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "scan_get_next_rmap_item")])
         lock = k.mmap_lock(mm, "scan_get_next_rmap_item")
-        lock.down_read()
+        lock.down_read(site="scan_get_next_rmap_item")
         exiting = mmops.ksm_test_exit(k, mm)
         if not exiting:
             for vma in list(mmops.vmas(k, mm)):
@@ -164,7 +164,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         # Nuke the rmap_items above the cursor: no mergeable vma covers them now.
         remove_trailing_rmap_items(k, cursor_link(k))
 
-        k.ksm_mmlist_lock.lock()
+        k.ksm_mmlist_lock.lock(site="scan_get_next_rmap_item")
         ks.scan_slot = slots.next_slot(k, slot)
         if ks.scan_address == 0:
             # No mergeable vma left (or the mm is exiting): unregister it, as
@@ -231,7 +231,7 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
         err = try_to_merge_with_ksm_page(k, item, pfn, kpfn)
         if not err:
             lock = k.page_lock(kpfn)
-            lock.lock()
+            lock.lock(site="cmp_and_merge_page")
             try:
                 knode = int(k.page_mapping[kpfn])
                 if knode:
@@ -247,7 +247,7 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
         put_page(k, tree_pfn)
         if kpage >= 0:
             lock = k.page_lock(kpage)
-            lock.lock()
+            lock.lock(site="cmp_and_merge_page")
             try:
                 snode = stable_tree_insert(k, kpage)
                 if snode:
@@ -286,14 +286,14 @@ def unmerge_and_remove_all_rmap_items(k: Kernel) -> int:
     km = k.km
     ksm = k.ksm
     head = slots.head(k)
-    k.ksm_mmlist_lock.lock()
+    k.ksm_mmlist_lock.lock(site="unmerge_and_remove_all_rmap_items")
     ksm["scan_slot"] = slots.next_slot(k, head)
     k.ksm_mmlist_lock.unlock()
     while int(ksm["scan_slot"]) != head:
         slot = int(ksm["scan_slot"])
         mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "unmerge_and_remove_all_rmap_items")])
         lock = k.mmap_lock(mm, "unmerge_and_remove_all_rmap_items")
-        lock.down_read()
+        lock.down_read(site="unmerge_and_remove_all_rmap_items")
         err = 0
         if not mmops.ksm_test_exit(k, mm):
             for vma in list(mmops.vmas(k, mm)):
@@ -305,13 +305,13 @@ def unmerge_and_remove_all_rmap_items(k: Kernel) -> int:
                     break
         if err:
             lock.up_read()
-            k.ksm_mmlist_lock.lock()
+            k.ksm_mmlist_lock.lock(site="unmerge_and_remove_all_rmap_items")
             ksm["scan_slot"] = head
             k.ksm_mmlist_lock.unlock()
             return err
         remove_trailing_rmap_items(k, Link(slot, True))
         lock.up_read()
-        k.ksm_mmlist_lock.lock()
+        k.ksm_mmlist_lock.lock(site="unmerge_and_remove_all_rmap_items")
         ksm["scan_slot"] = slots.next_slot(k, slot)
         if mmops.ksm_test_exit(k, mm):
             slots.hash_del(k, slot)

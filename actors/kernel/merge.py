@@ -149,7 +149,7 @@ def try_to_merge_with_ksm_page(k: Kernel, item: int, pfn: int, kpfn: int) -> int
     addr = int(km.rmap_item.address[ii]) & PAGE_MASK
     err = EFAULT
     lock = k.mmap_lock(mm, "try_to_merge_with_ksm_page")
-    lock.down_read()
+    lock.down_read(site="try_to_merge_with_ksm_page")
     try:
         vma = find_mergeable_vma(k, mm, addr)
         if not vma:
@@ -191,7 +191,7 @@ def try_to_merge_with_zero_page(k: Kernel, item: int, pfn: int) -> int:
     mm = int(km.rmap_item.mm[ii])
     addr = int(km.rmap_item.address[ii]) & PAGE_MASK
     lock = k.mmap_lock(mm, "try_to_merge_with_zero_page")
-    lock.down_read()
+    lock.down_read(site="try_to_merge_with_zero_page")
     try:
         vma = find_mergeable_vma(k, mm, addr)
         if not vma:
@@ -234,7 +234,7 @@ def break_cow(k: Kernel, item: int) -> None:
     mm = int(km.rmap_item.mm[ii])
     addr = int(km.rmap_item.address[ii]) & PAGE_MASK
     lock = k.mmap_lock(mm, "break_cow")
-    lock.down_read()
+    lock.down_read(site="break_cow")
     try:
         vma = find_mergeable_vma(k, mm, addr)
         if vma:
@@ -283,7 +283,7 @@ def get_mergeable_page(k: Kernel, item: int) -> int:
     mm = int(km.rmap_item.mm[ii])
     addr = int(km.rmap_item.address[ii]) & PAGE_MASK
     lock = k.mmap_lock(mm, "get_mergeable_page")
-    lock.down_read()
+    lock.down_read(site="get_mergeable_page")
     try:
         vma = find_mergeable_vma(k, mm, addr)
         if not vma:

@@ -212,7 +212,7 @@ def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int)
         if page < 0:
             return VM_FAULT_OOM
     lock = k.page_lock(page)
-    lock.lock()
+    lock.lock(site="do_swap_page")
     try:
         swapcache = page
         page = ksm_might_need_to_copy(k, swapcache, vma, addr)

@@ -91,7 +91,7 @@ def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int =
     if flags & MAP_SHARED:
         vmflags |= VM_SHARED | VM_MAYSHARE
     lock = k.mmap_lock(mm, "sys_mmap")
-    lock.down_write()
+    lock.down_write(site="sys_mmap")
     try:
         mi = k.km.mm.idx(mm)
         vmflags |= int(k.km.mm.def_flags[mi])
@@ -130,7 +130,7 @@ def sys_munmap(k: Kernel, mm: int, addr: int, length: int) -> int:
         raise SyscallError("EINVAL", "length must be > 0")
     end = _check_range(addr, length)
     lock = k.mmap_lock(mm, "sys_munmap")
-    lock.down_write()
+    lock.down_write(site="sys_munmap")
     try:
         _munmap_locked(k, mm, addr, end)
     finally:
@@ -144,7 +144,7 @@ def sys_mprotect(k: Kernel, mm: int, addr: int, length: int, prot: int) -> int:
     if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
         raise SyscallError("EINVAL", "unknown prot bits")
     lock = k.mmap_lock(mm, "sys_mprotect")
-    lock.down_write()
+    lock.down_write(site="sys_mprotect")
     try:
         if mmops.range_has_gaps(k, mm, addr, end):
             raise SyscallError("ENOMEM", "range not fully mapped")
@@ -183,7 +183,7 @@ def sys_madvise(k: Kernel, mm: int, addr: int, length: int, advice: int) -> int:
         return 0
     write = advice in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE)
     lock = k.mmap_lock(mm, "sys_madvise")
-    lock.down_write() if write else lock.down_read()
+    lock.down_write(site="sys_madvise") if write else lock.down_read(site="sys_madvise")
     unmapped = False
     try:
         unmapped = mmops.range_has_gaps(k, mm, addr, end)
@@ -219,7 +219,7 @@ def sys_prctl(k: Kernel, mm: int, option: int, arg2: int, arg3: int, arg4: int, 
         if arg3 or arg4 or arg5:
             raise SyscallError("EINVAL", "unused prctl arguments must be 0")
         lock = k.mmap_lock(mm, "prctl")
-        lock.down_write()
+        lock.down_write(site="sys_prctl")
         try:
             err = ksm_mm.ksm_enable_merge_any(k, mm) if arg2 else ksm_mm.ksm_disable_merge_any(k, mm)
         finally:
@@ -241,7 +241,7 @@ def sys_mlockall(k: Kernel, mm: int, flags: int) -> list[tuple[int, int, bool]]:
         raise SyscallError("EINVAL", "bad mlockall flags")
     todo = []
     lock = k.mmap_lock(mm, "mlockall")
-    lock.down_write()
+    lock.down_write(site="sys_mlockall")
     try:
         mi = k.km.mm.idx(mm)
         if flags & MCL_FUTURE:
@@ -265,7 +265,7 @@ def sys_mlockall(k: Kernel, mm: int, flags: int) -> list[tuple[int, int, bool]]:
 
 def sys_munlockall(k: Kernel, mm: int) -> int:
     lock = k.mmap_lock(mm, "munlockall")
-    lock.down_write()
+    lock.down_write(site="sys_munlockall")
     try:
         k.km.mm.def_flags[k.km.mm.idx(mm)] &= ~VM_LOCKED
         for vma in mmops.vmas(k, mm):

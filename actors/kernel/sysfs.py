@@ -168,7 +168,7 @@ def _store_run(k: Kernel, buf: str) -> None:
     if flags > KSM_RUN_UNMERGE:
         raise SysfsError("EINVAL", "run must be 0, 1 or 2")
     err = 0
-    k.ksm_thread_mutex.lock()
+    k.ksm_thread_mutex.lock(site="run_store")
     try:
         if int(k.ksm["run"]) != flags:
             k.ksm["run"] = flags
@@ -204,7 +204,7 @@ def _store_sleep(k: Kernel, buf: str) -> None:
 def _store_busy_knob(k: Kernel, name: str, value: int) -> None:
     from actors.kernel.stable_tree import remove_all_stable_nodes
 
-    k.ksm_thread_mutex.lock()
+    k.ksm_thread_mutex.lock(site="busy_knob_store")
     try:
         if int(k.ksm[name]) != value:
             if k.ksm["pages_shared"]:
