@@ -104,6 +104,9 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         k.ev("ksm_start_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         for nid in range(km.geo.nr_nodes):
             ks.root_unstable[nid] = NULL
+        # CVE-2011-2183's window: the list was not empty above, but a racing
+        # __ksm_exit may take the last mm off it before the cursor moves.
+        k.point("scan_get_next_rmap_item.before_cursor_advance")
         k.ksm_mmlist_lock.lock(site="scan_get_next_rmap_item")
         slot = slots.next_slot(k, head)
         ks.scan_slot = slot
@@ -111,6 +114,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         k.point("scan_get_next_rmap_item.after_cursor_advance")
         if slot == head and not k.variant("cve-2011-2183"):
             # A racing __ksm_exit removed the last mm since list_empty() above.
+            k.ev("ksm_scan_list_emptied")
             return NULL, -1
         ks.scan_address = 0
         set_cursor_link(k, Link(slot, True))
