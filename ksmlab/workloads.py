@@ -240,6 +240,19 @@ STANDARD_VARIANTS: list[tuple[str, dict[str, int]]] = [
 ]
 
 
+def standard_runs() -> list[tuple[Workload, dict[str, int]]]:
+    """Every (workload, knobs) pair the kernel and the model are compared on."""
+    runs = [(w, STANDARD_KNOBS[w.name]) for w in STANDARD_MIXES]
+    runs += [(standard_mix(name), knobs) for name, knobs in STANDARD_VARIANTS]
+    return runs
+
+
+def run_label(run: tuple[Workload, dict[str, int]]) -> str:
+    """A short id for a (workload, knobs) pair, e.g. mixed-4p-use_zero_pages=1."""
+    w, knobs = run
+    return w.name + "".join(f"-{k}={v}" for k, v in sorted(knobs.items()))
+
+
 def standard_mix(name: str) -> Workload:
     """The STANDARD_MIXES entry called ``name``."""
     for w in STANDARD_MIXES:

@@ -30,6 +30,16 @@ async def _merged_task(c, npages: int, byte: int = ord("x")):
     return t, addr, n
 
 
+async def _ksm_page_then_fork(c):
+    """Four pages merged into one KSM page, then a fork ksmd has not seen (run=0)."""
+    await c.sysfs_write("sleep_millisecs", 0)
+    t, a, n = await _merged_task(c, 4)
+    await c.ksm_start()
+    await c.sysfs_write("run", 0)
+    child = await t.fork()
+    return t, child, a, n, (await t.pagemap(a, n))[0]
+
+
 async def test_fork_then_write_keeps_both_views(cluster_factory):
     """After fork, parent and child share pages copy-on-write; each sees only its own stores."""
     c = await cluster_factory(frames=512)
@@ -84,12 +94,7 @@ async def test_try_to_unmap_ksm_finds_forked_child_and_swapin_gives_same_bytes(c
         both read their 4 pages back from swap: same bytes
     """
     c = await cluster_factory(frames=256, swap_slots=64)
-    await c.sysfs_write("sleep_millisecs", 0)
-    t, a, n = await _merged_task(c, 4)
-    await c.ksm_start()
-    await c.sysfs_write("run", 0)
-    child = await t.fork()
-    kpfn = (await t.pagemap(a, n))[0]
+    t, child, a, n, kpfn = await _ksm_page_then_fork(c)
     assert await child.pagemap(a, n) == [kpfn] * 4
     r = await c.reclaim(pfns=[kpfn], force=True)
     assert r["results"][str(kpfn)] == "freed"
@@ -104,12 +109,7 @@ async def test_try_to_unmap_ksm_finds_forked_child_and_swapin_gives_same_bytes(c
 async def test_rmap_no_anon_vma_variant_leaves_forked_child_mapped(cluster_factory):
     """With seed 004 reverted the walk only visits item->mm: the child's ptes stay mapped."""
     c = await cluster_factory(frames=256, swap_slots=64, variants=("rmap-no-anon-vma",))
-    await c.sysfs_write("sleep_millisecs", 0)
-    t, a, n = await _merged_task(c, 4)
-    await c.ksm_start()
-    await c.sysfs_write("run", 0)
-    child = await t.fork()
-    kpfn = (await t.pagemap(a, n))[0]
+    t, child, a, n, kpfn = await _ksm_page_then_fork(c)
     r = await c.reclaim(pfns=[kpfn], force=True)
     assert r["results"][str(kpfn)] == "still_mapped"
     assert await child.pagemap(a, n) == [kpfn] * 4, "the forked child's ptes were missed"

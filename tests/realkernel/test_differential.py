@@ -12,12 +12,10 @@ import pytest
 
 from ksmlab.realkernel import ForeignMergeableMemory, run_workload
 from ksmlab.workloads import (
-    STANDARD_KNOBS,
-    STANDARD_MIXES,
-    STANDARD_VARIANTS,
     Workload,
+    run_label,
     run_on_ksmlab,
-    standard_mix,
+    standard_runs,
 )
 
 #: Compared on every run (equal on both sides even where a mix leaves them at 0).
@@ -31,15 +29,6 @@ KEYS = (
 )
 
 
-def _runs() -> list[tuple[Workload, dict[str, int]]]:
-    runs = [(w, STANDARD_KNOBS[w.name]) for w in STANDARD_MIXES]
-    runs += [(standard_mix(name), knobs) for name, knobs in STANDARD_VARIANTS]
-    return runs
-
-
-def _run_id(run: tuple[Workload, dict[str, int]]) -> str:
-    w, knobs = run
-    return w.name + "".join(f"-{k}={v}" for k, v in sorted(knobs.items()))
 
 
 def exercised(w: Workload, knobs: dict[str, int]) -> tuple[str, ...]:
@@ -49,15 +38,15 @@ def exercised(w: Workload, knobs: dict[str, int]) -> tuple[str, ...]:
 
 
 def test_every_standard_mix_exercises_the_basic_counters() -> None:
-    for w, knobs in _runs():
+    for w, knobs in standard_runs():
         assert {"pages_shared", "pages_sharing"} <= set(exercised(w, knobs)), w.name
-    seen = {k for w, knobs in _runs() for k in exercised(w, knobs)}
+    seen = {k for w, knobs in standard_runs() for k in exercised(w, knobs)}
     assert set(KEYS) <= seen, f"no standard mix exercises {set(KEYS) - seen}"
 
 
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("run", _runs(), ids=_run_id)
+@pytest.mark.parametrize("run", standard_runs(), ids=run_label)
 async def test_ksmlab_matches_expected(run, tmp_path) -> None:
     """The model alone: converged counters equal Workload.expected() (always runs)."""
     w, knobs = run
@@ -70,7 +59,7 @@ async def test_ksmlab_matches_expected(run, tmp_path) -> None:
 @pytest.mark.realkernel
 @pytest.mark.asyncio
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("run", _runs(), ids=_run_id)
+@pytest.mark.parametrize("run", standard_runs(), ids=run_label)
 async def test_ksmlab_matches_real_kernel(run, tmp_path, record_property) -> None:
     w, knobs = run
     t0 = time.monotonic()
@@ -86,7 +75,7 @@ async def test_ksmlab_matches_real_kernel(run, tmp_path, record_property) -> Non
     record_property("real", got_real)
     record_property("ksmlab", got_model)
     print(
-        f"\n{_run_id(run)}: pages={w.total_pages} exercises={','.join(exercised(w, knobs))}\n"
+        f"\n{run_label(run)}: pages={w.total_pages} exercises={','.join(exercised(w, knobs))}\n"
         f"  real   {got_real} volatile={real['pages_volatile']} "
         f"full_scans={real['full_scans']} ({t1 - t0:.2f}s)\n"
         f"  ksmlab {got_model} volatile={model['pages_volatile']} "

@@ -26,13 +26,14 @@ from ksmlab.workloads import (
     PAGE_SIZE,
     STANDARD_KNOBS,
     STANDARD_MIXES,
-    STANDARD_VARIANTS,
     Workload,
     content_counters,
     from_counts,
     mix,
     page_bytes,
+    run_label,
     standard_mix,
+    standard_runs,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -155,18 +156,9 @@ def test_standard_mixes_shape() -> None:
     assert max(intra.content_counts().values()) > mps
 
 
-def _all_runs() -> list[tuple[Workload, dict[str, int]]]:
-    runs = [(w, STANDARD_KNOBS[w.name]) for w in STANDARD_MIXES]
-    runs += [(standard_mix(name), knobs) for name, knobs in STANDARD_VARIANTS]
-    return runs
 
 
-def _run_id(run: tuple[Workload, dict[str, int]]) -> str:
-    w, knobs = run
-    return w.name + "".join(f"-{k}={v}" for k, v in sorted(knobs.items()))
-
-
-@pytest.mark.parametrize("run", _all_runs(), ids=_run_id)
+@pytest.mark.parametrize("run", standard_runs(), ids=run_label)
 def test_expected_conserves_pages(run: tuple[Workload, dict[str, int]]) -> None:
     w, knobs = run
     e = w.expected(**knobs)
@@ -196,7 +188,7 @@ def _run(w: Workload, **knobs: int) -> KernelRun:
 
 @pytest.mark.realkernel
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("run", _all_runs(), ids=_run_id)
+@pytest.mark.parametrize("run", standard_runs(), ids=run_label)
 def test_standard_mix_matches_kernel(
     run: tuple[Workload, dict[str, int]], record_property: pytest.RecordProperty
 ) -> None:
@@ -208,7 +200,7 @@ def test_standard_mix_matches_kernel(
     got = {k: r.counters[k] for k in MODEL_KEYS}
     record_property("counters", got)
     record_property("wall_seconds", round(wall, 3))
-    print(f"{_run_id(run)}: pages={w.total_pages} got={got} wall={wall:.2f}s")
+    print(f"{run_label(run)}: pages={w.total_pages} got={got} wall={wall:.2f}s")
     assert (got["pages_shared"], got["pages_sharing"], got["pages_unshared"]) == (
         want["pages_shared"],
         want["pages_sharing"],
