@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 
 from actors.kernel.context import Kernel, SchedPoints
+from actors.kernel.schedule import PlanSpec, SchedPlan
 from actors.kernel.variants import Variants
 from actors.log import EventLog
 from protocol import codec, endpoints
@@ -83,7 +84,11 @@ class Actor:
         self.km.set_locks(self.locks)
         self.km.set_actor(self.name, on_report=self._arena_report)
         self.variants = Variants(mask=int(cfg.get("variants", 0)))
-        self.sched = SchedPoints(cfg.get("delays", {}))
+        spec = cfg.get("sched")
+        plan = SchedPlan(PlanSpec.from_dict(spec)) if spec and spec["strategy"] != "none" else None
+        self.sched = SchedPoints(cfg.get("delays", {}), plan, ev=self.ev)
+        if plan is not None:
+            self.locks.set_sched_hook(self.sched.lock_op)
         if cfg.get("trace_locks", True):
             self.locks.set_event_hook(self._lock_event)
         self.locks.set_report_hook(self._lock_report)
@@ -322,6 +327,13 @@ class Actor:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
+        from ksmlab import kcov
+
+        if kcov.ACTIVE is not None:
+            # A run that records coverage: save it now, whatever this actor is blocked
+            # in (a deadlocked context never returns to its loop), and go.
+            kcov.stop_and_save(kcov.ACTIVE)
+            os._exit(0)
 
     # -- teardown ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -356,10 +368,17 @@ def actor_main(argv: list[str] | None = None) -> None:
     from actors.registry import ROLES
 
     cls = ROLES[role]
+    cov = None
+    if cfg.get("coverage"):
+        from ksmlab import kcov
+
+        cov = kcov.start(cfg["coverage"], name)
     actor = cls(cfg, name, *extra)
     try:
         actor.boot()
         actor.run()
     finally:
         actor.close()
+        if cov is not None:
+            kcov.stop_and_save(cov)
     os._exit(0)

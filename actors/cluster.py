@@ -30,6 +30,7 @@ from actors.boot import boot_kernel
 from actors.kernel import mm as mmops
 from actors.kernel import sysfs
 from actors.kernel.context import Kernel
+from actors.kernel.schedule import PlanSpec, check_points
 from actors.kernel.variants import Variants
 from actors.log import EventLog
 from actors.registry import KERNEL_ACTORS
@@ -78,6 +79,11 @@ class ClusterOptions:
     swap_slots: int = 0
     boot_timeout: float = 60.0
     echo_reports: bool = False
+    sched: str = "pct"                 # schedule plan strategy: pct | random | none
+    depth: int = 3                     # PCT depth d
+    stop_on_report: bool = False       # end the run at its first report (stress campaigns)
+    scenario: dict[str, Any] = field(default_factory=dict)  # name and args, for replay
+    coverage: str | None = None        # folder for kernel-path coverage data (ksmlab.kcov)
 
     def geometry(self) -> Geometry:
         return Geometry(nr_frames=self.frames, nr_nodes=self.nodes, max_tasks=self.max_tasks,
@@ -208,6 +214,8 @@ class Cluster:
             opts.seed = secrets.randbelow(1 << 31)
         self.opts = opts
         self.variants = Variants(opts.variants)
+        check_points(opts.delays)
+        self.plan = PlanSpec(seed=opts.seed, strategy=opts.sched, depth=opts.depth)
         self.run_id = secrets.token_hex(4)
         self.reports: list[dict] = []
         self.procs: dict[str, subprocess.Popen] = {}
@@ -219,6 +227,7 @@ class Cluster:
         self._bg: list[asyncio.Task] = []
         self.km = None
         self.locks = None
+        self.t_boot = time.monotonic()
 
     # -- lifetime -------------------------------------------------------------------------------
     @classmethod
@@ -236,6 +245,7 @@ class Cluster:
 
     async def boot(self) -> None:
         opts = self.opts
+        self.t_boot = time.monotonic()
         sweep_stale()
         if opts.run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -267,6 +277,8 @@ class Cluster:
             "variants": self.variants.mask, "delays": opts.delays, "trace_locks": opts.trace_locks,
             "shadow": opts.shadow, "endpoints": self.endpoints,
             "oom_reaper_delay": opts.oom_reaper_delay,
+            "sched": self.plan.describe(), "options": self.describe(),
+            "coverage": os.path.abspath(opts.coverage) if opts.coverage else None,
         }
         self.cfg_path = os.path.join(self.run_dir, "cluster.json")
         with open(self.cfg_path, "w", encoding="utf-8") as f:
@@ -291,6 +303,7 @@ class Cluster:
         d = asdict(self.opts)
         d["variants"] = self.variants.names()
         d["run_id"] = self.run_id
+        d["plan"] = self.plan.describe()
         return d
 
     def _spawn(self, role: str, name: str, *args: str) -> subprocess.Popen:
@@ -334,6 +347,11 @@ class Cluster:
             while p.poll() is None and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         for p in self.procs.values():
+            if p.poll() is None and self.opts.coverage:
+                with contextlib.suppress(ProcessLookupError):
+                    p.terminate()   # the coverage data first (see _crash)
+                with contextlib.suppress(Exception):
+                    p.wait(timeout=0.5)
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
@@ -437,11 +455,15 @@ class Cluster:
         return t
 
     def _add_report(self, rep: dict) -> None:
+        rep.setdefault("t_s", round(time.monotonic() - self.t_boot, 3))
         self.reports.append(rep)
         with contextlib.suppress(Exception):
             self.ev("report", **{k: v for k, v in rep.items() if k != "data"})
         if self.opts.echo_reports:
             sys.stderr.write(rep["text"] if rep["text"].endswith("\n") else rep["text"] + "\n")
+        if self.opts.stop_on_report and self.crashed is None and not self.stopped:
+            with contextlib.suppress(RuntimeError):  # no loop: a report from teardown
+                asyncio.get_running_loop().create_task(self._crash(f"stop on report: {rep['title']}"))
 
     # -- watching -------------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -508,6 +530,13 @@ class Cluster:
             if not t.exited.done():
                 t.exited.set_exception(self.crashed)
                 t.exited.exception()
+        if self.opts.coverage:
+            # SIGTERM first: an actor that records coverage saves it and exits at once.
+            for p in self.procs.values():
+                if p.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        p.terminate()
+            await asyncio.sleep(0.5)
         for p in self.procs.values():
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -547,7 +576,7 @@ class Cluster:
         k = self.k
         t = self.km.task
         h = t.alloc(site="spawn_task")
-        ti = h & 0xFFFFFFFF
+        ti = t.idx(h, "spawn_task")
         pid = k.alloc_pid()
         t.pid[ti] = pid
         t.comm[ti] = comm.encode()[:16]

@@ -10,6 +10,7 @@ import time
 
 from actors.base import Actor
 from actors.kernel.oom import oom_reap_task, out_of_memory
+from shared_mem.arena import handle_id
 
 
 class OomKiller(Actor):
@@ -27,10 +28,10 @@ class OomKiller(Actor):
             self.notify(f"task-{res['pid']}", "signal", sig=9)
             if self.variants.reverted("oom-deadlock"):
                 # 2009 had no OOM reaper: only the victim's own exit frees its memory.
-                k.ev("oom_reaper_absent", mm=res["mm"] & 0xFFFFFFFF)
+                k.ev("oom_reaper_absent", mm=handle_id(res["mm"]))
             else:
                 self.pool.submit(self._reap, res["mm"])
-            res = {**res, "victim": res["victim"] & 0xFFFFFFFF}
+            res = {**res, "victim": handle_id(res["victim"])}
         elif res["action"] == "none":
             title = "Kernel panic - not syncing: System is deadlocked on memory"
             self.report("oom_panic", title, f"Out of memory and no killable processes...\n{title}\n",

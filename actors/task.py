@@ -35,6 +35,7 @@ from shared_mem.layout import (
     PAGE_SIZE,
     PTE_PFN_MASK,
     PTE_PRESENT,
+    PTE_SPECIAL,
     PTE_SWAP,
     TIF_SIGKILL,
 )
@@ -85,7 +86,7 @@ class Task(Actor):
     # -- signals and exit ----------------------------------------------------------------------
     def killed(self) -> bool:
         t = self.km.task
-        return t.valid(self.task) and bool(t.flags[self.task & 0xFFFFFFFF] & TIF_SIGKILL)
+        return t.valid(self.task) and bool(t.flags[t.idx(self.task, "fatal_signal_pending")] & TIF_SIGKILL)
 
     def _do_exit(self, code: int, reason: str) -> None:
         if self.exiting:
@@ -135,6 +136,10 @@ class Task(Actor):
         r = self.call("fault", "fault", task=self.task, mm=self.mm, addr=addr & ~(PAGE_SIZE - 1),
                       npages=npages, write=bool(flags & FAULT_FLAG_WRITE), flags=flags, **store)
         ret = r["ret"]
+        if ret & (VM_FAULT_SIGKILL | VM_FAULT_SIGSEGV | VM_FAULT_SIGBUS | VM_FAULT_OOM):
+            # The handler may have completed the store on the pages before the one that
+            # failed: those bytes are in memory, so they count (and go into the shadow).
+            self.stored += int(r.get("stored", 0))
         if ret & VM_FAULT_SIGKILL or self.killed():
             raise Killed()
         if ret & VM_FAULT_SIGSEGV:
@@ -177,7 +182,56 @@ class Task(Actor):
                 store["store_data"] = src[off:off + upto - fault_addr].tobytes()
             done += self._fault(fault_addr, npages, flags, **store)
             self.stored = done
+        if dst is not None and done and self.shadow_on:
+            self._check_read(addr, dst[:done])
         return b"" if dst is None else dst.tobytes()
+
+    # -- integrity: every load returns what this task stored ------------------------------------
+    def _check_read(self, addr: int, got: np.ndarray) -> None:
+        """Compare the bytes a user load returned with the shadow (zeros where the task
+        stored nothing); a difference is an integrity report, whatever the caller does."""
+        off, n = 0, len(got)
+        shadow = self.shadow
+        while off < n:
+            a = addr + off
+            page = a & ~(PAGE_SIZE - 1)
+            po = a - page
+            m = min(PAGE_SIZE - po, n - off)
+            want = shadow.get(page)
+            g = got[off:off + m]
+            if g.any() if want is None else not np.array_equal(g, want[po:po + m]):
+                self._integrity_report(page, po, g, None if want is None else want[po:po + m], n)
+            off += m
+
+    def _integrity_report(self, page: int, po: int, got: np.ndarray, want: np.ndarray | None, n: int) -> None:
+        from actors.kernel import debug
+
+        seen = self.__dict__.setdefault("_integrity_seen", set())
+        if page in seen or len(seen) >= 32:
+            return
+        k = self.k
+        if debug.vma_is_shared(k, self.mm, page):
+            return      # MAP_SHARED: another process may have stored there
+        seen.add(page)
+        i = int(np.flatnonzero(got != (0 if want is None else want))[0])
+        w, g = int(0 if want is None else want[i]), int(got[i])
+        at = page + po + i
+        with k.ptl(self.mm):
+            pte = mmops.read_pte(k, self.mm, page)
+        title = (f"ksmlab: integrity: task-{self.pid} read {n:#x} bytes at {at:#x}: "
+                 f"expected {w:#04x}, got {g:#04x}")
+        lines = [title, f"pte: {pte:016x}"]
+        data: dict[str, Any] = {"task": self.pid, "addr": at, "expected": w, "got": g, "pte": pte,
+                                "how": "read"}
+        if pte & PTE_PRESENT and not pte & PTE_SPECIAL:
+            pfn = pte & PTE_PFN_MASK
+            lines += debug.dump_page(k, pfn, "user load returned bytes the task never stored")
+            data.update(debug.page_data(k, pfn))
+        elif pte & PTE_PRESENT:
+            lines.append("the zero page")
+        lines.append(f"bytes differ from offset {po + i} of the page; the task stored "
+                     f"{'nothing' if want is None else 'other bytes'} there")
+        self.report("integrity", title, "\n".join(lines) + "\n", data)
 
     def populate(self, start: int, length: int, write: bool) -> None:
         flags = FAULT_FLAG_WRITE if write else 0
@@ -228,8 +282,10 @@ class Task(Actor):
 
     # -- system calls --------------------------------------------------------------------------
     def _on_mmap(self, m: dict) -> int:
-        return _syscall(syscalls.sys_mmap, self.k, self.mm, m["length"], m["prot"], m["flags"], m["addr"],
-                        m["nid"])
+        start = _syscall(syscalls.sys_mmap, self.k, self.mm, m["length"], m["prot"], m["flags"], m["addr"],
+                         m["nid"])
+        self._shadow_drop(start, start + m["length"])   # MAP_FIXED replaced what was there
+        return start
 
     def _on_munmap(self, m: dict) -> int:
         r = _syscall(syscalls.sys_munmap, self.k, self.mm, m["addr"], m["length"])
@@ -263,7 +319,7 @@ class Task(Actor):
         t = self.km.task
         ti = t.idx(self.task, "fork")
         child = t.alloc(site="copy_process")
-        ci = child & 0xFFFFFFFF
+        ci = t.idx(child, "copy_process")
         pid = k.alloc_pid()
         t.pid[ci] = pid
         t.parent[ci] = self.task
@@ -291,7 +347,7 @@ class Task(Actor):
         km = self.km
         out = []
         for vma in mmops.vmas(k, self.mm):
-            vi = vma & 0xFFFFFFFF
+            vi = km.vma.idx(vma, "pagemap_read")
             s, e, f = int(km.vma.start[vi]), int(km.vma.end[vi]), int(km.vma.flags[vi])
             for a, ptes, n in mmops.pte_ranges(k, self.mm, s, e):
                 for j in range(n):
@@ -328,11 +384,13 @@ class Task(Actor):
         finally:
             lock.up_read()
         if bad:
-            title = f"BUG: user-visible memory corruption in task-{self.pid}"
+            b0 = bad[0]
+            title = (f"ksmlab: integrity: task-{self.pid} verify at {b0['addr'] + b0['offset']:#x}: "
+                     f"expected {b0['want']:#04x}, got {b0['got']:#04x} ({len(bad)} page(s) differ)")
             text = title + "\n" + "\n".join(
                 f"  addr {b['addr']:#x}+{b['offset']}: wrote {b['want']:#04x}, reads {b['got']:#04x} (pte {b['pte']:#x})"
                 for b in bad) + "\n"
-            self.report("memory_corruption", title, text, {"task": self.pid, "bad": bad})
+            self.report("integrity", title, text, {"task": self.pid, "bad": bad, "how": "verify"})
         return {"checked": checked, "bad": bad}
 
     def _on_pagemap(self, m: dict) -> list[int]:

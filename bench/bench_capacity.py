@@ -29,7 +29,7 @@ async def main(frames: int, tasks: int) -> None:
     run_dir = tempfile.mkdtemp(prefix="ksmlab-cap-")
     t0 = time.monotonic()
     c = Cluster(frames=frames, max_tasks=tasks + 8, max_mms=tasks + 8, trace_locks=False,
-                shadow=False, run_dir=run_dir)
+                shadow=False, run_dir=run_dir, sched="none")
     await c.boot()
     boot = time.monotonic() - t0
     try:

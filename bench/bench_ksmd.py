@@ -254,7 +254,7 @@ async def run_ksmlab_async(
     want = expected_triplet(w)
     run_dir = tempfile.mkdtemp(prefix="ksmd-bench-")
     opts = ksmlab_cluster_options(
-        w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0
+        w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0, sched="none"
     )
     c = Cluster(**opts)
     notes = [f"run folder {run_dir}", f"frames {opts['frames']}, va_pages {opts['va_pages']}"]

@@ -1,4 +1,4 @@
-# The `ksmlab` command line: run, ctl, stat, log, sweep, scenarios.
+# The `ksmlab` command line: run, replay, stress, ctl, stat, log, sweep, scenarios.
 #
 # A thin front: it wires options to the Cluster/scenario API and to a live run's
 # shared memory and sockets; it holds no kernel logic.
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from typing import Any
 
@@ -20,28 +21,43 @@ def _delay(s: str) -> tuple[str, float]:
     return name, float(ms) / 1000.0
 
 
-def cmd_run(a: argparse.Namespace) -> int:
-    from ksmlab.scenario import load_scenario, run_scenario
-
-    try:
-        spec = load_scenario(a.scenario)
-    except (KeyError, ValueError) as e:
-        print(f"ksmlab: {e}", file=sys.stderr)
-        return 2
-    quiet = a.json
-    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+def _run_options(a: argparse.Namespace) -> dict[str, Any]:
+    """Cluster options from the run/replay command line (None: the scenario's own)."""
     opts: dict[str, Any] = {"seed": a.seed, "frames": a.frames, "nodes": a.nodes, "run_dir": a.run_dir,
-                            "echo_reports": not quiet}
+                            "echo_reports": not a.json, "sched": a.sched, "depth": a.depth}
     if a.variant:
         opts["variants"] = tuple(a.variant)
     if a.delay_at:
         opts["delays"] = dict(a.delay_at)
     if a.no_trace_locks:
         opts["trace_locks"] = False
+    if a.stop_on_report:
+        opts["stop_on_report"] = True
+    if a.coverage:
+        opts["coverage"] = a.coverage
+    return opts
+
+
+def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], quiet: bool) -> int:
+    """Run one scenario with these options; print the summary or the JSON; exit status."""
+    from actors.kernel.schedule import UnknownPoint, check_points
+    from ksmlab.scenario import load_scenario, run_scenario
+
+    try:
+        spec = load_scenario(scenario)
+        check_points(opts.get("delays") or {})
+    except UnknownPoint as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    except (KeyError, ValueError) as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    where = os.path.abspath(scenario) if os.path.exists(scenario) else scenario
+    opts = {**opts, "scenario": {"name": where, "args": args}}
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
 
     async def main() -> dict:
         booted: list = []
-        args = dict(kv.split("=", 1) for kv in a.arg if "=" in kv)
         task = asyncio.create_task(run_scenario(spec, log=log, args=args, on_boot=booted.append, **opts))
         status = None if quiet else asyncio.create_task(live.status_loop(booted))
         try:
@@ -55,13 +71,71 @@ def cmd_run(a: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("ksmlab: interrupted; the run was torn down", file=sys.stderr)
         return 130
-    if a.json:
+    if quiet:
         print(json.dumps(res, default=str))
     else:
         _print_summary(res)
     if res.get("failed") and not res.get("reports"):
         return 1
     return 0 if res.get("ok") else (2 if res.get("reports") else 1)
+
+
+def _scenario_args(pairs: list[str]) -> dict[str, str]:
+    return dict(kv.split("=", 1) for kv in pairs if "=" in kv)
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    return run_and_print(a.scenario, _run_options(a), _scenario_args(a.arg), a.json)
+
+
+def cmd_replay(a: argparse.Namespace) -> int:
+    """Run a recorded run again: same scenario, arguments, seed, plan, variants and delays."""
+    path = os.path.join(a.run, "cluster.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)["options"]
+    except (OSError, KeyError, ValueError) as e:
+        print(f"ksmlab: {a.run}: not a run folder with a recorded option set ({e})", file=sys.stderr)
+        return 2
+    sc = old.get("scenario") or {}
+    if not sc.get("name"):
+        print(f"ksmlab: {a.run}: the run records no scenario (it was not started by `ksmlab run`)",
+              file=sys.stderr)
+        return 2
+    keep = ("seed", "frames", "nodes", "variants", "delays", "sched", "depth", "stop_on_report",
+            "trace_locks", "hung_task_timeout", "swap_slots", "max_tasks", "max_mms", "va_pages",
+            "oom_reaper_delay")
+    opts = {k: old[k] for k in keep if k in old}
+    opts["variants"] = tuple(opts.get("variants") or ())
+    opts["run_dir"] = a.run_dir
+    opts["echo_reports"] = not a.json
+    if not a.json:
+        print(f"ksmlab: replaying {a.run}: scenario {sc['name']}, seed {opts.get('seed')}, "
+              f"sched {opts.get('sched')}/{opts.get('depth')}, variants {list(opts['variants'])}")
+    return run_and_print(sc["name"], opts, dict(sc.get("args") or {}), a.json)
+
+
+def cmd_cover(a: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from ksmlab import kcov
+
+    try:
+        rows = kcov.table(a.dir)
+    except FileNotFoundError as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps([asdict(r) for r in rows]))
+    else:
+        print(kcov.format_table(rows, only_missing=a.missing))
+    return 0
+
+
+def cmd_stress(a: argparse.Namespace) -> int:
+    from ksmlab import stress
+
+    return stress.main(a)
 
 
 def _print_summary(res: dict) -> None:
@@ -140,6 +214,13 @@ def cmd_log(a: argparse.Namespace) -> int:
     return logview.main(a)
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from actors.kernel.schedule import STRATEGIES
+
+    p.add_argument("--sched", choices=STRATEGIES, help="schedule plan strategy (default pct)")
+    p.add_argument("--depth", type=int, help="PCT depth d: d-1 priority change points per epoch (default 3)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ksmlab", description="An executable multiprocess model of Linux KSM.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -157,7 +238,37 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="scenario argument, e.g. --arg seconds=30 for soak (repeatable)")
     r.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    _plan_args(r)
+    r.add_argument("--stop-on-report", action="store_true", help="end the run at its first report")
+    r.add_argument("--coverage", metavar="DIR", help="record kernel-path coverage of every actor into DIR")
     r.set_defaults(fn=cmd_run)
+
+    rp = sub.add_parser("replay", help="run a recorded run again with its seed and options")
+    rp.add_argument("run", help="the run folder to replay")
+    rp.add_argument("--run-dir", help="folder for the new run (default: runs/<time>-<run id>)")
+    rp.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    rp.set_defaults(fn=cmd_replay)
+
+    st = sub.add_parser("stress", help="run a campaign of seeds against historical KSM bugs")
+    st.add_argument("--bug", required=True, help="a bug (variant) name, or all")
+    st.add_argument("--fixed", action="store_true", help="today's kernel: the campaign must find nothing")
+    st.add_argument("--runs", type=int, default=20, help="seeds per bug")
+    st.add_argument("--scenario", help="run this scenario instead of the bug's own (e.g. soak: blind discovery)")
+    st.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    st.add_argument("--time-limit", type=float, help="seconds per run (default: per bug)")
+    st.add_argument("--seed", type=int, help="first seed (default: random); run i uses seed + i")
+    st.add_argument("--runs-root", default="runs/stress", help="where the run folders go")
+    st.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    st.add_argument("--coverage", metavar="DIR", help="record kernel-path coverage of every run into DIR "
+                    "and print the coverage table")
+
+    cv = sub.add_parser("cover", help="the kernel functions and branches that runs recorded with --coverage reached")
+    cv.add_argument("dir", help="the coverage folder")
+    cv.add_argument("--missing", action="store_true", help="list only the functions never reached")
+    cv.add_argument("--json", action="store_true")
+    cv.set_defaults(fn=cmd_cover)
+    _plan_args(st)
+    st.set_defaults(fn=cmd_stress)
 
     s = sub.add_parser("stat", help="print every /sys/kernel/mm/ksm file of a running cluster")
     s.add_argument("--run", help="run folder (default: the newest live run under ./runs)")

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import pkgutil
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -111,7 +112,14 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
                        args: dict[str, Any] | None = None,
                        on_boot: Callable[[Cluster], Any] | None = None, **options: Any) -> dict[str, Any]:
     """Boot a cluster with the scenario's options (overridden by `options`), run it, tear down."""
-    opts = {**spec.options, **{k: v for k, v in options.items() if v is not None}}
+    given = {k: v for k, v in options.items() if v is not None}
+    if given.get("seed") is None:
+        given["seed"] = secrets.randbelow(1 << 31)
+    # A scenario may draw cluster options from the seed (the soak draws NUMA nodes);
+    # options given by the caller win over drawn ones, drawn ones over OPTIONS.
+    derive = getattr(spec.module, "derive", None)
+    drawn = derive(int(given["seed"])) if derive is not None else {}
+    opts = {**spec.options, **drawn, **given}
     t0 = time.monotonic()
     result: dict[str, Any] = {"scenario": spec.name, "ok": False}
     c = Cluster(**opts)

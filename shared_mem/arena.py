@@ -54,6 +54,16 @@ def fmt_handle(h: int) -> str:
     return "NULL" if h == NULL else f"{h_index(h)}#{h_gen(h)}"
 
 
+def handle_id(h: int) -> int:
+    """The record number of a handle, for log and event fields only.
+
+    Never use it to index a record: it skips the generation check, so a stale handle
+    would silently read whatever now lives in that slot. Dereference with
+    arena.idx(h, site), which reports a use-after-free instead.
+    """
+    return h & 0xFFFFFFFF
+
+
 class UseAfterFree(Exception):
     """Raised at the faulting dereference; .report holds the KASAN-shaped report."""
 

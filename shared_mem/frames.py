@@ -49,6 +49,8 @@ class FrameAllocator:
         self._flags = km.page["flags"]
         self._ref = km.page["refcount"]
         self._gen = km.page["gen"]
+        # check_new_page() reports through this (pfn, flags, refcount, mapcount) hook.
+        self.on_bad_page: Any = None
 
     def alloc(self, nid: int = -1, strict: bool = False) -> int | None:
         """One frame (contents undefined, refcount 1); None when memory is exhausted.
@@ -69,22 +71,34 @@ class FrameAllocator:
     def _pop(self, nid: int) -> int | None:
         z = self.km.zones[nid]
         lock = self.zone_locks[nid]
+        bad: list[tuple[int, int, int, int]] = []
         lock.lock()
         try:
-            top = int(z["free_top"])
-            if top == 0:
-                return None
-            pfn = int(self.km.free_frames[int(z["first"]) + top - 1])
-            z["free_top"] = top - 1
-            z["nr_free"] = top - 1
+            while True:
+                top = int(z["free_top"])
+                if top == 0:
+                    return None
+                pfn = int(self.km.free_frames[int(z["first"]) + top - 1])
+                z["free_top"] = top - 1
+                z["nr_free"] = top - 1
+                # check_new_page(): a free frame is exactly PG_FREE with no references;
+                # one that is not is reported and dropped (leaked), and we take the next.
+                f, r, m = int(self._flags[pfn]), int(self._ref[pfn]), int(self.km.page["mapcount"][pfn])
+                if f == PG_FREE and r == 0 and m == 0:
+                    break
+                bad.append((pfn, f, r, m))
             self._flags[pfn] = 0
             self._ref[pfn] = 1
             self.km.page["mapcount"][pfn] = 0
             self.km.page["mapping"][pfn] = 0
             self.km.page["index"][pfn] = 0
             self.km.page["private"][pfn] = 0
+            self.km.page["ksm_swpin_ns"][pfn] = 0
         finally:
             lock.unlock()
+            if bad and self.on_bad_page is not None:
+                for b in bad:
+                    self.on_bad_page(*b)
         return pfn
 
     def free(self, pfn: int) -> None:

@@ -128,6 +128,9 @@ H = "<i8"  # handle
 PAGE_DT = np.dtype([
     ("flags", "<i8"), ("refcount", "<i8"), ("mapcount", "<i8"), ("mapping", H),
     ("index", "<i8"), ("private", "<i8"), ("nid", "<i8"), ("gen", "<i8"),
+    # debug (actors/kernel/debug.py): PAGE_DBG_* bits (reported once, leaked bad page),
+    # never reset by the allocator; and when a swap-in last mapped it as a KSM page.
+    ("dbg", "<i8"), ("ksm_swpin_ns", "<i8"),
 ])
 
 MM_DT = np.dtype([
@@ -197,6 +200,7 @@ KSM_DT = np.dtype([
     ("variants", "<i8"), ("ksmd_pid", "<i8"), ("numa_trees", "<i8"),
     ("swap_free", "<i8"), ("last_pid", "<i8"),
     ("reclaim_paused", "<i8"),   # debug: 1 = checker asks kswapd to park, 2 = parked
+    ("unmerge_start_ns", "<i8"),  # debug: when the running/last run=2 began (debug.py)
 ])
 
 # Frame allocator: one free stack per NUMA node, under zone_lock[nid].
@@ -291,6 +295,8 @@ class KernelMemory:
     def __post_init__(self) -> None:
         self.v: dict[str, np.ndarray] = {}
         self.arenas: dict[str, Arena] = {}
+        self.actor = "?"
+        self.on_report: Any = None
 
     # -- lifetime ----------------------------------------------------------------------
     @classmethod
@@ -354,6 +360,9 @@ class KernelMemory:
             self.arenas[name].lock = locks.get("slab_lock", i)
 
     def set_actor(self, actor: str, on_report: Any = None) -> None:
+        # Detectors outside the arenas (actors/kernel/debug.py) report through the same hook.
+        self.actor = actor
+        self.on_report = on_report
         for a in self.arenas.values():
             a.actor = actor
             a.on_report = on_report

@@ -298,8 +298,55 @@ def show_all_locks(snapshot: list[dict]) -> list[str]:
     return lines
 
 
+def _hung_no_progress(c: dict, threshold_ns: int, now_ns: int, all_locks: list[str]) -> dict:
+    """The report for a context that waits without a lock: a retry loop that makes no
+    progress (cond_resched() between attempts) or a wait_event() that is never woken.
+    Its site is a call chain "inner<-caller<-...", printed as the trace."""
+    kw = c["kwait"]
+    blocked = now_ns - kw["since_ns"]
+    title = (
+        f"INFO: task {c['actor']}:{c['pid']} blocked for more than "
+        f"{_secs(threshold_ns)} seconds."
+    )
+    frames = [f for f in kw["site"].split("<-") if f]
+    retry = kw["kind"] == "retry"
+    how = (f"is retrying without progress ({kw['retries']} retries, cond_resched)" if retry
+           else "is waiting for an event that does not come (wait_event)")
+    lines = [
+        title,
+        f"      blocked for {blocked // 1_000_000} ms",
+        f"task:{c['actor']} state:{'R' if retry else 'D'} pid:{c['pid']} tid:{c['tid']} "
+        f"ctx:{c['ctx']}",
+        f"{c['actor']}/{c['pid']} {how} in {frames[0] if frames else kw['site']}",
+        "Call Trace:",
+        " <TASK>",
+        *[f" {f}" for f in frames],
+        " </TASK>",
+        *held_lines(c["actor"], c["pid"], c["held"]),
+        *all_locks,
+    ]
+    data = {
+        "ctx": c["ctx"],
+        "actor": c["actor"],
+        "pid": c["pid"],
+        "tid": c["tid"],
+        "waiting": None,
+        "no_progress": dict(kw),
+        "site": frames[0] if frames else kw["site"],
+        "trace": frames,
+        "held": [dict(h) for h in c["held"]],
+        "blocked_ns": blocked,
+        "threshold_ns": threshold_ns,
+        "cycle": None,
+        "in_cycle": False,
+    }
+    return {"kind": "hung_task", "title": title, "text": "\n".join(lines), "data": data}
+
+
 def find_hung(snapshot: list[dict], threshold_ns: int, now_ns: int) -> list[dict]:
-    """One hung_task report per context waiting for a lock longer than threshold_ns.
+    """One hung_task report per context waiting longer than threshold_ns: for a lock,
+    or without one (a retry loop making no progress, a wait_event; the snapshot's
+    "kwait", published by LockSpace.no_progress()).
 
     `snapshot` is LockSpace.contexts_snapshot(); `now_ns` is time.monotonic_ns() at (or
     after) the snapshot. Each report is {"kind": "hung_task", "title", "text", "data"}.
@@ -308,6 +355,11 @@ def find_hung(snapshot: list[dict], threshold_ns: int, now_ns: int) -> list[dict
     all_locks = show_all_locks(snapshot)
     for c in sorted(snapshot, key=lambda c: c["ctx"]):
         w = c["waiting"]
+        kw = c.get("kwait")
+        if (not w or now_ns - w["since_ns"] <= threshold_ns) and kw and \
+                now_ns - kw["since_ns"] > threshold_ns:
+            reports.append(_hung_no_progress(c, threshold_ns, now_ns, all_locks))
+            continue
         if not w or now_ns - w["since_ns"] <= threshold_ns:
             continue
         blocked = now_ns - w["since_ns"]

@@ -90,6 +90,7 @@ _KINDS = (MUTEX, SPIN, RWSEM, BIT)
 
 EventHook = Callable[[str, str, int, str, int], Any]
 ReportHook = Callable[[str, str, str, dict], Any]
+SchedHook = Callable[[str, str, str], Any]
 
 _fcntl = fcntl.fcntl
 _now = time.monotonic_ns
@@ -114,8 +115,16 @@ _H_MAGIC, _H_VERSION, _H_NCLS, _H_MAXCTX, _H_DEBUG, _H_NREPORTS, _H_REPLEN = ran
 _HDR_WORDS = 16
 _C_STATE, _C_PID, _C_TID, _C_WAIT, _C_WSINCE, _C_HELDN, _C_HELD = range(7)
 _CTX_WORDS = 40  # 6 words + (key, since) per held lock, padded
-_ACTOR_LEN, _SITE_LEN = 32, 48
-_CSTR_BYTES = _ACTOR_LEN + (1 + MAX_LOCK_DEPTH) * _SITE_LEN  # actor, wait site, held sites
+# The two padding words after the held stack: a wait that is not a lock wait (a retry
+# loop without progress, a wait_event), published by no_progress(): since when, and
+# (retries << 4 | kind). 0 since = none.
+_C_KWAIT, _C_KWINFO = _C_HELD + 2 * MAX_LOCK_DEPTH, _C_HELD + 2 * MAX_LOCK_DEPTH + 1
+assert _C_KWINFO < _CTX_WORDS
+KWAIT_RETRY, KWAIT_EVENT = 1, 2  # cond_resched() retry loop (state R), wait_event (state D)
+_ACTOR_LEN, _SITE_LEN, _KWAIT_LEN = 32, 48, 96
+# actor, wait site, held sites, then the no-progress site (a call chain, so longer)
+_CSTR_BYTES = _ACTOR_LEN + (1 + MAX_LOCK_DEPTH) * _SITE_LEN + _KWAIT_LEN
+_KWAIT_SOFF = _ACTOR_LEN + (1 + MAX_LOCK_DEPTH) * _SITE_LEN
 _REPORT_BYTES = 32768
 
 
@@ -144,6 +153,7 @@ def _reap_ctx(sp: LockSpace, slot: int, fd: int, pid: int) -> None:
     if os.getpid() == pid and not sp._closed:
         base = sp._ctx_base + slot * _CTX_WORDS
         sp._q[base + _C_WAIT] = 0
+        sp._q[base + _C_KWAIT] = 0
         sp._q[base + _C_STATE] = 0  # before the liveness byte goes (see _claim_slot)
     with contextlib.suppress(OSError):
         os.close(fd)
@@ -191,6 +201,7 @@ class LockSpace:
         self._tls = threading.local()
         self._ctxs: weakref.WeakValueDictionary[int, _Ctx] = weakref.WeakValueDictionary()
         self._hook: EventHook | None = None
+        self._sched: SchedHook | None = None
         self._report_hook: ReportHook | None = None
         self._probe = os.open(self._lock_path, os.O_RDWR | os.O_CLOEXEC)
         self._fl_table = (_flock(fcntl.F_WRLCK, _TABLE_BYTE), _flock(fcntl.F_UNLCK, _TABLE_BYTE))
@@ -295,6 +306,7 @@ class LockSpace:
                 q[base + _C_PID] = os.getpid()
                 q[base + _C_TID] = threading.get_native_id()
                 q[base + _C_WAIT] = 0
+                q[base + _C_KWAIT] = 0
                 q[base + _C_HELDN] = 0
                 self._put_str(self._cstr + slot * _CSTR_BYTES, _ACTOR_LEN, actor)
                 q[base + _C_STATE] = 1
@@ -334,6 +346,12 @@ class LockSpace:
         """fn(event, lock class, idx, mode, wait_ns) for lock_acquire, lock_contended,
         lock_acquired and lock_release in this process; None turns events off."""
         self._hook = fn
+
+    def set_sched_hook(self, fn: SchedHook | None) -> None:
+        """fn(context label, lock class, op) at every acquire (before it, "acquire") and
+        every release (after it, "release") of this process: where a schedule plan
+        delays a context. None (the default) costs one attribute test per lock op."""
+        self._sched = fn
 
     def set_report_hook(self, fn: ReportHook | None) -> None:
         """fn(kind, title, text, data) for lockdep reports made in this process."""
@@ -382,6 +400,16 @@ class LockSpace:
                 )
                 if e is not None:
                     held.append(e)
+            kwait = None
+            ksince = q[base + _C_KWAIT]
+            if ksince:
+                info = q[base + _C_KWINFO]
+                kwait = {
+                    "site": self._get_str(sbase + _KWAIT_SOFF, _KWAIT_LEN),
+                    "since_ns": ksince,
+                    "retries": info >> 4,
+                    "kind": "retry" if info & 0xF == KWAIT_RETRY else "wait_event",
+                }
             out.append(
                 {
                     "ctx": slot,
@@ -390,9 +418,34 @@ class LockSpace:
                     "tid": q[base + _C_TID],
                     "waiting": waiting,
                     "held": held,
+                    "kwait": kwait,
                 }
             )
         return out
+
+    # --- waits that are not lock waits -------------------------------------------------
+
+    def no_progress(self, site: str, retries: int, kind: int = KWAIT_RETRY) -> None:
+        """Publish that the calling context is in `site` without making progress:
+        the first call (retries == 0) stamps "since now" and the site, later calls only
+        update the retry count. The hung-task watchdog reads it from the snapshot."""
+        ctx = getattr(self._tls, "ctx", None)
+        if ctx is None:
+            raise _unbound()
+        q = self._q
+        if retries == 0 or not q[ctx.base + _C_KWAIT]:
+            q[ctx.base + _C_KWAIT] = 0
+            self._put_str(ctx.sbase + _KWAIT_SOFF, _KWAIT_LEN, site)
+            q[ctx.base + _C_KWINFO] = (retries << 4) | kind
+            q[ctx.base + _C_KWAIT] = _now()  # published after its site
+        else:
+            q[ctx.base + _C_KWINFO] = (retries << 4) | kind
+
+    def progress(self) -> None:
+        """The calling context left its no-progress wait (or made progress)."""
+        ctx = getattr(self._tls, "ctx", None)
+        if ctx is not None:
+            self._q[ctx.base + _C_KWAIT] = 0
 
     def _entry(self, word: int, since: int, sbase: int, site_slot: int) -> dict | None:
         cid, idx, mode = word >> 40, (word >> 8) & 0xFFFFFFFF, word & 0xF
@@ -777,6 +830,8 @@ class _ExclusiveLock(_Lock):
             raise _unbound() from None
         if ctx.held:
             sp._pre_acquire(ctx, self, EXCL, site)
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "acquire")
         hook = sp._hook
         if hook is not None:
             hook("lock_acquire", self._name, self._idx, "excl", 0)
@@ -798,6 +853,8 @@ class _ExclusiveLock(_Lock):
         for h in ctx.held:
             if h[0] is self:
                 return False  # mutex_trylock() by the owner fails too
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "acquire")
         try:
             _fcntl(ctx.fd, _SETLK, self._fw)
         except OSError as e:
@@ -828,6 +885,8 @@ class _ExclusiveLock(_Lock):
         hook = sp._hook
         if hook is not None:
             hook("lock_release", self._name, self._idx, "excl", 0)
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "release")
 
     def __enter__(self) -> _ExclusiveLock:
         self.lock()
@@ -911,6 +970,8 @@ class RWSem(_Lock):
             raise _unbound() from None
         if ctx.held:
             sp._pre_acquire(ctx, self, READ, site)
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "acquire")
         hook = sp._hook
         if hook is not None:
             hook("lock_acquire", self._name, self._idx, "read", 0)
@@ -934,6 +995,8 @@ class RWSem(_Lock):
             raise _unbound() from None
         if ctx.held:
             sp._pre_acquire(ctx, self, WRITE, site)
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "acquire")
         hook = sp._hook
         if hook is not None:
             hook("lock_acquire", self._name, self._idx, "write", 0)
@@ -962,6 +1025,8 @@ class RWSem(_Lock):
                 return False
         if self._b[self._flag]:
             return False  # like the kernel: trylock fails while anyone is queued
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "acquire")
         try:
             _fcntl(ctx.fd, _SETLK, fl)
         except OSError as e:
@@ -998,6 +1063,8 @@ class RWSem(_Lock):
         hook = sp._hook
         if hook is not None:
             hook("lock_release", self._name, self._idx, _MODE[mode], 0)
+        if sp._sched is not None:
+            sp._sched(ctx.actor, self._name, "release")
 
     def up_read(self) -> None:
         self._up(READ)

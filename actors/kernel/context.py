@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.kernel.schedule import SchedPlan, check_points
 from actors.kernel.variants import Variants
 from shared_mem.atomic import AtomicField
 from shared_mem.frames import FrameAllocator
@@ -24,25 +25,37 @@ from shared_mem.pagecmp import PageCmp
 
 
 class SchedPoints:
-    """Named places in kernel paths where a run may widen a race window.
+    """Named places in kernel paths where a run widens race windows, and lock ops.
 
-    delays: {point name: seconds}, or a callable(point) -> seconds for seeded plans.
-    Hitting a point is an event ("sched_point") only when it actually delays.
+    delays: {point name: seconds} forced at every hit (--delay-at, demonstrations);
+    plan: the run's seeded SchedPlan (actors/kernel/schedule.py), consulted at every
+    named point and, through lock_op() installed as the LockSpace sched hook, at every
+    lock acquire and release. A delay is an event ("sched_point" / "sched_lock") with
+    the site and its length, so a run's windows can be read back from its timeline.
     """
 
-    def __init__(self, delays: dict[str, float] | None = None,
-                 plan: Callable[[str], float] | None = None) -> None:
+    def __init__(self, delays: dict[str, float] | None = None, plan: SchedPlan | None = None,
+                 ev: Callable[..., None] | None = None) -> None:
+        check_points(delays or {})
         self.delays = dict(delays or {})
         self.plan = plan
+        self.ev = ev or _no_event
         self.hits: dict[str, int] = {}
 
     def __call__(self, k: Kernel, name: str) -> None:
         d = self.delays.get(name, 0.0)
+        forced = d > 0
         if self.plan is not None:
-            d = max(d, self.plan(name))
+            d = max(d, self.plan.delay(k.actor, name, True))
         self.hits[name] = self.hits.get(name, 0) + 1
         if d > 0:
-            k.ev("sched_point", point=name, delay_ms=round(d * 1000, 3))
+            k.ev("sched_point", point=name, delay_ms=round(d * 1000, 3), forced=forced, ctx=k.actor)
+            time.sleep(d)
+
+    def lock_op(self, ctx: str, lock: str, op: str) -> None:
+        d = self.plan.delay(ctx, lock, False) if self.plan is not None else 0.0
+        if d > 0:
+            self.ev("sched_lock", lock=lock, op=op, delay_ms=round(d * 1000, 3), ctx=ctx)
             time.sleep(d)
 
 
@@ -100,6 +113,7 @@ class Kernel:
         self.oom_call = oom
         self.reclaim_call = reclaim
         self.alloc = FrameAllocator(km, locks)
+        self.alloc.on_bad_page = self._bad_new_page
         self.cmp = PageCmp(km.frames)
         self.ksm = km.ksm[0]
         self.ks = ksm_struct(km)       # the same record, fast plain-int field access
@@ -111,12 +125,18 @@ class Kernel:
         self.current_task = 0          # task handle this context acts for (faults, syscalls)
         self.oom_origin = False        # set_current_oom_origin() (run=2 writer)
         self.alloc_retry_s = 30.0      # how long an order-0 allocation keeps retrying
+        self._no_progress: list | None = None  # [site, retries] while cond_resched() loops
         self.ksm_thread_mutex = locks.get("ksm_thread_mutex")
         self.ksm_mmlist_lock = locks.get("ksm_mmlist_lock")
         self.swap_lock = locks.get("swap_lock")
         self._mmap_locks = [locks.get("mmap_lock", i) for i in range(km.geo.max_mms)]
         self._ptls = [locks.get("ptl", i) for i in range(km.geo.max_mms)]
         self.ksm["zero_checksum"] = self.cmp.zero_checksum
+
+    def _bad_new_page(self, pfn: int, flags: int, ref: int, mapc: int) -> None:
+        from actors.kernel import debug
+
+        debug.check_new_page(self, pfn, flags, ref, mapc)
 
     def alloc_pid(self) -> int:
         return self.ksm_atomic["last_pid"].inc_return(0)
@@ -127,6 +147,42 @@ class Kernel:
 
     def variant(self, name: str) -> bool:
         return self.variants.reverted(name)
+
+    # -- waits without progress: what the hung-task watchdog sees besides lock waits ------
+    def cond_resched(self, site: str, pause: float = 0.001) -> None:
+        """One more pass of a retry loop that made no progress (the cond_resched() of
+        `while (!follow_page(...)) { handle_mm_fault(...); cond_resched(); }`).
+
+        The first pass publishes "in `site` since now" in this context's row of the shared
+        context table (site: a call chain "inner<-caller<-..."); later passes bump the
+        retry count. progress() ends it. Only retry loops call this: other paths pay
+        nothing. `pause` lets the other contexts run, as the scheduler would.
+        """
+        st = self._no_progress
+        if st is None or st[0] != site:
+            st = self._no_progress = [site, 0]
+            publish = getattr(self.locks, "no_progress", None)
+            if publish is not None:
+                publish(site, 0)
+            self.ev("no_progress", site=site)
+        else:
+            st[1] += 1
+            if not st[1] & 63:
+                publish = getattr(self.locks, "no_progress", None)
+                if publish is not None:
+                    publish(site, st[1])
+        if pause > 0:
+            time.sleep(pause)
+
+    def progress(self) -> None:
+        """The retry loop got what it waited for (or gave up): clear the published wait."""
+        st = self._no_progress
+        if st is not None:
+            self._no_progress = None
+            clear = getattr(self.locks, "progress", None)
+            if clear is not None:
+                clear()
+            self.ev("progress", site=st[0], retries=st[1])
 
     # -- locks by object ---------------------------------------------------------------
     def mmap_lock(self, mm: int, site: str = "mmap_lock") -> Any:
@@ -146,7 +202,7 @@ class Kernel:
         t = self.current_task
         if not t or not self.km.task.valid(t):
             return False
-        return bool(self.km.task.flags[t & 0xFFFFFFFF] & TIF_SIGKILL)
+        return bool(self.km.task.flags[self.km.task.idx(t, "fatal_signal_pending")] & TIF_SIGKILL)
 
     # -- page allocation with the OOM killer behind it ------------------------------------
     def alloc_page(self, nid: int = -1, site: str = "", strict: bool = False) -> int | None:
@@ -180,3 +236,8 @@ class Kernel:
                 return None
             time.sleep(backoff)
             backoff = min(backoff * 2, 0.05)
+            # get_page_from_freelist() again before reclaim and the OOM killer: memory a
+            # victim freed while we slept must not make the OOM killer look for another.
+            pfn = self.alloc.alloc(nid, strict)
+            if pfn is not None:
+                return pfn

@@ -7,13 +7,85 @@
 # the last mmdrop() frees it (a generation bump: later use is a reported UAF).
 # The 2016 kernel's exit_mmap took no mmap_lock at all; the mmput-race variant
 # restores that, which is what let ksmd's late up_read touch a freed mm (seed 003).
+# The munlock-exit-hang variant restores the kernel between seeds 000 and 001: ksm_exit
+# in the middle of exit_mmap (after the pages are zapped, before the page tables go),
+# ksm_test_exit() in the fault paths (memory.py), and munlock_vma_pages_all() faulting
+# absent pages in through __get_user_pages: on a PROT_NONE area of an mlockall() task the
+# fault backs out (mm_users is 0) and munlock retries for ever (docs/bugs/munlock-exit-hang.md).
 from __future__ import annotations
 
 from actors.kernel import ksm_mm
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
-from actors.kernel.memory import zap_page_range
-from shared_mem.layout import MMF_OOM_SKIP, VM_LOCKED
+from actors.kernel.memory import (
+    FAULT_FLAG_REMOTE,
+    FAULT_FLAG_WRITE,
+    VM_FAULT_ERROR,
+    handle_mm_fault,
+    zap_page_range,
+)
+from shared_mem.layout import (
+    MMF_OOM_SKIP,
+    PAGE_SIZE,
+    PG_MLOCKED,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTE_WRITE,
+    VM_LOCKED,
+    VM_SHARED,
+    VM_WRITE,
+)
+
+_MUNLOCK_GUP_SITE = "__get_user_pages<-__mlock_vma_pages_range<-munlock_vma_pages_all<-exit_mmap"
+
+
+def _gup_follow_page(k: Kernel, mm: int, addr: int, write: bool) -> int:
+    """follow_page() as __get_user_pages used it: the page mapped at addr (the zero page
+    counts), or -1 when absent, or not writable for a write (FOLL_WRITE): fault it."""
+    with k.ptl(mm, "follow_page"):
+        pte = mmops.read_pte(k, mm, addr)
+    if not pte & PTE_PRESENT or (write and not pte & PTE_WRITE):
+        return -1
+    return 0 if pte & PTE_SPECIAL else pte & PTE_PFN_MASK
+
+
+def _munlock_vma_pages_2009(k: Kernel, mm: int, vma: int) -> None:
+    """2.6.31's __mlock_vma_pages_range(vma, start, end, 0): munlock through
+    __get_user_pages with GUP_FLAGS_IGNORE_VMA_PERMISSIONS, which faults in every page it
+    does not find - PROT_NONE ones too - and loops while follow_page() finds nothing:
+
+        while (!(page = follow_page(vma, start, foll_flags))) {
+            ret = handle_mm_fault(mm, vma, start, write ? FAULT_FLAG_WRITE : 0);
+            if (ret & VM_FAULT_ERROR) ...return;
+            cond_resched();
+        }
+    """
+    km = k.km
+    vi = km.vma.idx(vma, "__mlock_vma_pages_range")
+    start, end = int(km.vma.start[vi]), int(km.vma.end[vi])
+    write = (int(km.vma.flags[vi]) & (VM_WRITE | VM_SHARED)) == VM_WRITE  # break COW
+    flags = FAULT_FLAG_REMOTE | (FAULT_FLAG_WRITE if write else 0)
+    for addr in range(start, end, PAGE_SIZE):
+        pfn = _gup_follow_page(k, mm, addr, write)
+        while pfn < 0:
+            ret = handle_mm_fault(k, vma, addr, flags)
+            if ret & VM_FAULT_ERROR:
+                k.progress()
+                k.ev("munlock_gup_error", mm=km.mm.idx(mm, "munlock"), addr=addr, ret=ret)
+                return
+            k.cond_resched(_MUNLOCK_GUP_SITE)
+            pfn = _gup_follow_page(k, mm, addr, write)
+        k.progress()
+        if pfn:
+            k.page_flags[pfn] &= ~PG_MLOCKED  # munlock_vma_page()
+
+
+def munlock_vma_pages_all(k: Kernel, mm: int, vma: int) -> None:
+    """Clear VM_LOCKED. Today it faults nothing in; 2009's faulted every page in first."""
+    if k.variant("munlock-exit-hang"):
+        _munlock_vma_pages_2009(k, mm, vma)
+    k.km.vma.flags[k.km.vma.idx(vma, "munlock_vma_pages_all")] &= ~VM_LOCKED
 
 
 def exit_mmap(k: Kernel, mm: int) -> int:
@@ -26,15 +98,19 @@ def exit_mmap(k: Kernel, mm: int) -> int:
     zapped = 0
     try:
         for vma in list(mmops.vmas(k, mm)):
-            vi = vma & 0xFFFFFFFF
+            vi = km.vma.idx(vma, "exit_mmap")
             if km.vma.flags[vi] & VM_LOCKED:
-                # munlock_vma_pages_all(): today it only clears the lock, it faults nothing in.
-                km.vma.flags[vi] &= ~VM_LOCKED
+                munlock_vma_pages_all(k, mm, vma)
             k.point("exit_mmap.unmap_vma")
             zapped += zap_page_range(k, mm, int(km.vma.start[vi]), int(km.vma.end[vi]))
     finally:
         if not nolock:
             lock.up_read()
+    if k.variant("munlock-exit-hang"):
+        # Seed 000: "move the ksm_exit callout from just before exit_mmap, to the middle
+        # of exit_mmap: after the mm's pages have been freed, but before its page tables
+        # and vma structures have been freed" (reverted by seed 001).
+        ksm_mm.ksm_exit(k, mm)
     ksm_mm.set_mm_flag(k, mm, MMF_OOM_SKIP)
     k.point("exit_mmap.before_free_pgtables")
     if not nolock:
@@ -46,13 +122,14 @@ def exit_mmap(k: Kernel, mm: int) -> int:
     finally:
         if not nolock:
             lock.up_write()
-    k.ev("exit_mmap", mm=mm & 0xFFFFFFFF, zapped=zapped)
+    k.ev("exit_mmap", mm=km.mm.idx(mm, "exit_mmap"), zapped=zapped)
     return zapped
 
 
 def __mmput(k: Kernel, mm: int) -> None:
-    ksm_mm.ksm_exit(k, mm)
-    k.point("__mmput.after_ksm_exit")
+    if not k.variant("munlock-exit-hang"):  # seed 001: ksm_exit before exit_mmap again
+        ksm_mm.ksm_exit(k, mm)
+        k.point("__mmput.after_ksm_exit")
     exit_mmap(k, mm)
     mmops.mmdrop(k, mm, site="__mmput")
 

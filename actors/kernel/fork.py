@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.kernel import ksm_mm
+from actors.kernel import debug, ksm_mm
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
+    PAGE_SHIFT,
     PTE_PFN_MASK,
     PTE_PRESENT,
     PTE_SPECIAL,
@@ -31,7 +32,7 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
     km = k.km
     oi = km.mm.idx(oldmm, "dup_mmap")
     mm = mmops.mm_alloc(k, owner, int(km.mm.nid[oi]))
-    mi = mm & 0xFFFFFFFF
+    mi = km.mm.idx(mm, "dup_mmap")
     # MMF_INIT_MASK: merge-any survives fork; the rest is per-mm.
     km.mm.flags[mi] = int(km.mm.flags[oi]) & MMF_VM_MERGE_ANY
     km.mm.mmap_base[mi] = km.mm.mmap_base[oi]
@@ -40,7 +41,7 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
     lock.down_write()
     try:
         for vma in list(mmops.vmas(k, oldmm)):
-            vi = vma & 0xFFFFFFFF
+            vi = km.vma.idx(vma, "dup_mmap")
             start, end = int(km.vma.start[vi]), int(km.vma.end[vi])
             flags = int(km.vma.flags[vi]) & ~VM_LOCKED  # mlock is not inherited
             new = mmops.vma_new(k, mm, start, end, flags, int(km.vma.pgoff[vi]), int(km.vma.nid[vi]))
@@ -59,6 +60,7 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
 
 def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool) -> None:
     km = k.km
+    di = km.mm.idx(dst, "copy_pte_range")
     with k.ptl(src), k.ptl(dst):
         chunks = list(mmops.pte_ranges(k, src, start, end))
         for addr, sptes, _n in chunks:
@@ -69,9 +71,14 @@ def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool
                 pte = int(sptes[off])
                 if pte & PTE_PRESENT and not pte & PTE_SPECIAL:
                     pfn = pte & PTE_PFN_MASK
+                    if not debug.pte_page_ok(k, pfn):
+                        # copy_present_pte() with vm_normal_page() == NULL: print_bad_pte(),
+                        # and the child gets no copy of a mapping to a frame nobody owns.
+                        debug.bad_pte(k, src, addr + (int(off) << PAGE_SHIFT), pte, "copy_pte_range")
+                        continue
                     k.page_ref.inc_return(pfn)
                     k.page_map.inc_return(pfn)
-                    km.mm.atomic("rss_anon").inc_return(dst & 0xFFFFFFFF)
+                    km.mm.atomic("rss_anon").inc_return(di)
                     if not shared and pte & PTE_WRITE:
                         pte &= ~PTE_WRITE   # copy-on-write in both
                         sptes[off] = pte
@@ -79,5 +86,5 @@ def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool
                     from actors.kernel import swap
 
                     swap.swap_duplicate(k, pte & PTE_PFN_MASK, "copy_pte_range")
-                    k.ev("fork_swap_entry", mm=dst & 0xFFFFFFFF, slot=pte & PTE_PFN_MASK)
+                    k.ev("fork_swap_entry", mm=di, slot=pte & PTE_PFN_MASK)
                 dptes[j + int(off)] = pte

@@ -13,7 +13,7 @@ from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
 from actors.kernel.context import Kernel
 from actors.kernel.merge import ENOMEM, unmerge_ksm_pages
-from shared_mem.arena import OutOfObjects
+from shared_mem.arena import OutOfObjects, handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
@@ -76,7 +76,7 @@ def __ksm_enter(k: Kernel, mm: int) -> int:
     k.ksm_mmlist_lock.unlock()
     set_mm_flag(k, mm, MMF_VM_MERGEABLE)
     mmops.mmgrab(k, mm)
-    k.ev("ksm_enter", mm=mm & 0xFFFFFFFF, slot=slot & 0xFFFFFFFF)
+    k.ev("ksm_enter", mm=handle_id(mm), slot=handle_id(slot))
     if needs_wakeup:
         wake_ksmd(k)
     return 0
@@ -103,7 +103,7 @@ def __ksm_exit(k: Kernel, mm: int) -> None:
     if easy_to_free:
         km.mm_slot.free(slot, site="__ksm_exit")
         clear_mm_flag(k, mm, MMF_VM_MERGE_ANY | MMF_VM_MERGEABLE)
-        k.ev("ksm_exit", mm=mm & 0xFFFFFFFF, path="fast")
+        k.ev("ksm_exit", mm=handle_id(mm), path="fast")
         mmops.mmdrop(k, mm, site="__ksm_exit:mmdrop")
     elif slot:
         # Barrier: wait out any ksmd or break_cow holding mmap_lock for read
@@ -111,9 +111,9 @@ def __ksm_exit(k: Kernel, mm: int) -> None:
         lock = k.mmap_lock(mm, "__ksm_exit")
         lock.down_write(site="__ksm_exit")
         lock.up_write()
-        k.ev("ksm_exit", mm=mm & 0xFFFFFFFF, path="barrier")
+        k.ev("ksm_exit", mm=handle_id(mm), path="barrier")
     else:
-        k.ev("ksm_exit", mm=mm & 0xFFFFFFFF, path="already_reaped")
+        k.ev("ksm_exit", mm=handle_id(mm), path="already_reaped")
 
 
 def _ksm_exit_2009(k: Kernel, mm: int) -> None:
@@ -143,7 +143,7 @@ def _ksm_exit_2009(k: Kernel, mm: int) -> None:
         k.ksm_mmlist_lock.unlock()
         km.mm_slot.free(slot, site="__ksm_exit(2009)")
         clear_mm_flag(k, mm, MMF_VM_MERGEABLE | MMF_VM_MERGE_ANY)
-        k.ev("ksm_exit", mm=mm & 0xFFFFFFFF, path="2009-mutex")
+        k.ev("ksm_exit", mm=handle_id(mm), path="2009-mutex")
         mmops.mmdrop(k, mm, site="__ksm_exit(2009):mmdrop")
     finally:
         k.ksm_thread_mutex.unlock()
@@ -183,13 +183,13 @@ def ksm_madvise(k: Kernel, vma: int, start: int, end: int, advice: int) -> int:
 def ksm_add_vmas(k: Kernel, mm: int) -> None:
     for vma in mmops.vmas(k, mm):
         if vma_ksm_compatible(k, vma):
-            k.km.vma.flags[vma & 0xFFFFFFFF] |= VM_MERGEABLE
+            k.km.vma.flags[k.km.vma.idx(vma, "ksm_add_vmas")] |= VM_MERGEABLE
 
 
 def ksm_del_vmas(k: Kernel, mm: int) -> int:
     km = k.km
     for vma in list(mmops.vmas(k, mm)):
-        vi = vma & 0xFFFFFFFF
+        vi = km.vma.idx(vma, "ksm_del_vmas")
         if not km.vma.flags[vi] & VM_MERGEABLE:
             continue
         if km.vma.anon_vma[vi]:

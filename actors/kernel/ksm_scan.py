@@ -38,7 +38,7 @@ from actors.kernel.stable_tree import (
     stable_tree_search,
 )
 from actors.kernel.unstable_tree import unstable_tree_search_insert
-from shared_mem.arena import NULL
+from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
@@ -67,7 +67,7 @@ def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
     if not k.ks.smart_scan:
         return False
     ri = k.km.rmap_item
-    ii = item & 0xFFFFFFFF
+    ii = ri.idx(item, "should_skip_rmap_item")
     if k.page_flags[pfn] & PG_KSM or ri.address[ii] & STABLE_FLAG:
         return False
     age = int(ri.age[ii])
@@ -127,7 +127,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         exiting = mmops.ksm_test_exit(k, mm)
         if not exiting:
             for vma in list(mmops.vmas(k, mm)):
-                vi = vma & 0xFFFFFFFF
+                vi = km.vma.idx(vma, "scan_get_next_rmap_item")
                 vstart, vend = int(vstart_of[vi]), int(vend_of[vi])
                 if vend <= ks.scan_address:
                     continue
@@ -178,7 +178,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
             k.ksm_mmlist_lock.unlock()
             km.mm_slot.free(slot, site="scan_get_next_rmap_item")
             _mm_flags_clear(k, mm, MMF_VM_MERGEABLE)
-            k.ev("ksm_remove_mm", mm=mm & 0xFFFFFFFF, exiting=bool(exiting))
+            k.ev("ksm_remove_mm", mm=handle_id(mm), exiting=bool(exiting))
             lock.up_read()
             mmops.mmdrop(k, mm, site="ksmd:mmdrop")
         elif k.variant("mmput-race"):
@@ -301,7 +301,7 @@ def unmerge_and_remove_all_rmap_items(k: Kernel) -> int:
         err = 0
         if not mmops.ksm_test_exit(k, mm):
             for vma in list(mmops.vmas(k, mm)):
-                vi = vma & 0xFFFFFFFF
+                vi = km.vma.idx(vma, "unmerge_and_remove_all_rmap_items")
                 if not km.vma.flags[vi] & VM_MERGEABLE or not km.vma.anon_vma[vi]:
                     continue
                 err = unmerge_ksm_pages(k, vma, int(km.vma.start[vi]), int(km.vma.end[vi]))

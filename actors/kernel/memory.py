@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from actors.kernel import debug
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from shared_mem.arena import handle_id
 from shared_mem.layout import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PG_ANON,
     PG_DIRTY,
+    PG_FREE,
     PG_KSM,
     PG_MLOCKED,
     PG_SWAPCACHE,
@@ -65,15 +68,18 @@ def put_page(k: Kernel, pfn: int) -> None:
     if c > 0:
         return
     if c == 0:
-        k.alloc.free(pfn)
+        # free_pages_prepare(): a frame still mapped, in the swap cache, ... is reported
+        # and kept off the free lists (debug.py), as the kernel leaks a bad page.
+        if debug.free_page_prepare(k, pfn):
+            k.alloc.free(pfn)
     else:
-        k.ev("bad_page", pfn=pfn, refcount=c, why="refcount underflow")
+        debug.bad_page(k, pfn, "page_ref_dec underflow: put_page on a page with refcount 0", "put_page")
         raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} refcount:{c}")
 
 
 def page_add_new_anon_rmap(k: Kernel, pfn: int, vma: int, addr: int) -> None:
     km = k.km
-    vi = vma & 0xFFFFFFFF
+    vi = km.vma.idx(vma, "page_add_new_anon_rmap")
     flags = PG_ANON | PG_UPTODATE | PG_DIRTY
     if km.vma.flags[vi] & VM_LOCKED:
         flags |= PG_MLOCKED
@@ -90,7 +96,7 @@ def page_add_anon_rmap(k: Kernel, pfn: int) -> None:
 def page_remove_rmap(k: Kernel, pfn: int) -> None:
     c = k.page_map.dec_return(pfn)
     if c < 0:
-        k.ev("bad_page", pfn=pfn, mapcount=c, why="mapcount underflow")
+        debug.bad_page(k, pfn, "page_remove_rmap: mapcount underflow", "page_remove_rmap")
         raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} mapcount:{c}")
     if c == 0:
         k.km.page["flags"][pfn] &= ~PG_MLOCKED
@@ -104,7 +110,7 @@ def ksm_might_unmap_zero_page(k: Kernel, mm: int, pte: int) -> None:
 
 
 # -- zap ---------------------------------------------------------------------------------
-def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int) -> None:
+def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int, addr: int | None = None) -> None:
     """Clear one pte and drop what it held (caller holds ptl)."""
     pte = int(ptes[j])
     if not pte:
@@ -115,13 +121,17 @@ def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int) -> None:
             ksm_might_unmap_zero_page(k, mm, pte)
             return
         pfn = pte & PTE_PFN_MASK
+        if not debug.pte_page_ok(k, pfn):
+            # print_bad_pte() in zap_pte_range(): report, drop the pte, touch no page.
+            debug.bad_pte(k, mm, -1 if addr is None else addr, pte, "zap_pte_range")
+            return
         page_remove_rmap(k, pfn)
-        k.km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)
+        k.km.mm.atomic("rss_anon").dec_return(k.km.mm.idx(mm, "zap_pte_range"))
         put_page(k, pfn)
     elif pte & PTE_SWAP:
         from actors.kernel import swap
 
-        k.ev("zap_swap_entry", mm=mm & 0xFFFFFFFF, slot=pte & PTE_PFN_MASK)
+        k.ev("zap_swap_entry", mm=handle_id(mm), slot=pte & PTE_PFN_MASK)
         swap.swap_free(k, pte & PTE_PFN_MASK)
 
 
@@ -129,12 +139,12 @@ def zap_page_range(k: Kernel, mm: int, start: int, end: int) -> int:
     """zap_page_range_single()/unmap_vmas(): returns the number of ptes cleared."""
     n = 0
     ptl = k.ptl(mm)
-    for _addr, ptes, _cnt in mmops.pte_ranges(k, mm, start, end):
+    for base, ptes, _cnt in mmops.pte_ranges(k, mm, start, end):
         if ptes is None:
             continue
         with ptl:
             for j in np.flatnonzero(ptes):
-                zap_pte(k, mm, ptes, int(j))
+                zap_pte(k, mm, ptes, int(j), base + (int(j) << PAGE_SHIFT))
                 n += 1
     return n
 
@@ -179,8 +189,15 @@ def handle_mm_fault(k: Kernel, vma: int, addr: int, flags: int) -> int:
 
 def _node_for(k: Kernel, mm: int, vma: int) -> int:
     """The vma's memory policy node (mbind/numa_alloc_onnode), else the task's."""
-    nid = int(k.km.vma.nid[vma & 0xFFFFFFFF])
-    return nid if nid >= 0 else int(k.km.mm.nid[mm & 0xFFFFFFFF])
+    nid = int(k.km.vma.nid[k.km.vma.idx(vma, "get_vma_policy")])
+    return nid if nid >= 0 else int(k.km.mm.nid[k.km.mm.idx(mm, "get_vma_policy")])
+
+
+def _exiting_2009(k: Kernel, mm: int) -> bool:
+    """Seed 000's check in the fault paths (reverted by seed 001): a fault on an mm whose
+    mm_users is 0 backs out doing nothing, so break_ksm cannot reinstate a pte after
+    exit_mmap zapped the range. It also stops munlock's fault-in during exit_mmap."""
+    return k.variant("munlock-exit-hang") and mmops.ksm_test_exit(k, mm)
 
 
 def do_anonymous_page(k: Kernel, mm: int, vma: int, addr: int, flags: int) -> int:
@@ -189,8 +206,10 @@ def do_anonymous_page(k: Kernel, mm: int, vma: int, addr: int, flags: int) -> in
     if not flags & (FAULT_FLAG_WRITE | FAULT_FLAG_FORCE):
         with ptl:
             ptes, j = mmops.pte_table(k, mm, addr, alloc=True)
-            if int(ptes[j]) == 0:
-                ptes[j] = ZERO_PTE | (k.km.ksm["zero_pfn"])
+            # 2.6.31 had no zero-page branch: every anonymous fault went through the
+            # allocating path and its "|| ksm_test_exit(mm)"; the variant keeps that here.
+            if int(ptes[j]) == 0 and not _exiting_2009(k, mm):
+                ptes[j] = ZERO_PTE | int(k.ks.zero_pfn)
         return 0
     mmops.anon_vma_prepare(k, vma)
     pfn = k.alloc_page(_node_for(k, mm, vma), site="do_anonymous_page")
@@ -199,15 +218,15 @@ def do_anonymous_page(k: Kernel, mm: int, vma: int, addr: int, flags: int) -> in
     km.frames[pfn] = 0
     with ptl:
         ptes, j = mmops.pte_table(k, mm, addr, alloc=True)
-        if int(ptes[j]) != 0:
-            put_page(k, pfn)  # somebody else faulted it in
+        if int(ptes[j]) != 0 or _exiting_2009(k, mm):
+            put_page(k, pfn)  # somebody else faulted it in (or, 2009, the mm is exiting)
             return 0
         page_add_new_anon_rmap(k, pfn, vma, addr)
         entry = pfn | PTE_PRESENT | PTE_DIRTY | PTE_ACCESSED
-        if km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE:
+        if km.vma.flags[km.vma.idx(vma, "do_anonymous_page")] & VM_WRITE:
             entry |= PTE_WRITE
         ptes[j] = entry
-        km.mm.atomic("rss_anon").inc_return(mm & 0xFFFFFFFF)
+        km.mm.atomic("rss_anon").inc_return(km.mm.idx(mm, "do_anonymous_page"))
     return 0
 
 
@@ -234,7 +253,7 @@ def do_wp_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int) -
         if (not km.page["flags"][pfn] & (PG_KSM | PG_SWAPCACHE)
                 and km.page["mapcount"][pfn] == 1 and km.page["refcount"][pfn] == 1):
             entry = orig | PTE_DIRTY | PTE_ACCESSED
-            if km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE:
+            if km.vma.flags[km.vma.idx(vma, "do_wp_page")] & VM_WRITE:
                 entry |= PTE_WRITE
             ptes[j] = entry
             return 0
@@ -265,16 +284,16 @@ def wp_page_copy(k: Kernel, mm: int, vma: int, addr: int, orig: int, old: int, f
             return 0
         page_add_new_anon_rmap(k, new, vma, addr)
         entry = new | PTE_PRESENT | PTE_DIRTY | PTE_ACCESSED
-        if not flags & FAULT_FLAG_UNSHARE and km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE:
+        if not flags & FAULT_FLAG_UNSHARE and km.vma.flags[km.vma.idx(vma, "wp_page_copy")] & VM_WRITE:
             entry |= PTE_WRITE
         ptes[j] = entry
         if old < 0:
             ksm_might_unmap_zero_page(k, mm, orig)
-            km.mm.atomic("rss_anon").inc_return(mm & 0xFFFFFFFF)
+            km.mm.atomic("rss_anon").inc_return(km.mm.idx(mm, "wp_page_copy"))
         else:
             page_remove_rmap(k, old)
             put_page(k, old)
-    k.ev("wp_page_copy", mm=mm & 0xFFFFFFFF, addr=addr, old=old, new=new,
+    k.ev("wp_page_copy", mm=handle_id(mm), addr=addr, old=old, new=new,
          ksm=bool(old >= 0 and km.page["flags"][old] & PG_KSM) or is_ksm_zero_pte(orig))
     return VM_FAULT_WRITE
 
@@ -290,6 +309,8 @@ def follow_page(k: Kernel, mm: int, addr: int) -> int:
             return -1
         pfn = pte & PTE_PFN_MASK
         if not k.page_flags[pfn] & (PG_ANON | PG_KSM):
+            # A present pte of a free or reused frame (the hot path pays nothing for this).
+            debug.bad_pte(k, mm, addr, pte, "follow_page")
             return -1
         get_page(k, pfn)
         return pfn
@@ -352,6 +373,10 @@ def user_access(
                 if not pte & PTE_PRESENT:
                     return done, cur
                 pfn = pte & PTE_PFN_MASK
+                pf = int(pflags[pfn])
+                if not pte & PTE_SPECIAL and (pf & PG_FREE or not pf & (PG_ANON | PG_KSM) or pmap[pfn] <= 0):
+                    # The CPU would load/store the frame anyway: report, then do it.
+                    debug.bad_pte(k, mm, cur, pte, "user_access")
                 if write:
                     if force and not pte & PTE_WRITE:
                         # FOLL_FORCE store: only into an exclusive anonymous page.

@@ -27,7 +27,7 @@ from actors.kernel.memory import (
     put_page,
 )
 from actors.kernel.rmap import PAGE_MASK
-from shared_mem.arena import NULL
+from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
     PAGE_SIZE,
     PG_ANON,
@@ -52,11 +52,13 @@ ERESTARTSYS = -512
 def find_mergeable_vma(k: Kernel, mm: int, addr: int) -> int:
     if mmops.ksm_test_exit(k, mm):
         return NULL
-    vma = mmops.vma_lookup(k, mm, addr)
+    # vma_lookup() written out, so that the vma is dereferenced (and checked) once
+    vma = mmops.find_vma(k, mm, addr)
     if not vma:
         return NULL
-    vi = vma & 0xFFFFFFFF
-    if not k.km.vma.flags[vi] & VM_MERGEABLE or not k.km.vma.anon_vma[vi]:
+    va = k.km.vma
+    vi = va.idx(vma, "find_mergeable_vma")
+    if va.start[vi] > addr or not va.flags[vi] & VM_MERGEABLE or not va.anon_vma[vi]:
         return NULL
     return vma
 
@@ -100,8 +102,9 @@ def replace_page(k: Kernel, mm: int, addr: int, pfn: int, kpfn: int, orig_pte: i
         else:
             newpte = KSM_ZERO_PTE | kpfn
             k.ksm_atomic["ksm_zero_pages"].inc_return(0)
-            km.mm.atomic("ksm_zero_pages").inc_return(mm & 0xFFFFFFFF)
-            km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)
+            mi = km.mm.idx(mm, "replace_page")
+            km.mm.atomic("ksm_zero_pages").inc_return(mi)
+            km.mm.atomic("rss_anon").dec_return(mi)
         ptes[j] = newpte
         page_remove_rmap(k, pfn)
         put_page(k, pfn)
@@ -121,7 +124,7 @@ def try_to_merge_one_page(k: Kernel, vma: int, addr: int, pfn: int, kpfn: int) -
         return EFAULT
     err = EFAULT
     try:
-        mm = int(km.vma.mm[vma & 0xFFFFFFFF])
+        mm = int(km.vma.mm[km.vma.idx(vma, "try_to_merge_one_page")])
         orig = write_protect_page(k, mm, addr, pfn)
         k.point("try_to_merge_one_page.write_protected")
         if orig:
@@ -135,8 +138,7 @@ def try_to_merge_one_page(k: Kernel, vma: int, addr: int, pfn: int, kpfn: int) -
                 err = replace_page(k, mm, addr, pfn, kpfn, orig)
     finally:
         lock.unlock()
-    k.ev("ksm_merge_one_page", pfn=pfn, kpfn=kpfn, mm=int(km.vma.mm[vma & 0xFFFFFFFF]) & 0xFFFFFFFF,
-         addr=addr, err=err)
+    k.ev("ksm_merge_one_page", pfn=pfn, kpfn=kpfn, mm=handle_id(mm), addr=addr, err=err)
     return err
 
 
@@ -160,13 +162,13 @@ def try_to_merge_with_ksm_page(k: Kernel, item: int, pfn: int, kpfn: int) -> int
         # Unstable tree membership ends here; the anon_vma reference is taken while
         # mmap_lock still pins the vma (seed 004).
         remove_rmap_item_from_tree(k, item)
-        av = int(km.vma.anon_vma[vma & 0xFFFFFFFF])
+        av = int(km.vma.anon_vma[km.vma.idx(vma, "try_to_merge_with_ksm_page")])
         if not k.variant("rmap-no-anon-vma"):
             mmops.get_anon_vma(k, av)
             km.rmap_item.anon_vma[ii] = av
         if kpfn >= 0:
             k.ev("ksm_merge_with_ksm_page", kpfn=kpfn, pfn=pfn, rmap_item=ii,
-                 mm=mm & 0xFFFFFFFF, addr=addr)
+                 mm=handle_id(mm), addr=addr)
     finally:
         lock.up_read()
     return err

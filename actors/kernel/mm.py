@@ -33,7 +33,7 @@ class VmaError(Exception):
 def mm_alloc(k: Kernel, owner: int = 0, nid: int = -1) -> int:
     km = k.km
     mm = km.mm.alloc(site="mm_alloc")
-    i = mm & 0xFFFFFFFF
+    i = km.mm.idx(mm, "mm_alloc")
     km.mm.users[i] = 1
     km.mm.count[i] = 1
     km.mm.owner[i] = owner
@@ -64,7 +64,7 @@ def mmdrop(k: Kernel, mm: int, site: str = "mmdrop") -> None:
 
 def __mmdrop(k: Kernel, mm: int) -> None:
     km = k.km
-    i = mm & 0xFFFFFFFF
+    i = km.mm.idx(mm, "__mmdrop")
     if km.mm.pgtables[i]:
         k.ev("bad_mm_state", mm=i, pgtables=int(km.mm.pgtables[i]))
     km.pgd[i, :] = NULL
@@ -93,48 +93,51 @@ def find_vma(k: Kernel, mm: int, addr: int) -> int:
     km = k.km
     vma = km.vma
     vend, vnext = vma.end, vma.next
-    v = int(km.mm.mmap[km.mm.idx(mm, "vma_iter")])
+    v = int(km.mm.mmap[km.mm.idx(mm, "find_vma")])
     while v:
-        if vend[v & 0xFFFFFFFF] > addr:
+        vi = vma.idx(v, "find_vma")
+        if vend[vi] > addr:
             return v
-        v = int(vnext[vma.idx(v, "vma_iter")])
+        v = int(vnext[vi])
     return NULL
 
 
 def vma_lookup(k: Kernel, mm: int, addr: int) -> int:
     v = find_vma(k, mm, addr)
-    if v and k.km.vma.start[v & 0xFFFFFFFF] <= addr:
+    if v and k.km.vma.start[k.km.vma.idx(v, "vma_lookup")] <= addr:
         return v
     return NULL
 
 
 def _link_vma(k: Kernel, mm: int, new: int) -> None:
     km = k.km
-    mi = km.mm.idx(mm)
-    start = km.vma.start[new & 0xFFFFFFFF]
+    mi = km.mm.idx(mm, "vma_link")
+    ni = km.vma.idx(new, "vma_link")
+    start = km.vma.start[ni]
     prev = NULL
     for v in vmas(k, mm):
-        if km.vma.start[v & 0xFFFFFFFF] > start:
+        if km.vma.start[km.vma.idx(v, "vma_link")] > start:
             break
         prev = v
     if prev:
-        km.vma.next[new & 0xFFFFFFFF] = km.vma.next[prev & 0xFFFFFFFF]
-        km.vma.next[prev & 0xFFFFFFFF] = new
+        pi = km.vma.idx(prev, "vma_link")
+        km.vma.next[ni] = km.vma.next[pi]
+        km.vma.next[pi] = new
     else:
-        km.vma.next[new & 0xFFFFFFFF] = km.mm.mmap[mi]
+        km.vma.next[ni] = km.mm.mmap[mi]
         km.mm.mmap[mi] = new
     km.mm.map_count[mi] += 1
 
 
 def _unlink_vma(k: Kernel, mm: int, vma: int) -> None:
     km = k.km
-    mi = km.mm.idx(mm)
+    mi = km.mm.idx(mm, "vma_unlink")
     prev = NULL
     for v in vmas(k, mm):
         if v == vma:
-            nxt = km.vma.next[v & 0xFFFFFFFF]
+            nxt = km.vma.next[km.vma.idx(v, "vma_unlink")]
             if prev:
-                km.vma.next[prev & 0xFFFFFFFF] = nxt
+                km.vma.next[km.vma.idx(prev, "vma_unlink")] = nxt
             else:
                 km.mm.mmap[mi] = nxt
             km.mm.map_count[mi] -= 1
@@ -146,7 +149,7 @@ def _unlink_vma(k: Kernel, mm: int, vma: int) -> None:
 def vma_new(k: Kernel, mm: int, start: int, end: int, flags: int, pgoff: int, nid: int = -1) -> int:
     km = k.km
     v = km.vma.alloc(site="vm_area_alloc")
-    vi = v & 0xFFFFFFFF
+    vi = km.vma.idx(v, "vm_area_alloc")
     km.vma.nid[vi] = nid
     km.vma.mm[vi] = mm
     km.vma.start[vi] = start
@@ -160,9 +163,10 @@ def vma_new(k: Kernel, mm: int, start: int, end: int, flags: int, pgoff: int, ni
 def anon_vma_link(k: Kernel, av: int, vma: int) -> None:
     km = k.km
     ai = km.anon_vma.idx(av, "anon_vma_link")
+    vi = km.vma.idx(vma, "anon_vma_link")
     with k.anon_vma_lock(av).write():
-        km.vma.anon_vma[vma & 0xFFFFFFFF] = av
-        km.vma.anon_next[vma & 0xFFFFFFFF] = km.anon_vma.head[ai]
+        km.vma.anon_vma[vi] = av
+        km.vma.anon_next[vi] = km.anon_vma.head[ai]
         km.anon_vma.head[ai] = vma
         km.anon_vma.nr_vmas[ai] += 1
 
@@ -170,7 +174,7 @@ def anon_vma_link(k: Kernel, av: int, vma: int) -> None:
 def anon_vma_unlink(k: Kernel, vma: int) -> None:
     """Take the vma off its anon_vma's list; free the anon_vma when nothing holds it."""
     km = k.km
-    vi = vma & 0xFFFFFFFF
+    vi = km.vma.idx(vma, "anon_vma_unlink")
     av = int(km.vma.anon_vma[vi])
     if not av:
         return
@@ -179,10 +183,10 @@ def anon_vma_unlink(k: Kernel, vma: int) -> None:
         prev = NULL
         cur = int(km.anon_vma.head[ai])
         while cur:
-            nxt = int(km.vma.anon_next[cur & 0xFFFFFFFF])
+            nxt = int(km.vma.anon_next[km.vma.idx(cur, "anon_vma_unlink")])
             if cur == vma:
                 if prev:
-                    km.vma.anon_next[prev & 0xFFFFFFFF] = nxt
+                    km.vma.anon_next[km.vma.idx(prev, "anon_vma_unlink")] = nxt
                 else:
                     km.anon_vma.head[ai] = nxt
                 km.anon_vma.nr_vmas[ai] -= 1
@@ -223,7 +227,7 @@ def anon_vma_prepare(k: Kernel, vma: int) -> int:
         if av:
             return av
         av = km.anon_vma.alloc(site="anon_vma_alloc")
-        ai = av & 0xFFFFFFFF
+        ai = km.anon_vma.idx(av, "anon_vma_prepare")
         km.anon_vma.root[ai] = av
         km.anon_vma.lock_idx[ai] = ai
     anon_vma_link(k, av, vma)
@@ -261,13 +265,12 @@ def split_range(k: Kernel, mm: int, start: int, end: int) -> list[int]:
     km = k.km
     out = []
     for v in list(vmas(k, mm)):
-        vi = v & 0xFFFFFFFF
+        vi = km.vma.idx(v, "vma_modify")
         vs, ve = int(km.vma.start[vi]), int(km.vma.end[vi])
         if ve <= start or vs >= end:
             continue
         if vs < start:
             v = vma_split(k, mm, v, start)
-            vi = v & 0xFFFFFFFF
             vs = start
         if ve > end:
             vma_split(k, mm, v, end)
@@ -279,7 +282,7 @@ def range_has_gaps(k: Kernel, mm: int, start: int, end: int) -> bool:
     km = k.km
     cur = start
     for v in vmas(k, mm):
-        vi = v & 0xFFFFFFFF
+        vi = km.vma.idx(v, "range_has_gaps")
         vs, ve = int(km.vma.start[vi]), int(km.vma.end[vi])
         if ve <= cur:
             continue
@@ -293,11 +296,11 @@ def range_has_gaps(k: Kernel, mm: int, start: int, end: int) -> bool:
 
 def get_unmapped_area(k: Kernel, mm: int, length: int) -> int:
     km = k.km
-    mi = km.mm.idx(mm)
+    mi = km.mm.idx(mm, "get_unmapped_area")
     limit = km.geo.va_pages * PAGE_SIZE
     cur = int(km.mm.mmap_base[mi])
     for v in vmas(k, mm):
-        vi = v & 0xFFFFFFFF
+        vi = km.vma.idx(v, "get_unmapped_area")
         vs, ve = int(km.vma.start[vi]), int(km.vma.end[vi])
         if ve <= cur:
             continue
@@ -310,19 +313,19 @@ def get_unmapped_area(k: Kernel, mm: int, length: int) -> int:
 
 
 def linear_page_index(k: Kernel, vma: int, addr: int) -> int:
-    vi = vma & 0xFFFFFFFF
+    vi = k.km.vma.idx(vma, "linear_page_index")
     return int(k.km.vma.pgoff[vi]) + ((addr - int(k.km.vma.start[vi])) >> PAGE_SHIFT)
 
 
 def vma_is_locked(k: Kernel, vma: int) -> bool:
-    return bool(k.km.vma.flags[vma & 0xFFFFFFFF] & VM_LOCKED)
+    return bool(k.km.vma.flags[k.km.vma.idx(vma, "vma_is_locked")] & VM_LOCKED)
 
 
 # -- page tables -------------------------------------------------------------------------
 def pte_table(k: Kernel, mm: int, addr: int, alloc: bool = False) -> tuple[np.ndarray | None, int]:
     """The pte array covering addr and the index in it (caller holds ptl if alloc)."""
     km = k.km
-    mi = mm & 0xFFFFFFFF
+    mi = km.mm.idx(mm, "pte_offset")
     vpn = addr >> PAGE_SHIFT
     pgi = vpn // PTRS_PER_PTE
     if pgi >= km.geo.pgd_entries:
@@ -345,7 +348,7 @@ def read_pte(k: Kernel, mm: int, addr: int) -> int:
     pgd = km.pgd
     if pgi >= pgd.shape[1]:
         return 0
-    pt = int(pgd[mm & 0xFFFFFFFF, pgi])
+    pt = int(pgd[km.mm.idx(mm, "pte_offset"), pgi])
     if not pt:
         return 0
     return int(km.ptable.pte[km.ptable.idx(pt, "pte_offset"), vpn % PTRS_PER_PTE])

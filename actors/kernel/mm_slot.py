@@ -12,7 +12,7 @@ from shared_mem.arena import NULL
 
 def boot_init(k: Kernel) -> None:
     head = k.km.mm_slot.alloc(site="ksm_init")
-    hi = head & 0xFFFFFFFF
+    hi = k.km.mm_slot.idx(head, "ksm_init")
     k.km.mm_slot.next[hi] = head
     k.km.mm_slot.prev[hi] = head
     k.ksm["mm_head"] = head

@@ -16,7 +16,7 @@ from actors.kernel import ksm_mm
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
 from actors.kernel.memory import zap_page_range
-from shared_mem.arena import NULL
+from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
     MMF_OOM_SKIP,
     PF_EXITING,
@@ -56,7 +56,7 @@ def select_bad_process(k: Kernel) -> tuple[int, int]:
         mm = int(t.mm[i])
         if not mm or not k.km.mm.valid(mm):
             continue
-        mi = mm & 0xFFFFFFFF
+        mi = k.km.mm.idx(mm, "oom_badness")
         if k.km.mm.flags[mi] & MMF_OOM_SKIP:
             continue
         if t.flags[i] & PF_OOM_ORIGIN:
@@ -75,7 +75,7 @@ def mark_oom_victim(k: Kernel, victim: int) -> int:
     mm = int(t.mm[vi])
     if mm:
         mmops.mmgrab(k, mm)
-        k.km.mm.atomic("oom_refs").inc_return(mm & 0xFFFFFFFF)
+        k.km.mm.atomic("oom_refs").inc_return(k.km.mm.idx(mm, "mark_oom_victim"))
     return mm
 
 
@@ -87,19 +87,19 @@ def out_of_memory(k: Kernel, oom_mms: list[int]) -> dict:
     """
     pending = oom_victim_pending(k, oom_mms)
     if pending:
-        return {"action": "wait", "mm": pending & 0xFFFFFFFF}
+        return {"action": "wait", "mm": handle_id(pending)}
     victim, pts = select_bad_process(k)
     if not victim:
         k.ev("oom_no_victim")
         return {"action": "none"}
-    vi = victim & 0xFFFFFFFF
     t = k.km.task
+    vi = t.idx(victim, "oom_kill_process")
     mm = mark_oom_victim(k, victim)
     if mm:
         oom_mms.append(mm)
-    rss = int(k.km.mm.rss_anon[mm & 0xFFFFFFFF]) if mm else 0
+    rss = int(k.km.mm.rss_anon[k.km.mm.idx(mm, "oom_kill_process")]) if mm else 0
     k.ev("oom_kill", victim=vi, pid=int(t.pid[vi]), comm=t.comm[vi].decode(), points=pts,
-         anon_rss_kb=rss * 4)
+         anon_rss_kb=rss * 4, mm=k.km.mm.idx(mm, "oom_kill") if mm else -1)
     return {"action": "kill", "victim": victim, "mm": mm, "pid": int(t.pid[vi]),
             "comm": t.comm[vi].decode(), "rss_pages": rss}
 
@@ -108,7 +108,7 @@ def __oom_reap_task_mm(k: Kernel, mm: int) -> int:
     km = k.km
     freed = 0
     for vma in list(mmops.vmas(k, mm)):
-        vi = vma & 0xFFFFFFFF
+        vi = km.vma.idx(vma, "__oom_reap_task_mm")
         f = int(km.vma.flags[vi])
         if f & (VM_HUGETLB | VM_PFNMAP) or f & VM_SHARED:
             continue

@@ -159,7 +159,7 @@ def get_next_rmap_item(k: Kernel, slot: int, link: Link, addr: int) -> int:
         free_rmap_item(k, item)
     item = alloc_rmap_item(k)
     if item:
-        ii = item & 0xFFFFFFFF
+        ii = ri.idx(item, "get_next_rmap_item")
         mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "get_next_rmap_item")])
         ri.mm[ii] = mm
         km.mm.atomic("ksm_rmap_items").inc_return(km.mm.idx(mm, "ksm_rmap_items"))

@@ -39,7 +39,8 @@ def get_kpfn_nid(k: Kernel, pfn: int) -> int:
 
 
 def is_chain(k: Kernel, node: int) -> bool:
-    return k.km.stable_node.rmap_hlist_len[node & 0xFFFFFFFF] == STABLE_NODE_CHAIN
+    sn = k.km.stable_node
+    return sn.rmap_hlist_len[sn.idx(node, "is_stable_node_chain")] == STABLE_NODE_CHAIN
 
 
 def is_page_sharing_candidate(k: Kernel, node: int, offset: int = 0) -> bool:
@@ -94,8 +95,9 @@ def _stale(k: Kernel, node: int) -> int:
 
 # -- node lifetime ----------------------------------------------------------------------------
 def alloc_stable_node(k: Kernel, role: int = NODE_REGULAR) -> int:
-    h = k.km.stable_node.alloc(site="alloc_stable_node")
-    k.km.stable_node.role[h & 0xFFFFFFFF] = role
+    sn = k.km.stable_node
+    h = sn.alloc(site="alloc_stable_node")
+    sn.role[sn.idx(h, "alloc_stable_node")] = role
     return h
 
 
@@ -221,7 +223,7 @@ def alloc_stable_node_chain(k: Kernel, dup: int) -> int:
     """The regular node dup becomes the first dup of a new chain that takes its tree place."""
     sn = k.km.stable_node
     chain = alloc_stable_node(k, NODE_CHAIN)
-    ci = chain & 0xFFFFFFFF
+    ci = sn.idx(chain, "alloc_stable_node_chain")
     di = sn.idx(dup, "alloc_stable_node_chain")
     sn.rmap_hlist_len[ci] = STABLE_NODE_CHAIN
     sn.nid[ci] = sn.nid[di]
@@ -247,7 +249,7 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
         pfn = get_ksm_page(k, dup)
         if pfn < 0:
             continue
-        di = dup & 0xFFFFFFFF
+        di = sn.idx(dup, "stable_node_dup")
         cand = is_page_sharing_candidate(k, dup)
         if not found or (cand and (not is_page_sharing_candidate(k, found)
                                    or sn.rmap_hlist_len[di] > found_len)):
@@ -262,7 +264,7 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
     if found:
         if len(dups_of(k, chain)) == 1:
             # One dup left: collapse the chain back into a regular node.
-            fi = found & 0xFFFFFFFF
+            fi = sn.idx(found, "stable_node_dup")
             _chain_unlink_dup(k, found)
             sn.role[fi] = NODE_REGULAR
             tree.replace_node(sn, stable_root(k, int(sn.nid[ci])), chain, found)
@@ -286,8 +288,10 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
 
 def _node_chain(k: Kernel, node: int, prune: bool) -> tuple[int, int, int]:
     """__stable_node_chain(): (dup with room or NULL, a page ref or -1, node in the tree)."""
-    if not is_chain(k, node):
-        if is_page_sharing_candidate(k, node):
+    sn = k.km.stable_node
+    n = int(sn.rmap_hlist_len[sn.idx(node, "__stable_node_chain")])
+    if n != STABLE_NODE_CHAIN:  # not a chain: is_page_sharing_candidate() on the same read
+        if n < k.ks.max_page_sharing:
             return node, get_ksm_page(k, node), node
         return NULL, -1, node
     return _stable_node_dup(k, node, prune)
@@ -313,7 +317,7 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
     km = k.km
     sn = km.stable_node
     page_node = int(k.page_mapping[pfn]) if k.page_flags[pfn] & PG_KSM else NULL
-    if page_node and sn.valid(page_node) and sn.role[page_node & 0xFFFFFFFF] != NODE_MIGRATE:
+    if page_node and sn.valid(page_node) and sn.role[sn.idx(page_node, "stable_tree_search")] != NODE_MIGRATE:
         get_page(k, pfn)
         return pfn
     nid = get_kpfn_nid(k, pfn)
@@ -400,7 +404,7 @@ def stable_tree_insert(k: Kernel, kpfn: int) -> int:
         new = alloc_stable_node(k, NODE_REGULAR)
     except MemoryError:
         return NULL
-    ni = new & 0xFFFFFFFF
+    ni = sn.idx(new, "stable_tree_insert")
     sn.kpfn[ni] = kpfn
     sn.nid[ni] = nid
     sn.rmap_hlist_len[ni] = 0
@@ -464,4 +468,5 @@ def remove_all_stable_nodes(k: Kernel) -> int:
 
 
 def stable_item_check(k: Kernel, item: int) -> bool:
-    return bool(k.km.rmap_item.address[item & 0xFFFFFFFF] & STABLE_FLAG)
+    ri = k.km.rmap_item
+    return bool(ri.address[ri.idx(item, "stable_item_check")] & STABLE_FLAG)

@@ -10,10 +10,13 @@
 # from a !Uptodate page, let the fault report the I/O error).
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from shared_mem.arena import handle_id
 from shared_mem.layout import (
     PG_ANON,
     PG_KSM,
@@ -163,17 +166,23 @@ def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
 
     km = k.km
     flags = int(km.page["flags"][pfn])
-    vi = vma & 0xFFFFFFFF
+    vi = km.vma.idx(vma, "ksm_might_need_to_copy")
     if flags & PG_KSM:
         unmerging = k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes")
         if km.page["mapping"][pfn] and not unmerging:
+            # When this decision (taken after reading run) was made: run=2's completion
+            # check excuses a survivor mapped by a swap-in that read run just before
+            # run=2 was stored (debug.check_unmerged).
+            km.page["ksm_swpin_ns"][pfn] = time.monotonic_ns()
             return pfn
     else:
         av = int(km.page["mapping"][pfn])
         if not av:
             return pfn
         vav = int(km.vma.anon_vma[vi])
-        if (km.anon_vma.valid(av) and vav and km.anon_vma.root[av & 0xFFFFFFFF] == km.anon_vma.root[vav & 0xFFFFFFFF]
+        avs = km.anon_vma
+        if (avs.valid(av) and vav and avs.root[avs.idx(av, "ksm_might_need_to_copy")]
+                == avs.root[avs.idx(vav, "ksm_might_need_to_copy")]
                 and int(km.page["index"][pfn]) == mmops.linear_page_index(k, vma, addr)):
             return pfn
     if not flags & PG_UPTODATE and not k.variant("stale-stable-nodes"):
@@ -246,13 +255,13 @@ def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int)
             exclusive = (not pflags & PG_KSM and km.page["mapcount"][page] == 1
                          and (page != swapcache or swap_refs == 1))
             if (flags & FAULT_FLAG_WRITE and not flags & FAULT_FLAG_UNSHARE and exclusive
-                    and km.vma.flags[vma & 0xFFFFFFFF] & VM_WRITE):
+                    and km.vma.flags[km.vma.idx(vma, "do_swap_page")] & VM_WRITE):
                 entry |= PTE_WRITE | PTE_DIRTY
             ptes[j] = entry
-            km.mm.atomic("rss_anon").inc_return(mm & 0xFFFFFFFF)
+            km.mm.atomic("rss_anon").inc_return(km.mm.idx(mm, "do_swap_page"))
         if page != swapcache:
             put_page(k, swapcache)  # we mapped a copy; the cached page keeps only its cache ref
-        k.ev("do_swap_page", mm=mm & 0xFFFFFFFF, addr=addr, slot=slot, pfn=page, copied=page != swapcache)
+        k.ev("do_swap_page", mm=handle_id(mm), addr=addr, slot=slot, pfn=page, copied=page != swapcache)
     finally:
         lock.unlock()
     swap_free(k, slot)

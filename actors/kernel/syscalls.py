@@ -33,6 +33,7 @@ from protocol.abi import (
     PROT_READ,
     PROT_WRITE,
 )
+from shared_mem.arena import handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     PAGE_SIZE,
@@ -93,7 +94,7 @@ def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int =
     lock = k.mmap_lock(mm, "sys_mmap")
     lock.down_write(site="sys_mmap")
     try:
-        mi = k.km.mm.idx(mm)
+        mi = k.km.mm.idx(mm, "do_mmap")
         vmflags |= int(k.km.mm.def_flags[mi])
         if flags & MAP_FIXED:
             if addr & (PAGE_SIZE - 1) or addr < mmops.MMAP_MIN_ADDR or addr + length > k.km.geo.va_pages * PAGE_SIZE:
@@ -110,8 +111,10 @@ def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int =
         raise SyscallError(e.errno_name, str(e)) from None
     finally:
         lock.up_write()
-    k.ev("mmap", mm=mm & 0xFFFFFFFF, start=start, length=length, vm_flags=vmflags, vma=vma & 0xFFFFFFFF)
-    if flags & MAP_POPULATE or vmflags & VM_LOCKED:
+    k.ev("mmap", mm=handle_id(mm), start=start, length=length, vm_flags=vmflags, vma=handle_id(vma))
+    # mm_populate(): a PROT_NONE area cannot be faulted in; mmap still succeeds (the
+    # kernel ignores populate errors), so an MCL_FUTURE task can map guard areas.
+    if (flags & MAP_POPULATE or vmflags & VM_LOCKED) and vmflags & (VM_READ | VM_WRITE):
         populate = getattr(k, "populate_hook", None)
         if populate is not None:
             populate(start, length, bool(vmflags & VM_WRITE))
@@ -120,7 +123,7 @@ def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int =
 
 def _munmap_locked(k: Kernel, mm: int, start: int, end: int) -> None:
     for vma in mmops.split_range(k, mm, start, end):
-        vi = vma & 0xFFFFFFFF
+        vi = k.km.vma.idx(vma, "do_vmi_munmap")
         zap_page_range(k, mm, int(k.km.vma.start[vi]), int(k.km.vma.end[vi]))
         mmops.vma_remove(k, mm, vma)
 
@@ -135,7 +138,7 @@ def sys_munmap(k: Kernel, mm: int, addr: int, length: int) -> int:
         _munmap_locked(k, mm, addr, end)
     finally:
         lock.up_write()
-    k.ev("munmap", mm=mm & 0xFFFFFFFF, start=addr, end=end)
+    k.ev("munmap", mm=handle_id(mm), start=addr, end=end)
     return 0
 
 
@@ -150,14 +153,14 @@ def sys_mprotect(k: Kernel, mm: int, addr: int, length: int, prot: int) -> int:
             raise SyscallError("ENOMEM", "range not fully mapped")
         new = prot_to_vm(prot)
         for vma in mmops.split_range(k, mm, addr, end):
-            vi = vma & 0xFFFFFFFF
+            vi = k.km.vma.idx(vma, "mprotect_fixup")
             old = int(k.km.vma.flags[vi])
             k.km.vma.flags[vi] = (old & ~(VM_READ | VM_WRITE | VM_EXEC)) | new
             if old & VM_WRITE and not new & VM_WRITE:
                 _wrprotect_range(k, mm, int(k.km.vma.start[vi]), int(k.km.vma.end[vi]))
     finally:
         lock.up_write()
-    k.ev("mprotect", mm=mm & 0xFFFFFFFF, start=addr, end=end, prot=prot)
+    k.ev("mprotect", mm=handle_id(mm), start=addr, end=end, prot=prot)
     return 0
 
 
@@ -187,11 +190,16 @@ def sys_madvise(k: Kernel, mm: int, addr: int, length: int, advice: int) -> int:
     unmapped = False
     try:
         unmapped = mmops.range_has_gaps(k, mm, addr, end)
-        vmas = (mmops.split_range(k, mm, addr, end) if write
-                else [v for v in mmops.vmas(k, mm)
-                      if k.km.vma.end[v & 0xFFFFFFFF] > addr and k.km.vma.start[v & 0xFFFFFFFF] < end])
+        if write:
+            vmas = mmops.split_range(k, mm, addr, end)
+        else:
+            vmas = []
+            for v in mmops.vmas(k, mm):
+                vi = k.km.vma.idx(v, "madvise_walk_vmas")
+                if k.km.vma.end[vi] > addr and k.km.vma.start[vi] < end:
+                    vmas.append(v)
         for vma in vmas:
-            vi = vma & 0xFFFFFFFF
+            vi = k.km.vma.idx(vma, "madvise_walk_vmas")
             vs, ve = max(addr, int(k.km.vma.start[vi])), min(end, int(k.km.vma.end[vi]))
             if advice in (MADV_MERGEABLE, MADV_UNMERGEABLE):
                 err = ksm_mm.ksm_madvise(k, vma, vs, ve, advice)
@@ -208,7 +216,7 @@ def sys_madvise(k: Kernel, mm: int, addr: int, length: int, advice: int) -> int:
                 k.km.vma.flags[vi] &= ~VM_NOHUGEPAGE
     finally:
         lock.up_write() if write else lock.up_read()
-    k.ev("madvise", mm=mm & 0xFFFFFFFF, start=addr, end=end, advice=advice, unmapped=unmapped)
+    k.ev("madvise", mm=handle_id(mm), start=addr, end=end, advice=advice, unmapped=unmapped)
     if unmapped:
         raise SyscallError("ENOMEM", "part of the range is not mapped (the mapped parts were advised)")
     return 0
@@ -243,14 +251,14 @@ def sys_mlockall(k: Kernel, mm: int, flags: int) -> list[tuple[int, int, bool]]:
     lock = k.mmap_lock(mm, "mlockall")
     lock.down_write(site="sys_mlockall")
     try:
-        mi = k.km.mm.idx(mm)
+        mi = k.km.mm.idx(mm, "apply_mlockall_flags")
         if flags & MCL_FUTURE:
             k.km.mm.def_flags[mi] |= VM_LOCKED
         else:
             k.km.mm.def_flags[mi] &= ~VM_LOCKED
         if flags & MCL_CURRENT:
             for vma in mmops.vmas(k, mm):
-                vi = vma & 0xFFFFFFFF
+                vi = k.km.vma.idx(vma, "apply_mlockall_flags")
                 k.km.vma.flags[vi] |= VM_LOCKED
                 vf = int(k.km.vma.flags[vi])
                 # PROT_NONE areas are locked but cannot be faulted in (seed 001's case).
@@ -259,7 +267,7 @@ def sys_mlockall(k: Kernel, mm: int, flags: int) -> list[tuple[int, int, bool]]:
                                  bool(vf & VM_WRITE)))
     finally:
         lock.up_write()
-    k.ev("mlockall", mm=mm & 0xFFFFFFFF, flags=flags)
+    k.ev("mlockall", mm=handle_id(mm), flags=flags)
     return todo
 
 
@@ -267,9 +275,9 @@ def sys_munlockall(k: Kernel, mm: int) -> int:
     lock = k.mmap_lock(mm, "munlockall")
     lock.down_write(site="sys_munlockall")
     try:
-        k.km.mm.def_flags[k.km.mm.idx(mm)] &= ~VM_LOCKED
+        k.km.mm.def_flags[k.km.mm.idx(mm, "apply_mlockall_flags")] &= ~VM_LOCKED
         for vma in mmops.vmas(k, mm):
-            k.km.vma.flags[vma & 0xFFFFFFFF] &= ~VM_LOCKED
+            k.km.vma.flags[k.km.vma.idx(vma, "apply_mlockall_flags")] &= ~VM_LOCKED
     finally:
         lock.up_write()
     return 0

@@ -9,8 +9,10 @@
 # scan-time advisor drives it. Reads are lock-free, as in the kernel.
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
+from actors.kernel import debug
 from actors.kernel.context import Kernel
 
 PAGE_SIZE = 4096
@@ -171,6 +173,8 @@ def _store_run(k: Kernel, buf: str) -> None:
     k.ksm_thread_mutex.lock(site="run_store")
     try:
         if int(k.ksm["run"]) != flags:
+            if flags & KSM_RUN_UNMERGE:
+                k.ksm["unmerge_start_ns"] = time.monotonic_ns()   # before run=2 is seen
             k.ksm["run"] = flags
             if flags & KSM_RUN_UNMERGE:
                 k.oom_origin = True
@@ -180,6 +184,9 @@ def _store_run(k: Kernel, buf: str) -> None:
                     k.oom_origin = False
                 if err:
                     k.ksm["run"] = KSM_RUN_STOP
+                else:
+                    # Seed 002's rule, checked where it must hold: nothing of KSM is left.
+                    debug.check_unmerged(k)
     finally:
         k.ksm_thread_mutex.unlock()
     if flags & KSM_RUN_MERGE:
@@ -292,7 +299,8 @@ def ksm_stat(k: Kernel, mm: int) -> dict[str, object]:
     rmap_items = int(km.mm.ksm_rmap_items[i])
     merging = int(km.mm.ksm_merging_pages[i])
     zero = int(km.mm.ksm_zero_pages[i])
-    mergeable = any(km.vma.flags[v & 0xFFFFFFFF] & VM_MERGEABLE for v in mmops.vmas(k, mm))
+    mergeable = any(km.vma.flags[km.vma.idx(v, "ksm_process_mergeable")] & VM_MERGEABLE
+                    for v in mmops.vmas(k, mm))
     return {
         "ksm_rmap_items": rmap_items,
         "ksm_zero_pages": zero,

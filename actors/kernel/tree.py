@@ -37,13 +37,9 @@ class RootRef:
         self.arr[self.i] = h
 
 
-def _i(a: Arena, h: int, site: str) -> int:
-    return a.idx(h, site)
-
-
 def link_node(a: Arena, root: RootRef, parent: int, left: bool, node: int) -> None:
     """rb_link_node + rb_insert_color: hang node under parent, then restore heap order."""
-    ni = _i(a, node, "rb_link_node")
+    ni = a.idx(node, "rb_link_node")
     a.left[ni] = NULL
     a.right[ni] = NULL
     a.parent[ni] = parent
@@ -51,7 +47,7 @@ def link_node(a: Arena, root: RootRef, parent: int, left: bool, node: int) -> No
     if parent == NULL:
         root.set(node)
         return
-    pi = _i(a, parent, "rb_link_node")
+    pi = a.idx(parent, "rb_link_node")
     if left:
         a.left[pi] = node
     else:
@@ -60,7 +56,7 @@ def link_node(a: Arena, root: RootRef, parent: int, left: bool, node: int) -> No
         p = int(a.parent[ni])
         if p == NULL:
             break
-        pi = _i(a, p, "rb_insert_color")
+        pi = a.idx(p, "rb_insert_color")
         if a.prio[pi] >= a.prio[ni]:
             break
         _rotate_up(a, root, node)
@@ -70,7 +66,7 @@ def _replace_child(a: Arena, root: RootRef, parent: int, old: int, new: int) -> 
     if parent == NULL:
         root.set(new)
         return
-    pi = _i(a, parent, "rb_replace")
+    pi = a.idx(parent, "rb_replace")
     if a.left[pi] == old:
         a.left[pi] = new
     elif a.right[pi] == old:
@@ -80,9 +76,9 @@ def _replace_child(a: Arena, root: RootRef, parent: int, old: int, new: int) -> 
 
 
 def _rotate_up(a: Arena, root: RootRef, x: int) -> None:
-    xi = _i(a, x, "rotate")
+    xi = a.idx(x, "rotate")
     p = int(a.parent[xi])
-    pi = _i(a, p, "rotate")
+    pi = a.idx(p, "rotate")
     g = int(a.parent[pi])
     if a.left[pi] == x:
         b = int(a.right[xi])
@@ -93,7 +89,7 @@ def _rotate_up(a: Arena, root: RootRef, x: int) -> None:
         a.right[pi] = b
         a.left[xi] = p
     if b:
-        a.parent[_i(a, b, "rotate")] = p
+        a.parent[a.idx(b, "rotate")] = p
     a.parent[pi] = x
     a.parent[xi] = g
     _replace_child(a, root, g, p, x)
@@ -101,16 +97,16 @@ def _rotate_up(a: Arena, root: RootRef, x: int) -> None:
 
 def erase(a: Arena, root: RootRef, node: int) -> None:
     """rb_erase(): rotate the node down to a leaf position, then unlink it."""
-    ni = _i(a, node, "rb_erase")
+    ni = a.idx(node, "rb_erase")
     while a.left[ni] and a.right[ni]:
-        li = _i(a, int(a.left[ni]), "rb_erase")
-        ri = _i(a, int(a.right[ni]), "rb_erase")
+        li = a.idx(int(a.left[ni]), "rb_erase")
+        ri = a.idx(int(a.right[ni]), "rb_erase")
         child = int(a.left[ni]) if a.prio[li] > a.prio[ri] else int(a.right[ni])
         _rotate_up(a, root, child)
     child = int(a.left[ni]) or int(a.right[ni])
     parent = int(a.parent[ni])
     if child:
-        a.parent[_i(a, child, "rb_erase")] = parent
+        a.parent[a.idx(child, "rb_erase")] = parent
     _replace_child(a, root, parent, node, child)
     a.left[ni] = NULL
     a.right[ni] = NULL
@@ -119,15 +115,15 @@ def erase(a: Arena, root: RootRef, node: int) -> None:
 
 def replace_node(a: Arena, root: RootRef, old: int, new: int) -> None:
     """rb_replace_node(): new takes old's place (links and priority) in the tree."""
-    oi = _i(a, old, "rb_replace_node")
-    ni = _i(a, new, "rb_replace_node")
+    oi = a.idx(old, "rb_replace_node")
+    ni = a.idx(new, "rb_replace_node")
     a.left[ni] = a.left[oi]
     a.right[ni] = a.right[oi]
     a.parent[ni] = a.parent[oi]
     a.prio[ni] = a.prio[oi]
     for c in (int(a.left[oi]), int(a.right[oi])):
         if c:
-            a.parent[_i(a, c, "rb_replace_node")] = new
+            a.parent[a.idx(c, "rb_replace_node")] = new
     _replace_child(a, root, int(a.parent[oi]), old, new)
     a.left[oi] = NULL
     a.right[oi] = NULL
@@ -142,8 +138,8 @@ def walk(a: Arena, root: RootRef) -> list[int]:
     while stack or cur:
         while cur:
             stack.append(cur)
-            cur = int(a.left[_i(a, cur, "tree_walk")])
+            cur = int(a.left[a.idx(cur, "tree_walk")])
         cur = stack.pop()
         out.append(cur)
-        cur = int(a.right[_i(a, cur, "tree_walk")])
+        cur = int(a.right[a.idx(cur, "tree_walk")])
     return out

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from actors.kernel import debug, swap
 from actors.kernel import mm as mmops
-from actors.kernel import swap
 from actors.kernel.context import Kernel
 from actors.kernel.memory import put_page
 from actors.kernel.rmap import PAGE_MASK, items_of_node
@@ -49,6 +49,11 @@ def _vmas_of_anon_vma(k: Kernel, av: int) -> list[int]:
     while v:
         out.append(v)
         v = int(km.vma.anon_next[km.vma.idx(v, "anon_vma_walk")])
+    # anon_vma_link() pushes at the head; walk oldest first, the kernel's list_add_tail
+    # order. That order is what makes a walk racing fork() complete: the parent's pte is
+    # visited before the child's, so a pte copied to the child before the walk reached
+    # the parent is found in the child, and one copied after is already a swap entry.
+    out.reverse()
     return out
 
 
@@ -60,7 +65,7 @@ def rmap_walk_anon(k: Kernel, pfn: int, visit: Visitor) -> None:
     index = int(km.page["index"][pfn])
     with k.anon_vma_lock(av).read():
         for vma in _vmas_of_anon_vma(k, av):
-            vi = vma & 0xFFFFFFFF
+            vi = km.vma.idx(vma, "rmap_walk_anon")
             addr = int(km.vma.start[vi]) + ((index - int(km.vma.pgoff[vi])) << PAGE_SHIFT)
             if not int(km.vma.start[vi]) <= addr < int(km.vma.end[vi]):
                 continue
@@ -78,7 +83,7 @@ def rmap_walk_ksm(k: Kernel, pfn: int, visit: Visitor) -> None:
     if k.variant("rmap-no-anon-vma"):
         # Before seed 004: only the (mm, address) each rmap_item records.
         for item in items_of_node(k, node):
-            ii = item & 0xFFFFFFFF
+            ii = ri.idx(item, "rmap_walk_ksm")
             mm = int(ri.mm[ii])
             addr = int(ri.address[ii]) & PAGE_MASK
             vma = mmops.vma_lookup(k, mm, addr) if km.mm.valid(mm) else 0
@@ -87,7 +92,7 @@ def rmap_walk_ksm(k: Kernel, pfn: int, visit: Visitor) -> None:
         return
     for search_new_forks in (False, True):
         for item in items_of_node(k, node):
-            ii = item & 0xFFFFFFFF
+            ii = ri.idx(item, "rmap_walk_ksm")
             av = int(ri.anon_vma[ii])
             if not av:
                 continue
@@ -95,7 +100,7 @@ def rmap_walk_ksm(k: Kernel, pfn: int, visit: Visitor) -> None:
             item_mm = int(ri.mm[ii])
             with k.anon_vma_lock(av).read():
                 for vma in _vmas_of_anon_vma(k, av):
-                    vi = vma & 0xFFFFFFFF
+                    vi = km.vma.idx(vma, "rmap_walk_ksm")
                     if not int(km.vma.start[vi]) <= addr < int(km.vma.end[vi]):
                         continue
                     vmm = int(km.vma.mm[vi])
@@ -148,10 +153,17 @@ def try_to_unmap(k: Kernel, pfn: int) -> bool:
     km = k.km
     slot = int(km.page["private"][pfn])
 
+    visited: set[tuple[int, int]] = set()
+    stopped = False
+
     def visit(vma: int, mm: int, addr: int) -> bool:
-        vi = vma & 0xFFFFFFFF
+        nonlocal stopped
+        vi = km.vma.idx(vma, "try_to_unmap_one")
+        mi = km.mm.idx(mm, "try_to_unmap_one")
         if km.vma.flags[vi] & VM_LOCKED:
+            stopped = True
             return False  # mlocked: it stays
+        visited.add((mm, addr))
         with k.ptl(mm):
             ptes, j = _pte_of(k, mm, addr)
             if ptes is None:
@@ -161,15 +173,19 @@ def try_to_unmap(k: Kernel, pfn: int) -> bool:
                 return True
             if pte & PTE_DIRTY:
                 km.page["flags"][pfn] |= PG_DIRTY
-            swap.swap_duplicate(k, slot, f"try_to_unmap pfn {pfn} mm {mm & 0xFFFFFFFF} addr {addr:#x}")
+            swap.swap_duplicate(k, slot, f"try_to_unmap pfn {pfn} mm {mi} addr {addr:#x}")
             ptes[j] = slot | PTE_SWAP
             k.page_map.dec_return(pfn)
-            km.mm.atomic("rss_anon").dec_return(mm & 0xFFFFFFFF)
+            km.mm.atomic("rss_anon").dec_return(mi)
             put_page(k, pfn)
-        k.ev("try_to_unmap_one", pfn=pfn, mm=mm & 0xFFFFFFFF, addr=addr, slot=slot)
+        k.ev("try_to_unmap_one", pfn=pfn, mm=mi, addr=addr, slot=slot)
         return km.page["mapcount"][pfn] > 0
 
     rmap_walk(k, pfn, visit)
+    if km.page["mapcount"][pfn] and not stopped:
+        # A complete walk that left the page mapped: was every pte reachable? (debug.py;
+        # our caller, shrink_page, holds one reference besides the mappings and the cache.)
+        debug.check_rmap_walk(k, pfn, visited, "try_to_unmap")
     return km.page["mapcount"][pfn] == 0
 
 

@@ -9,6 +9,11 @@
 # and the invariants of DESIGN.md are checked; at the end every task exits, ksmd
 # reaps every slot, and nothing may be leaked. Bounded: `seconds` (ctx.args or
 # KSMLAB_SOAK_SECONDS, default 60 here and 12 in the test suite) and `ops`.
+#
+# The seed draws the NUMA node count (derive), the knobs (draw_knobs) and every
+# choice of the workers, and drives the schedule plan, so a campaign of soak seeds
+# covers chains, zero pages, node switches and narrow windows, and a failing seed
+# can be replayed with the same draws.
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +33,29 @@ OPTIONS: dict[str, Any] = {"frames": 768, "swap_slots": 384, "max_tasks": 64, "m
                            "trace_locks": False, "hung_task_timeout": 30.0}
 
 CONTENTS = 24
+
+# The knobs a seed draws, so that a campaign exercises chains and dups (small
+# max_page_sharing), the zero-page merge, smart scan, per-node trees and short scan
+# batches instead of only the defaults: (knob, choices).
+KNOB_CHOICES: list[tuple[str, list[int]]] = [
+    ("max_page_sharing", [2, 3, 4, 8, 256]),
+    ("use_zero_pages", [0, 1]),
+    ("smart_scan", [0, 1]),
+    ("pages_to_scan", [7, 32, 100, 200, 500]),
+]
+
+
+def derive(seed: int) -> dict[str, Any]:
+    """Cluster options drawn from the seed: a third of the runs boot two NUMA nodes."""
+    return {"nodes": 2 if random.Random(seed ^ 0x4E554D41).random() < 0.35 else 1}
+
+
+def draw_knobs(seed: int, nodes: int) -> dict[str, int]:
+    rng = random.Random(seed ^ 0x4B4E4F42)
+    knobs = {name: rng.choice(choices) for name, choices in KNOB_CHOICES}
+    if nodes > 1:
+        knobs["merge_across_nodes"] = rng.choice([0, 1])
+    return knobs
 
 
 def _page(content: int) -> bytes:
@@ -146,11 +174,26 @@ class Soak:
     async def knob(self) -> None:
         r = self.rng.random()
         value = 2 if r < 0.15 else 0 if r < 0.35 else 1
+        unmerged = False
         try:
             await self.c.sysfs_write("run", value)
+            unmerged = value == 2
         except SyscallFailed as e:   # run=2 may fail with ENOMEM under pressure: run is then 0
             self.count(f"run{value}_{e.strerror or e.errno}")
         self.count(f"run{value}")
+        if unmerged and self.rng.random() < 0.5:
+            # The knobs that may only change once nothing is shared (seed 002's switch of
+            # merge_across_nodes after run=2 among them); EBUSY is the kernel's answer when
+            # something is still shared.
+            name = "merge_across_nodes" if self.c.opts.nodes > 1 and self.rng.random() < 0.6 \
+                else "max_page_sharing"
+            new = (1 - int(self.c.sysfs_read(name)) if name == "merge_across_nodes"
+                   else self.rng.choice(KNOB_CHOICES[0][1]))
+            try:
+                await self.c.sysfs_write(name, new)
+                self.count(f"{name}={new}")
+            except SyscallFailed as e:
+                self.count(f"{name}_{errno.errorcode.get(e.errno, e.errno)}")
         if value != 1:
             await self.c.sysfs_write("run", 1)
 
@@ -195,7 +238,11 @@ async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
     seconds = float(ctx.args.get("seconds", os.environ.get("KSMLAB_SOAK_SECONDS", 60)))
     max_ops = int(ctx.args.get("ops", 100_000))
     s = Soak(c, ctx, c.opts.seed, seconds, max_ops)
-    await c.sysfs_write("pages_to_scan", 200)
+    knobs = draw_knobs(c.opts.seed, c.opts.nodes)
+    ctx.log(f"soak: seed {c.opts.seed} draws nodes {c.opts.nodes}, knobs {knobs}")
+    c.ev("soak_knobs", nodes=c.opts.nodes, **knobs)
+    for name, value in knobs.items():
+        await c.sysfs_write(name, value)
     await c.sysfs_write("sleep_millisecs", 0)
     await c.sysfs_write("run", 1)
     workers = [asyncio.create_task(s.worker()) for _ in range(3)]

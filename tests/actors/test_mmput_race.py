@@ -22,7 +22,8 @@ async def test_mmput_race_fixed_order_is_safe(tmp_path):
         [window: ksm_mmlist_lock still held]   __ksm_exit: spin_lock(ksm_mmlist_lock) waits
         spin_unlock(ksm_mmlist_lock)           fast path: free slot, mmdrop, exit_mmap, mmdrop
     """
-    res = await run_scenario(load_scenario("mmput-race"), run_dir=str(tmp_path / "r"))
+    res = await run_scenario(load_scenario("mmput-race"), run_dir=str(tmp_path / "r"), seed=11,
+                             args={"seconds": 8})
     assert res["ok"], (res.get("failed"), [r["title"] for r in res["reports"]])
     # The race window was really hit: the exit path waited for ksmd's spinlock.
     assert _exit_contended_on_mmlist_lock(res["run_dir"])
@@ -37,8 +38,8 @@ async def test_mmput_race_variant_is_a_use_after_free(tmp_path):
                                                exit_mmap (no mmap_lock in 2016), mmdrop: freed
         up_read(&mm->mmap_lock)  -> BUG: KASAN: use-after-free in up_read
     """
-    res = await run_scenario(load_scenario("mmput-race"), run_dir=str(tmp_path / "r"),
-                             variants=("mmput-race",))
+    res = await run_scenario(load_scenario("mmput-race"), run_dir=str(tmp_path / "r"), seed=12,
+                             variants=("mmput-race",), stop_on_report=True, args={"seconds": 30})
     kasan = [r for r in res["reports"] if r["kind"] == "kasan"]
     assert kasan, [r["title"] for r in res["reports"]]
     rep = kasan[0]

@@ -10,11 +10,14 @@ pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 
 def _forked_during_unmerge(run_dir: str) -> bool:
+    """From the recorded events: some fork's __ksm_enter came while a run=2 store ran."""
     ev = read_events(run_dir)
     enter = [e["ts_ns"] for e in ev if e["event"] == "ksm_enter" and e["actor"].startswith("task")]
     done = [e["ts_ns"] for e in ev if e["event"] == "sysfs_store" and e.get("knob") == "run"
             and e.get("value") == "2"]
-    return len(enter) == 3 and bool(done) and enter[-1] < done[-1]
+    begun = [e["ts_ns"] for e in ev if e["event"] == "lock_acquired" and e.get("lock") == "ksm_thread_mutex"
+             and e["actor"].startswith("ctl")]
+    return any(any(b < t < d for b in begun) for t in enter for d in done)
 
 
 async def test_fork_during_unmerge_is_unmerged_too(tmp_path):
@@ -24,15 +27,18 @@ async def test_fork_during_unmerge_is_unmerged_too(tmp_path):
         unmerge q ...                       fork(): __ksm_enter(child) -> list tail
         unmerge r, then the child
     """
-    res = await run_scenario(load_scenario("stale-stable-nodes"), run_dir=str(tmp_path / "r"))
+    res = await run_scenario(load_scenario("stale-stable-nodes"), run_dir=str(tmp_path / "r"), seed=31,
+                             args={"seconds": 10})
     assert res["ok"], (res.get("failed"), [r["title"] for r in res["reports"]])
-    assert _forked_during_unmerge(res["run_dir"]), "the fork did not land inside run=2"
+    assert res["result"]["forked_inside"] >= 1, "no fork landed inside run=2"
+    assert _forked_during_unmerge(res["run_dir"])
 
 
 async def test_variant_child_keeps_ksm_pages_after_unmerge(tmp_path):
     """2013 before the fix: the child is inserted behind the unmerge cursor and missed."""
-    res = await run_scenario(load_scenario("stale-stable-nodes"), run_dir=str(tmp_path / "r"),
-                             variants=("stale-stable-nodes",))
+    res = await run_scenario(load_scenario("stale-stable-nodes"), run_dir=str(tmp_path / "r"), seed=32,
+                             variants=("stale-stable-nodes",), stop_on_report=True, args={"seconds": 40})
     assert not res["ok"]
-    assert res["failed"].startswith("KSM pages mapped after run=2: got ")
-    assert _forked_during_unmerge(res["run_dir"])
+    # The run=2 completion check (actors/kernel/debug.py) reports it by itself.
+    titles = [r["title"] for r in res["reports"] if r["kind"] == "bad_page"]
+    assert titles and "survives KSM_RUN_UNMERGE (mapped by task-" in titles[0], titles

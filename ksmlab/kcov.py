@@ -1,0 +1,141 @@
+# Kernel-path coverage of runs and campaigns, across every actor process (our kcov).
+#
+# A run started with a coverage folder (`ksmlab run/stress --coverage DIR`) has every
+# actor process trace itself with coverage.py in parallel mode, branch coverage on,
+# restricted to the kernel paths (actors/kernel); each process writes its own data
+# file when it ends, and all runs of a campaign write into the same folder. `ksmlab
+# cover DIR` combines them and maps lines and branch arcs back to the kernel
+# functions (by their def ranges), so a campaign can say which functions of our
+# mm/ksm.c model it reached, how much of each, and name the ones it never reached.
+# coverage.py counts no hits, only reached or not; a count of runs that reached a
+# function comes from the per-run data files instead.
+from __future__ import annotations
+
+import ast
+import glob
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ACTIVE: Any = None   # this process's Coverage while it records
+KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "actors", "kernel")
+
+
+def start(data_dir: str, name: str) -> Any:
+    """Start tracing this process; returns the Coverage object to stop_and_save()."""
+    import coverage
+
+    os.makedirs(data_dir, exist_ok=True)
+    cov = coverage.Coverage(data_file=os.path.join(data_dir, ".coverage"), data_suffix=f"{name}.{os.getpid()}",
+                            branch=True, source=[KERNEL_DIR], concurrency=["thread"])
+    cov.start()
+    global ACTIVE
+    ACTIVE = cov
+    return cov
+
+
+def stop_and_save(cov: Any) -> None:
+    global ACTIVE
+    ACTIVE = None
+    try:
+        cov.stop()
+        cov.save()
+    except Exception:  # coverage must never turn a clean exit into a crash
+        pass
+
+
+@dataclass
+class FuncCov:
+    module: str
+    name: str
+    first: int
+    lines: int
+    lines_hit: int
+    arcs: int
+    arcs_hit: int
+    files_hit: int          # how many process data files reached it (runs x actors)
+
+    @property
+    def reached(self) -> bool:
+        return self.lines_hit > 0
+
+
+def _functions(path: str) -> list[tuple[str, int, int]]:
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body_first = node.body[0].lineno
+            if isinstance(node.body[0], ast.Expr) and isinstance(getattr(node.body[0], "value", None),
+                                                                 ast.Constant) and len(node.body) > 1:
+                body_first = node.body[1].lineno   # the docstring is no code to reach
+            out.append((node.name, body_first, node.end_lineno or node.lineno))
+    return out
+
+
+def table(data_dir: str) -> list[FuncCov]:
+    """Per kernel function: lines and arcs reached over every data file in data_dir."""
+    import coverage
+    from coverage.data import CoverageData
+
+    files = [f for f in glob.glob(os.path.join(data_dir, ".coverage.*")) if not f.endswith(".lock")]
+    if not files:
+        raise FileNotFoundError(f"{data_dir}: no coverage data (run with --coverage {data_dir})")
+    per_file: list[CoverageData] = []
+    for f in files:
+        d = CoverageData(basename=f)
+        d.read()
+        per_file.append(d)
+    cov = coverage.Coverage(data_file=None, branch=True, source=[KERNEL_DIR])
+    out: list[FuncCov] = []
+    for path in sorted(glob.glob(os.path.join(KERNEL_DIR, "*.py"))):
+        if os.path.basename(path) == "__init__.py":
+            continue
+        _f, statements, _excl, _missing, _fmt = cov.analysis2(path)
+        stmts = set(statements)
+        hit_lines: set[int] = set()
+        hit_arcs: set[tuple[int, int]] = set()
+        per_run: list[set[int]] = []
+        for d in per_file:
+            ls = set(d.lines(path) or ())
+            per_run.append(ls)
+            hit_lines |= ls
+            hit_arcs |= set(d.arcs(path) or ())
+        possible = _possible_arcs(cov, path)
+        mod = os.path.basename(path)[:-3]
+        for name, lo, hi in _functions(path):
+            fl = {n for n in stmts if lo <= n <= hi}
+            if not fl:
+                continue
+            fa = {a for a in possible if lo <= a[0] <= hi and a[0] != a[1]}
+            out.append(FuncCov(mod, name, lo, len(fl), len(fl & hit_lines), len(fa), len(fa & hit_arcs),
+                               sum(1 for ls in per_run if ls & fl)))
+    return out
+
+
+def _possible_arcs(cov: Any, path: str) -> set[tuple[int, int]]:
+    try:
+        from coverage.python import PythonFileReporter
+
+        fr = PythonFileReporter(path, cov)
+        return {a for a in fr.arcs() if a[0] > 0 and a[1] > 0}
+    except Exception:
+        return set()
+
+
+def format_table(rows: list[FuncCov], only_missing: bool = False) -> str:
+    lines = [f"{'kernel function':52} {'lines':>11} {'branches':>11} {'procs':>6}"]
+    reached = sum(r.reached for r in rows)
+    for r in rows:
+        if only_missing and r.reached:
+            continue
+        br = f"{r.arcs_hit}/{r.arcs}" if r.arcs else "-"
+        lines.append(f"{r.module + '.' + r.name:52} {r.lines_hit:>5}/{r.lines:<5} {br:>11} {r.files_hit:>6}")
+    lines.append(f"reached {reached} of {len(rows)} kernel functions; "
+                 f"lines {sum(r.lines_hit for r in rows)}/{sum(r.lines for r in rows)}, "
+                 f"branches {sum(r.arcs_hit for r in rows)}/{sum(r.arcs for r in rows)}")
+    never = [f"{r.module}.{r.name}" for r in rows if not r.reached]
+    if never:
+        lines.append("never reached: " + ", ".join(never))
+    return "\n".join(lines)

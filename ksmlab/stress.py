@@ -1,0 +1,258 @@
+# `ksmlab stress`: campaigns of seeded runs against the historical KSM bugs.
+#
+# A campaign runs N seeds of each bug's scenario, with the bug's variant on (the
+# historical kernel) or off (--fixed, today's kernel), J runs at a time, each as its
+# own `ksmlab run ... --json --stop-on-report` process with its own run folder, so
+# one run's crash or hang cannot touch another and every run can be replayed with
+# `ksmlab replay RUN_DIR`. A run ends at its first report or at its time bound; a run
+# still alive a grace period after its bound is killed (its whole process group) and
+# its segments swept. The bug scenarios are workloads, not windows: the seed's
+# schedule plan (actors/kernel/schedule.py) is what opens the windows.
+#
+# What counts. A run *detects* its bug when a report of one of the bug's expected
+# kinds is among its reports (the campaign kinds below, from the detectors' raw
+# kinds). With --fixed any report at all is a finding: today's kernel must survive
+# the same campaign with nothing to say.
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Bug:
+    scenario: str
+    kinds: tuple[str, ...]            # report kinds that mean "found"
+    time_limit: float = 20.0          # default seconds per run
+    args: dict[str, str] = field(default_factory=dict)
+
+
+# The historical bugs by variant name: the scenario that drives the workload, and the
+# kind of report the bug produces in the kernel (KASAN, hung task, oops, bad page...).
+BUGS: dict[str, Bug] = {
+    "oom-deadlock": Bug("oom-deadlock", ("hung_task", "lockdep")),
+    "munlock-exit-hang": Bug("munlock-exit-hang", ("hung_task",)),
+    "stale-stable-nodes": Bug("stale-stable-nodes", ("bad_page", "integrity", "oops", "kasan_uaf")),
+    "mmput-race": Bug("mmput-race", ("kasan_uaf",)),
+    "rmap-no-anon-vma": Bug("rmap-no-anon-vma", ("bad_page", "integrity", "kasan_uaf")),
+    "cve-2011-2183": Bug("cve-2011-2183", ("oops",)),
+}
+
+# Raw detector kinds -> the campaign's report kinds (one table, used by every view).
+REPORT_KINDS: dict[str, str] = {
+    "kasan": "kasan_uaf",
+    "null-ptr-deref": "oops",
+    "oops": "oops",
+    "actor_died": "oops",
+    "lockdep": "lockdep",
+    "hung_task": "hung_task",
+    "bad_page": "bad_page",
+    "integrity": "integrity",
+    "leak": "leak",
+}
+
+
+def report_kind(rep: dict) -> str:
+    """The campaign kind of one report; invariant reports are sorted by their title."""
+    raw = rep.get("kind", "")
+    if raw in REPORT_KINDS:
+        return REPORT_KINDS[raw]
+    if raw == "invariant":
+        title = rep.get("title", "")
+        if "KASAN" in title:
+            return "kasan_uaf"
+        if "Bad page" in title:
+            return "bad_page"
+        if "leak" in title.lower():
+            return "leak"
+        return "integrity"
+    return raw or "oops"
+
+
+@dataclass
+class RunResult:
+    bug: str
+    seed: int
+    run_dir: str
+    seconds: float
+    kinds: list[str]
+    titles: list[str]
+    t_first: float | None            # seconds from boot to the first report
+    status: str                      # ok | reports | failed | timeout | crashed
+    detail: str = ""
+
+    def detected(self, bug: Bug, fixed: bool) -> bool:
+        if fixed:
+            return bool(self.kinds) or self.status in ("timeout", "crashed")
+        return any(k in bug.kinds for k in self.kinds)
+
+
+def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root: str,
+            sched: str | None, depth: int | None, coverage: str | None = None,
+            scenario: str | None = None, python: str = sys.executable) -> RunResult:
+    """One seeded run of a bug's scenario (or `scenario`: blind discovery by the soak)
+    in its own process group, bounded in time."""
+    bug = BUGS[bug_name]
+    tag = "fixed" if fixed else "variant"
+    scen = scenario or bug.scenario
+    label = bug_name if scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
+    run_dir = os.path.abspath(os.path.join(runs_root, f"{label}-{tag}-{seed}"))
+    cmd = [python, "-m", "ksmlab.cli", "run", scen, "--json", "--stop-on-report",
+           "--seed", str(seed), "--run-dir", run_dir, "--arg", f"seconds={time_limit}"]
+    for k, v in bug.args.items():
+        cmd += ["--arg", f"{k}={v}"]
+    if not fixed:
+        cmd += ["--variant", bug_name]
+    if sched:
+        cmd += ["--sched", sched]
+    if depth:
+        cmd += ["--depth", str(depth)]
+    if coverage:
+        cmd += ["--coverage", os.path.abspath(coverage)]
+    t0 = time.monotonic()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                         start_new_session=True, text=True)
+    try:
+        out, _ = p.communicate(timeout=time_limit + 60)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        from ksmlab import live
+        from shared_mem.segment import sweep_stale
+
+        sweep_stale()
+        live.sweep_socket_dirs()
+        return RunResult(bug_name, seed, run_dir, round(time.monotonic() - t0, 2), [], [], None,
+                         "timeout", f"killed after {time_limit + 60:.0f} s")
+    secs = round(time.monotonic() - t0, 2)
+    try:
+        res = json.loads(out.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return RunResult(bug_name, seed, run_dir, secs, [], [], None, "crashed",
+                         f"exit {p.returncode}, no JSON result")
+    reps = res.get("reports") or []
+    kinds = [report_kind(r) for r in reps]
+    t_first = min((r.get("t_s") for r in reps if r.get("t_s") is not None), default=None)
+    status = "reports" if reps else ("ok" if res.get("ok") else "failed")
+    return RunResult(bug_name, seed, run_dir, secs, kinds, [r.get("title", "") for r in reps], t_first,
+                     status, res.get("failed") or "")
+
+
+def summarize(bug_name: str, fixed: bool, results: list[RunResult]) -> dict[str, Any]:
+    bug = BUGS[bug_name]
+    hits = sorted((r for r in results if r.detected(bug, fixed)), key=lambda r: r.seed)
+    times = [r.t_first for r in hits if r.t_first is not None]
+    kinds = sorted({k for r in results for k in r.kinds})
+    return {
+        "fixed": fixed,
+        "runs": len(results),
+        "detected": len(hits),
+        "first_seed": hits[0].seed if hits else None,
+        "median_s_to_detect": round(statistics.median(times), 2) if times else None,
+        "report_kinds": kinds,
+        "run_dirs": [r.run_dir for r in sorted(results, key=lambda r: r.seed)],
+        "failing_runs": [r.run_dir for r in hits],
+        "not_ok": sorted({r.status for r in results if r.status not in ("ok", "reports")}),
+    }
+
+
+class _Progress:
+    """A progress bar and a live per-bug tally on stderr."""
+
+    def __init__(self, total: int, fixed: bool) -> None:
+        self.total, self.done, self.fixed = total, 0, fixed
+        self.tally: dict[str, list[int]] = {}
+        self.lock = threading.Lock()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, r: RunResult, hit: bool) -> None:
+        with self.lock:
+            self.done += 1
+            t = self.tally.setdefault(r.bug, [0, 0])
+            t[0] += hit
+            t[1] += 1
+            width = 24
+            filled = width * self.done // self.total
+            bar = "#" * filled + "." * (width - filled)
+            tally = "  ".join(f"{b} {h}/{n}" for b, (h, n) in self.tally.items())
+            what = ",".join(sorted(set(r.kinds))) or r.status
+            when = f" at {r.t_first:.1f} s" if r.t_first is not None else ""
+            line = (f"[{bar}] {self.done}/{self.total}  {r.bug} seed {r.seed}: {what}{when} "
+                    f"({r.seconds:.1f} s)  | {tally}")
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+
+def campaign(bugs: list[str], fixed: bool, runs: int, jobs: int, time_limit: float | None, seed: int,
+             runs_root: str, sched: str | None, depth: int | None, coverage: str | None = None,
+             scenario: str | None = None) -> dict[str, Any]:
+    os.makedirs(runs_root, mode=0o700, exist_ok=True)
+    work = [(b, seed + i) for b in bugs for i in range(runs)]
+    prog = _Progress(len(work), fixed)
+    results: dict[str, list[RunResult]] = {b: [] for b in bugs}
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futs = {pool.submit(run_one, b, s, fixed, time_limit or BUGS[b].time_limit, runs_root,
+                            sched, depth, coverage, scenario): b for b, s in work}
+        for f in as_completed(futs):
+            r = f.result()
+            results[r.bug].append(r)
+            prog.update(r, r.detected(BUGS[r.bug], fixed))
+    return {"bugs": {b: summarize(b, fixed, rs) for b, rs in results.items()}, "scenario": scenario,
+            "seed": seed, "sched": sched or "pct", "depth": depth or 3,
+            "seconds": round(time.monotonic() - t0, 1)}
+
+
+def main(a: argparse.Namespace) -> int:
+    if a.bug == "all":
+        bugs = list(BUGS)
+    elif a.bug in BUGS:
+        bugs = [a.bug]
+    else:
+        print(f"ksmlab: no bug {a.bug!r}; known: {', '.join(BUGS)}, all", file=sys.stderr)
+        return 2
+    if a.runs < 1 or a.jobs < 1 or (a.time_limit is not None and a.time_limit <= 0):
+        print("ksmlab: --runs, --jobs and --time-limit must be positive", file=sys.stderr)
+        return 2
+    seed = a.seed if a.seed is not None else secrets.randbelow(1 << 30)
+    sys.stderr.write(f"ksmlab stress: bugs {', '.join(bugs)}; {'fixed' if a.fixed else 'variant'}; "
+                     f"{a.runs} runs each from seed {seed}; sched {a.sched or 'pct'}/{a.depth or 3}; "
+                     f"{a.jobs} at a time\n")
+    out = campaign(bugs, a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
+                   a.coverage, a.scenario)
+    if a.coverage:
+        from ksmlab import kcov
+
+        rows = kcov.table(a.coverage)
+        out["coverage"] = {"reached": sum(r.reached for r in rows), "functions": len(rows),
+                           "never_reached": [f"{r.module}.{r.name}" for r in rows if not r.reached]}
+        if not a.json:
+            print(kcov.format_table(rows))
+    if a.json:
+        print(json.dumps(out))
+    else:
+        print()
+        print(f"{'bug':22} {'fixed':5} {'detected':>9} {'median s':>9}  first seed  kinds")
+        for b, s in out["bugs"].items():
+            med = "-" if s["median_s_to_detect"] is None else f"{s['median_s_to_detect']:.1f}"
+            print(f"{b:22} {s['fixed']!s:5} {s['detected']:>4}/{s['runs']:<4} {med:>9}  "
+                  f"{s['first_seed'] if s['first_seed'] is not None else '-':>10}  {','.join(s['report_kinds'])}")
+            if s["failing_runs"]:
+                print(f"    replay: ksmlab replay {s['failing_runs'][0]}")
+        print(f"campaign: {out['seconds']} s")
+    if a.fixed:
+        return 1 if any(s["detected"] for s in out["bugs"].values()) else 0
+    return 0
