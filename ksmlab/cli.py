@@ -40,12 +40,16 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], quiet: bool) -> int:
     """Run one scenario with these options; print the summary or the JSON; exit status."""
-    from actors.kernel.schedule import UnknownPoint, check_points
+    from actors.kernel.schedule import PlanSpec, UnknownPoint, check_points
+    from actors.kernel.variants import Variants
     from ksmlab.scenario import load_scenario, run_scenario
 
     try:
         spec = load_scenario(scenario)
         check_points(opts.get("delays") or {})
+        Variants(opts.get("variants") or ())
+        PlanSpec(seed=0, strategy=opts.get("sched") or "pct",
+                 depth=3 if opts.get("depth") is None else opts["depth"])
     except UnknownPoint as e:
         print(f"ksmlab: {e}", file=sys.stderr)
         return 2
@@ -261,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print one JSON object at the end")
     st.add_argument("--coverage", metavar="DIR", help="record kernel-path coverage of every run into DIR "
                     "and print the coverage table")
+    st.add_argument("--guided", action="store_true",
+                    help="coverage-guided: keep seeds that reach new branches and mutate them (needs --coverage)")
 
     cv = sub.add_parser("cover", help="the kernel functions and branches that runs recorded with --coverage reached")
     cv.add_argument("dir", help="the coverage folder")

@@ -74,12 +74,32 @@ def _functions(path: str) -> list[tuple[str, int, int]]:
     return out
 
 
+def _data_files(data_dir: str) -> list[str]:
+    """Every process data file under data_dir (a guided campaign keeps one folder per run)."""
+    return sorted(f for f in glob.glob(os.path.join(data_dir, "**", ".coverage.*"), recursive=True)
+                  if not f.endswith(".lock"))
+
+
+def arcs_reached(data_dir: str) -> set[tuple[str, int, int]]:
+    """(module, from line, to line) of every kernel-path arc the data files under data_dir hold."""
+    from coverage.data import CoverageData
+
+    out: set[tuple[str, int, int]] = set()
+    for f in _data_files(data_dir):
+        d = CoverageData(basename=f)
+        d.read()
+        for path in d.measured_files():
+            mod = os.path.basename(path)[:-3]
+            out |= {(mod, a, b) for a, b in (d.arcs(path) or ())}
+    return out
+
+
 def table(data_dir: str) -> list[FuncCov]:
     """Per kernel function: lines and arcs reached over every data file in data_dir."""
     import coverage
     from coverage.data import CoverageData
 
-    files = [f for f in glob.glob(os.path.join(data_dir, ".coverage.*")) if not f.endswith(".lock")]
+    files = _data_files(data_dir)
     if not files:
         raise FileNotFoundError(f"{data_dir}: no coverage data (run with --coverage {data_dir})")
     per_file: list[CoverageData] = []

@@ -47,6 +47,17 @@ async def registered_task(c: Cluster, comm: str, pages: int) -> tuple[Task, int]
     return t, a
 
 
+async def mergeable_task(c: Cluster, comm: str, pages: int, fill: int) -> tuple[Task, int, int]:
+    """A task with `pages` pages all holding byte `fill`, advised MADV_MERGEABLE:
+    ksmd will merge them into one KSM page. Returns (task, address, length)."""
+    t = await c.spawn_task(comm=comm)
+    n = pages * PAGE_SIZE
+    a = await t.mmap(n)
+    await t.memset(a, fill, n)
+    await t.madvise(a, n, MADV_MERGEABLE)
+    return t, a, n
+
+
 async def exit_storm(c: Cluster, ctx: ScenarioContext, live: int, default_s: float = 20.0,
                      pages: int = 4, max_life_s: float = 0.05) -> int:
     """Keep `live` registered tasks alive, each exiting after a short seeded life,

@@ -118,7 +118,7 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
     # A scenario may draw cluster options from the seed (the soak draws NUMA nodes);
     # options given by the caller win over drawn ones, drawn ones over OPTIONS.
     derive = getattr(spec.module, "derive", None)
-    drawn = derive(int(given["seed"])) if derive is not None else {}
+    drawn = derive(int(given["seed"]), dict(args or {})) if derive is not None else {}
     opts = {**spec.options, **drawn, **given}
     t0 = time.monotonic()
     result: dict[str, Any] = {"scenario": spec.name, "ok": False}

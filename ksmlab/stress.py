@@ -46,9 +46,16 @@ BUGS: dict[str, Bug] = {
     "munlock-exit-hang": Bug("munlock-exit-hang", ("hung_task",)),
     "stale-stable-nodes": Bug("stale-stable-nodes", ("bad_page", "integrity", "oops", "kasan_uaf")),
     "mmput-race": Bug("mmput-race", ("kasan_uaf",)),
-    "rmap-no-anon-vma": Bug("rmap-no-anon-vma", ("bad_page", "integrity", "kasan_uaf")),
+    "rmap-no-anon-vma": Bug("rmap-no-anon-vma", ("bad_page", "integrity", "kasan_uaf"), 30.0),
     "cve-2011-2183": Bug("cve-2011-2183", ("oops",)),
+    # Seed 002's causes one by one (`--bug all` runs the group above).
+    "stale-stable-nodes:enter-behind-cursor": Bug("stale-stable-nodes", ("bad_page", "integrity", "oops")),
+    "stale-stable-nodes:old-nodes": Bug("stale-stable-nodes-swap", ("bad_page", "integrity", "oops", "kasan_uaf"),
+                                        30.0),
+    "stale-stable-nodes:swapin-no-copy": Bug("stale-stable-nodes-swap", ("bad_page", "integrity", "oops"), 30.0),
 }
+ALL = ("oom-deadlock", "munlock-exit-hang", "stale-stable-nodes", "mmput-race", "rmap-no-anon-vma",
+       "cve-2011-2183")
 
 # Raw detector kinds -> the campaign's report kinds (one table, used by every view).
 REPORT_KINDS: dict[str, str] = {
@@ -101,17 +108,18 @@ class RunResult:
 
 def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root: str,
             sched: str | None, depth: int | None, coverage: str | None = None,
-            scenario: str | None = None, python: str = sys.executable) -> RunResult:
+            scenario: str | None = None, extra_args: dict[str, str] | None = None,
+            python: str = sys.executable) -> RunResult:
     """One seeded run of a bug's scenario (or `scenario`: blind discovery by the soak)
     in its own process group, bounded in time."""
     bug = BUGS[bug_name]
     tag = "fixed" if fixed else "variant"
     scen = scenario or bug.scenario
     label = bug_name if scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
-    run_dir = os.path.abspath(os.path.join(runs_root, f"{label}-{tag}-{seed}"))
+    run_dir = os.path.abspath(os.path.join(runs_root, f"{label.replace(':', '_')}-{tag}-{seed}"))
     cmd = [python, "-m", "ksmlab.cli", "run", scen, "--json", "--stop-on-report",
            "--seed", str(seed), "--run-dir", run_dir, "--arg", f"seconds={time_limit}"]
-    for k, v in bug.args.items():
+    for k, v in {**bug.args, **(extra_args or {})}.items():
         cmd += ["--arg", f"{k}={v}"]
     if not fixed:
         cmd += ["--variant", bug_name]
@@ -216,9 +224,57 @@ def campaign(bugs: list[str], fixed: bool, runs: int, jobs: int, time_limit: flo
             "seconds": round(time.monotonic() - t0, 1)}
 
 
+def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float | None, seed: int,
+           runs_root: str, sched: str | None, depth: int | None, coverage: str, scenario: str | None,
+           p_mutate: float = 0.5) -> dict[str, Any]:
+    """A coverage-guided campaign, syzkaller's way: a seed whose run reached a kernel-path
+    arc no earlier run reached joins the corpus, and later runs mutate a corpus entry
+    (same configuration, drawn from the parent's seed through `knob_seed`; new workload
+    and schedule from their own seed) instead of drawing a fresh one. Runs go in waves
+    of `jobs`, since the next wave's choices depend on what this one reached."""
+    import random
+
+    rng = random.Random(seed ^ 0x5359)
+    corpus: list[int] = []
+    seen: set[tuple[str, int, int]] = set()
+    growth: list[dict[str, Any]] = []
+    results: list[RunResult] = []
+    prog = _Progress(runs, fixed)
+    i = 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while i < runs:
+            wave = []
+            for _ in range(min(jobs, runs - i)):
+                s = seed + i
+                parent = rng.choice(corpus) if corpus and rng.random() < p_mutate else None
+                extra = {"knob_seed": str(parent)} if parent is not None else {}
+                cdir = os.path.join(coverage, f"run-{s}")
+                wave.append((s, parent, cdir, pool.submit(
+                    run_one, bug_name, s, fixed, time_limit or BUGS[bug_name].time_limit, runs_root,
+                    sched, depth, cdir, scenario, extra)))
+                i += 1
+            for s, parent, cdir, fut in wave:
+                r = fut.result()
+                results.append(r)
+                prog.update(r, r.detected(BUGS[bug_name], fixed))
+                arcs = arcs_reached(cdir) if os.path.isdir(cdir) else set()
+                new = arcs - seen
+                seen |= arcs
+                if new:
+                    corpus.append(parent if parent is not None else s)
+                growth.append({"seed": s, "parent": parent, "new_arcs": len(new), "total_arcs": len(seen)})
+    return {"summary": summarize(bug_name, fixed, results), "corpus": corpus, "growth": growth}
+
+
+def arcs_reached(cdir: str) -> set[tuple[str, int, int]]:
+    from ksmlab import kcov
+
+    return kcov.arcs_reached(cdir)
+
+
 def main(a: argparse.Namespace) -> int:
     if a.bug == "all":
-        bugs = list(BUGS)
+        bugs = list(ALL)
     elif a.bug in BUGS:
         bugs = [a.bug]
     else:
@@ -231,8 +287,25 @@ def main(a: argparse.Namespace) -> int:
     sys.stderr.write(f"ksmlab stress: bugs {', '.join(bugs)}; {'fixed' if a.fixed else 'variant'}; "
                      f"{a.runs} runs each from seed {seed}; sched {a.sched or 'pct'}/{a.depth or 3}; "
                      f"{a.jobs} at a time\n")
-    out = campaign(bugs, a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
+    if a.guided:
+        if not a.coverage or len(bugs) != 1:
+            print("ksmlab: --guided needs --coverage DIR and one --bug", file=sys.stderr)
+            return 2
+        t0 = time.monotonic()
+        os.makedirs(a.runs_root, mode=0o700, exist_ok=True)
+        g = guided(bugs[0], a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
                    a.coverage, a.scenario)
+        out = {"bugs": {bugs[0]: g["summary"]}, "scenario": a.scenario, "seed": seed,
+               "sched": a.sched or "pct", "depth": a.depth or 3, "corpus": g["corpus"], "growth": g["growth"],
+               "seconds": round(time.monotonic() - t0, 1)}
+        if not a.json:
+            for row in g["growth"]:
+                print(f"seed {row['seed']}" + (f" (mutant of {row['parent']})" if row["parent"] is not None else "")
+                      + f": {row['new_arcs']} new arcs, {row['total_arcs']} in all")
+            print(f"corpus: {g['corpus']}")
+    else:
+        out = campaign(bugs, a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
+                       a.coverage, a.scenario)
     if a.coverage:
         from ksmlab import kcov
 

@@ -68,3 +68,35 @@ def test_fixed_campaign_reports_nothing(tmp_path):
     s = out["bugs"]["cve-2011-2183"]
     assert s["fixed"] is True and s["detected"] == 0 and s["report_kinds"] == [], s
     assert r.returncode == 0
+
+
+@pytest.mark.timeout(200)
+def test_coverage_of_a_run_names_the_kernel_functions_it_reached(tmp_path):
+    cov = tmp_path / "cov"
+    r = _ksmlab("run", "cve-2011-2183", "--seed", "7", "--arg", "seconds=3", "--json", "--coverage", str(cov),
+                "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    c = _ksmlab("cover", str(cov), "--json")
+    assert c.returncode == 0, c.stderr
+    rows = {f"{x['module']}.{x['name']}": x for x in json.loads(c.stdout)}
+    # ksmd's scan and the exit path ran in their own processes; their coverage is here.
+    assert rows["ksm_scan.scan_get_next_rmap_item"]["lines_hit"] > 0
+    assert rows["ksm_mm.__ksm_exit"]["lines_hit"] > 0
+    # ... and what this workload never does is reported as not reached.
+    assert rows["vmscan.shrink_page"]["lines_hit"] == 0
+    assert _ksmlab("cover", str(tmp_path / "empty")).returncode == 2
+
+
+@pytest.mark.timeout(300)
+def test_guided_campaign_keeps_seeds_that_reach_new_arcs(tmp_path):
+    r = _ksmlab("stress", "--bug", "cve-2011-2183", "--fixed", "--scenario", "soak", "--guided", "--runs", "3",
+                "--time-limit", "4", "--seed", "900", "--coverage", str(tmp_path / "cov"),
+                "--runs-root", str(tmp_path / "runs"), "--json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    g = out["growth"]
+    assert [row["seed"] for row in g] == [900, 901, 902]
+    assert g[0]["new_arcs"] > 0 and out["corpus"][0] == 900     # the first run always adds arcs
+    assert g[-1]["total_arcs"] >= g[0]["total_arcs"]
+    assert all(row["parent"] is None or row["parent"] in out["corpus"] for row in g)
+    assert out["coverage"]["reached"] > 0

@@ -67,7 +67,7 @@ def __ksm_enter(k: Kernel, mm: int) -> int:
     needs_wakeup = slots.list_empty(k)
     k.ksm_mmlist_lock.lock(site="__ksm_enter")
     slots.hash_add(k, mm, slot)
-    if k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes"):
+    if k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes:enter-behind-cursor"):
         # run=2 is unmerging: put the mm where the unmerger will still see it.
         slots.list_add_before(k, slot, slots.head(k))
     else:

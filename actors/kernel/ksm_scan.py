@@ -326,7 +326,7 @@ def unmerge_and_remove_all_rmap_items(k: Kernel) -> int:
             mmops.mmdrop(k, mm, site="run=2:mmdrop")
         else:
             k.ksm_mmlist_lock.unlock()
-    if not k.variant("stale-stable-nodes"):
+    if not k.variant("stale-stable-nodes:old-nodes"):
         remove_all_stable_nodes(k)
     ksm["seqnr"] = 0
     ksm["scan_address"] = 0

@@ -127,6 +127,10 @@ def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int, addr: int | None = Non
             return
         page_remove_rmap(k, pfn)
         k.km.mm.atomic("rss_anon").dec_return(k.km.mm.idx(mm, "zap_pte_range"))
+        if k.km.page["flags"][pfn] & PG_SWAPCACHE:
+            from actors.kernel import swap
+
+            swap.free_swap_cache(k, pfn)
         put_page(k, pfn)
     elif pte & PTE_SWAP:
         from actors.kernel import swap

@@ -61,6 +61,7 @@ SCHED_POINTS: dict[str, str] = {
     "wp_page_copy": "COW: the copy made, the new pte not yet installed",
     "try_to_merge_one_page.write_protected": "between write_protect_page and replace_page",
     "shrink_page.added_to_swap_cache": "reclaim: page in the swap cache, not yet unmapped",
+    "shrink_page.writeback": "reclaim: pages written to swap, still in the swap cache, unmapped (seed 002)",
 }
 
 STRATEGIES = ("pct", "random", "none")

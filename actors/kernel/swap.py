@@ -115,6 +115,25 @@ def try_to_free_swap(k: Kernel, pfn: int, slot: int) -> bool:
         lock.unlock()
 
 
+def free_swap_cache(k: Kernel, pfn: int) -> None:
+    """After an unmap: a swap-cache page nobody maps any more gives its slot back when no
+    swap pte refers to it either (free_swap_cache() in the kernel's unmap path)."""
+    km = k.km
+    if km.page["flags"][pfn] & PG_SWAPCACHE and not km.page["mapcount"][pfn]:
+        try_to_free_swap(k, pfn, int(km.page["private"][pfn]))
+
+
+def drain_unused_swap_cache(k: Kernel) -> int:
+    """Free every swap-cache page that nothing maps or references (reclaim's work on a
+    quiet system); returns how many. For quiescent checks only."""
+    import numpy as np
+
+    km = k.km
+    cand = np.flatnonzero((km.page["flags"] & PG_SWAPCACHE) != 0)
+    return sum(1 for pfn in cand if not km.page["mapcount"][int(pfn)] and int(km.page["refcount"][int(pfn)]) == 1
+               and try_to_free_swap(k, int(pfn), int(km.page["private"][int(pfn)])))
+
+
 def swap_writepage(k: Kernel, pfn: int) -> None:
     slot = int(k.km.page["private"][pfn])
     k.km.swap[slot] = k.km.frames[pfn]
@@ -168,7 +187,7 @@ def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
     flags = int(km.page["flags"][pfn])
     vi = km.vma.idx(vma, "ksm_might_need_to_copy")
     if flags & PG_KSM:
-        unmerging = k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes")
+        unmerging = k.ksm["run"] & KSM_RUN_UNMERGE and not k.variant("stale-stable-nodes:swapin-no-copy")
         if km.page["mapping"][pfn] and not unmerging:
             # When this decision (taken after reading run) was made: run=2's completion
             # check excuses a survivor mapped by a swap-in that read run just before
@@ -185,7 +204,7 @@ def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
                 == avs.root[avs.idx(vav, "ksm_might_need_to_copy")]
                 and int(km.page["index"][pfn]) == mmops.linear_page_index(k, vma, addr)):
             return pfn
-    if not flags & PG_UPTODATE and not k.variant("stale-stable-nodes"):
+    if not flags & PG_UPTODATE and not k.variant("stale-stable-nodes:copy-not-uptodate"):
         return pfn  # let do_swap_page report the read error
     mm = int(km.vma.mm[vi])
     new = k.alloc_page(_node_for(k, mm, vma), site="ksm_might_need_to_copy")

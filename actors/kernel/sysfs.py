@@ -216,7 +216,7 @@ def _store_busy_knob(k: Kernel, name: str, value: int) -> None:
         if int(k.ksm[name]) != value:
             if k.ksm["pages_shared"]:
                 raise SysfsError("EBUSY", f"{name}: pages are shared (write 2 to run first)")
-            if not k.variant("stale-stable-nodes") and remove_all_stable_nodes(k):
+            if not k.variant("stale-stable-nodes:old-nodes") and remove_all_stable_nodes(k):
                 raise SysfsError("EBUSY", f"{name}: a stable node is still in use")
             k.ksm[name] = value
             if name == "merge_across_nodes":

@@ -10,11 +10,25 @@ from collections.abc import Iterable
 VARIANTS: dict[str, tuple[int, str]] = {
     "oom-deadlock": (1 << 0, "seed 000 reverted: __ksm_exit takes ksm_thread_mutex, no ksm_test_exit"),
     "munlock-exit-hang": (1 << 1, "seeds 000+001: ksm_exit in the middle of exit_mmap, ksm_test_exit in faults"),
-    "stale-stable-nodes": (1 << 2, "seed 002 reverted: no remove_all_stable_nodes, no UNMERGE tail insert/copy"),
     "mmput-race": (1 << 3, "seed 003 reverted: spin_unlock(ksm_mmlist_lock) before up_read(mmap_lock)"),
     "rmap-no-anon-vma": (1 << 4, "seed 004 reverted: rmap_item keeps no anon_vma, no search_new_forks"),
     "cve-2011-2183": (1 << 5, "2b472611a32a reverted: ksmd does not recheck an emptied mm list"),
+    # Seed 002 names four causes; each is its own switch, and the group name reverts all four.
+    "stale-stable-nodes:old-nodes": (1 << 6, "seed 002 cause 1: no remove_all_stable_nodes (run=2, knob switch)"),
+    "stale-stable-nodes:enter-behind-cursor": (1 << 2, "seed 002 cause 2: __ksm_enter behind the cursor during run=2"),
+    "stale-stable-nodes:swapin-no-copy": (1 << 7, "seed 002 cause 3: swap-in during run=2 maps the KSM page again"),
+    "stale-stable-nodes:copy-not-uptodate": (1 << 8, "seed 002's extra fix: copy from a !PageUptodate swap page"),
 }
+
+# Group names: one name for several switches (the whole of one commit).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "stale-stable-nodes": tuple(n for n in VARIANTS if n.startswith("stale-stable-nodes:")),
+}
+
+
+def known() -> list[str]:
+    """Every name --variant accepts."""
+    return [*VARIANTS, *GROUPS]
 
 
 class Variants:
@@ -22,13 +36,26 @@ class Variants:
 
     def __init__(self, names: Iterable[str] = (), mask: int = 0) -> None:
         for n in names:
-            if n not in VARIANTS:
-                raise ValueError(f"unknown variant {n!r}; known: {', '.join(VARIANTS)}")
-            mask |= VARIANTS[n][0]
+            if n not in VARIANTS and n not in GROUPS:
+                raise ValueError(f"unknown variant {n!r}; known: {', '.join(known())}")
+            mask |= _bits(n)
         self.mask = mask
 
     def reverted(self, name: str) -> bool:
-        return bool(self.mask & VARIANTS[name][0])
+        """Is this fix reverted (for a group: any of its fixes)?"""
+        return bool(self.mask & _bits(name))
 
     def names(self) -> list[str]:
-        return [n for n, (bit, _doc) in VARIANTS.items() if self.mask & bit]
+        """The reverted fixes, a whole group by its group name."""
+        out = [g for g, members in GROUPS.items() if self.mask & _bits(g) == _bits(g)]
+        covered = {m for g in out for m in GROUPS[g]}
+        return out + [n for n, (bit, _doc) in VARIANTS.items() if self.mask & bit and n not in covered]
+
+
+def _bits(name: str) -> int:
+    if name in GROUPS:
+        m = 0
+        for n in GROUPS[name]:
+            m |= VARIANTS[n][0]
+        return m
+    return VARIANTS[name][0]

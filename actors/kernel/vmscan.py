@@ -189,8 +189,13 @@ def try_to_unmap(k: Kernel, pfn: int) -> bool:
     return km.page["mapcount"][pfn] == 0
 
 
-def shrink_page(k: Kernel, pfn: int, force: bool = False) -> str:
-    """Try to reclaim one page frame. Returns what happened (for events and tests)."""
+def shrink_page(k: Kernel, pfn: int, force: bool = False, async_write: bool = False) -> str:
+    """Try to reclaim one page frame. Returns what happened (for events and tests).
+
+    async_write: the write to swap is asynchronous, as to a disk: the page is left in
+    the swap cache, unmapped and unlocked, and "writeback" is returned; the caller frees
+    it later (free_written_page). In between a fault finds it in the swap cache and maps
+    it again - for a KSM page, the very page with its stable node (seed 002)."""
     km = k.km
     flags = int(km.page["flags"][pfn])
     if flags & (PG_FREE | PG_RESERVED) or not flags & (PG_ANON | PG_KSM):
@@ -222,12 +227,39 @@ def shrink_page(k: Kernel, pfn: int, force: bool = False) -> str:
                  mapcount=int(km.page["mapcount"][pfn]))
             return "still_mapped"
         swap.swap_writepage(k, pfn)
-        # Only the swap cache and our reference are left: the page can go.
-        if km.page["refcount"][pfn] != 2:
-            return "busy_ref"
-        swap.delete_from_swap_cache(k, pfn)
-        k.ev("shrink_page", pfn=pfn, result="freed", ksm=bool(flags & PG_KSM))
-        return "freed"
+        if async_write:
+            k.ev("shrink_page", pfn=pfn, result="writeback", ksm=bool(flags & PG_KSM))
+            return "writeback"
+        return _free_if_unused(k, pfn, flags)
+    finally:
+        lock.unlock()
+        put_page(k, pfn)
+
+
+def _free_if_unused(k: Kernel, pfn: int, flags: int) -> str:
+    # Only the swap cache and our reference are left: the page can go.
+    if k.km.page["refcount"][pfn] != 2 or k.km.page["mapcount"][pfn]:
+        return "busy_ref"
+    swap.delete_from_swap_cache(k, pfn)
+    k.ev("shrink_page", pfn=pfn, result="freed", ksm=bool(flags & PG_KSM))
+    return "freed"
+
+
+def free_written_page(k: Kernel, pfn: int) -> str:
+    """The end of an asynchronous write: free the page if it is still in the swap cache
+    and nobody mapped or took it meanwhile (a fault that mapped it back keeps it)."""
+    km = k.km
+    if not k.page_ref.inc_not_zero(pfn):
+        return "skip"
+    lock = k.page_lock(pfn)
+    if not lock.trylock():
+        put_page(k, pfn)
+        return "busy"
+    try:
+        flags = int(km.page["flags"][pfn])
+        if not flags & PG_SWAPCACHE:
+            return "skip"
+        return _free_if_unused(k, pfn, flags)
     finally:
         lock.unlock()
         put_page(k, pfn)
@@ -244,11 +276,19 @@ def shrink_pages(k: Kernel, nr: int, start: int = 1, force: bool = False) -> tup
     flags = km.page["flags"][order]
     cands = order[((flags & (PG_ANON | PG_KSM)) != 0) & ((flags & (PG_FREE | PG_RESERVED)) == 0)]
     hand = start
+    written: list[int] = []
     for pfn in cands:
         pfn = int(pfn)
         hand = pfn + 1 if pfn + 1 < n else 1
-        if shrink_page(k, pfn, force) == "freed":
+        r = shrink_page(k, pfn, force, async_write=True)
+        if r == "freed":
             freed += 1
-            if freed >= nr:
-                break
+        elif r == "writeback":
+            written.append(pfn)
+        if freed + len(written) >= nr:
+            break
+    if written:
+        # The writes complete; until then the pages sit in the swap cache, unmapped.
+        k.point("shrink_page.writeback")
+        freed += sum(free_written_page(k, pfn) == "freed" for pfn in written)
     return freed, hand

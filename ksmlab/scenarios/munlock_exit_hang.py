@@ -36,6 +36,7 @@ import sys
 from typing import Any
 
 from actors.cluster import Cluster
+from ksmlab.races import mergeable_task
 from ksmlab.scenario import ScenarioContext, ScenarioSpec
 from protocol.abi import MADV_MERGEABLE, MCL_CURRENT, MCL_FUTURE, PAGE_SIZE, PROT_NONE
 
@@ -95,11 +96,7 @@ async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
 async def oom_scenario(c: Cluster, ctx: ScenarioContext) -> dict:
     await c.sysfs_write("sleep_millisecs", 0)
     await c.sysfs_write("max_page_sharing", 1024)        # one KSM page, no chain
-    merger = await c.spawn_task(comm="merger")
-    n = 480 * PAGE_SIZE
-    a = await merger.mmap(n)
-    await merger.memset(a, ord("k"), n)
-    await merger.madvise(a, n, MADV_MERGEABLE)
+    merger, _a, _n = await mergeable_task(c, "merger", 480, ord("k"))
     await c.ksm_start()
     await c.sysfs_write("run", 0)
     ctx.expect("merger's pages merged into one KSM page", c.ksm_counters()["pages_sharing"], 479)

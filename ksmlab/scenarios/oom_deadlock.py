@@ -21,8 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 from actors.cluster import Cluster
+from ksmlab.races import mergeable_task
 from ksmlab.scenario import ScenarioContext
-from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
 
 NAME = "oom-deadlock"
 DESCRIPTION = "seed 000: OOM kill during run=2; with --variant oom-deadlock the exit deadlocks on ksm_thread_mutex"
@@ -31,19 +31,11 @@ OPTIONS: dict[str, Any] = {"frames": 600, "hung_task_timeout": 3.0, "oom_reaper_
 
 async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
     await c.sysfs_write("sleep_millisecs", 0)
-    merger = await c.spawn_task(comm="merger")
-    n = 256 * PAGE_SIZE
-    a = await merger.mmap(n)
-    await merger.memset(a, ord("k"), n)
-    await merger.madvise(a, n, MADV_MERGEABLE)
+    merger, _a, _n = await mergeable_task(c, "merger", 256, ord("k"))
     await c.ksm_start()
     await c.sysfs_write("run", 0)
     ctx.expect("merger's pages merged into one KSM page", c.ksm_counters()["pages_sharing"], 255)
-    hog = await c.spawn_task(comm="hog")
-    nb = 500 * PAGE_SIZE
-    b = await hog.mmap(nb)
-    await hog.memset(b, 1, nb)
-    await hog.madvise(b, nb, MADV_MERGEABLE)      # the victim is a KSM user too
+    hog, _b, _nb = await mergeable_task(c, "hog", 500, 1)   # the victim is a KSM user too
     ctx.log(f"free frames before run=2: {c.nr_free_frames()} (run=2 needs 255)")
     await c.sysfs_write("run", 2)                 # the OOM killer must kill the hog
     ctx.expect("hog killed by the OOM killer", (await hog.wait_exit(20))["reason"], "killed")

@@ -45,9 +45,16 @@ KNOB_CHOICES: list[tuple[str, list[int]]] = [
 ]
 
 
-def derive(seed: int) -> dict[str, Any]:
+def knob_seed(seed: int, args: dict[str, Any]) -> int:
+    """The seed the configuration (nodes, knobs) is drawn from: the run's own, or a parent's
+    (`--arg knob_seed=S`): a coverage-guided campaign keeps a configuration that reached new
+    branches and varies the workload and the schedule around it."""
+    return int(args.get("knob_seed", seed))
+
+
+def derive(seed: int, args: dict[str, Any]) -> dict[str, Any]:
     """Cluster options drawn from the seed: a third of the runs boot two NUMA nodes."""
-    return {"nodes": 2 if random.Random(seed ^ 0x4E554D41).random() < 0.35 else 1}
+    return {"nodes": 2 if random.Random(knob_seed(seed, args) ^ 0x4E554D41).random() < 0.35 else 1}
 
 
 def draw_knobs(seed: int, nodes: int) -> dict[str, int]:
@@ -238,7 +245,7 @@ async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
     seconds = float(ctx.args.get("seconds", os.environ.get("KSMLAB_SOAK_SECONDS", 60)))
     max_ops = int(ctx.args.get("ops", 100_000))
     s = Soak(c, ctx, c.opts.seed, seconds, max_ops)
-    knobs = draw_knobs(c.opts.seed, c.opts.nodes)
+    knobs = draw_knobs(knob_seed(c.opts.seed, ctx.args), c.opts.nodes)
     ctx.log(f"soak: seed {c.opts.seed} draws nodes {c.opts.nodes}, knobs {knobs}")
     c.ev("soak_knobs", nodes=c.opts.nodes, **knobs)
     for name, value in knobs.items():

@@ -24,7 +24,8 @@ from actors.kernel.memory import (
 )
 from actors.kernel.stable_tree import alloc_stable_node, set_page_stable_node
 from actors.kernel.variants import Variants
-from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
+from ksmlab.races import mergeable_task
+from protocol.abi import PAGE_SIZE
 from shared_mem.layout import (
     PG_DIRTY,
     PG_KSM,
@@ -174,11 +175,7 @@ def test_run2_of_an_exiting_mm_is_excused(kern):
 # -- small clusters ------------------------------------------------------------------------------------
 async def _ksm_page_then_fork(c):
     await c.sysfs_write("sleep_millisecs", 0)
-    t = await c.spawn_task()
-    n = 4 * PAGE_SIZE
-    a = await t.mmap(n)
-    await t.memset(a, ord("x"), n)
-    await t.madvise(a, n, MADV_MERGEABLE)
+    t, a, n = await mergeable_task(c, "task", 4, ord("x"))
     await c.ksm_start()
     await c.sysfs_write("run", 0)
     child = await t.fork()

@@ -42,3 +42,32 @@ async def test_variant_child_keeps_ksm_pages_after_unmerge(tmp_path):
     # The run=2 completion check (actors/kernel/debug.py) reports it by itself.
     titles = [r["title"] for r in res["reports"] if r["kind"] == "bad_page"]
     assert titles and "survives KSM_RUN_UNMERGE (mapped by task-" in titles[0], titles
+
+
+# -- causes 1 and 3: KSM pages in the swap cache under run=2 ------------------------------------------
+async def test_swap_cached_ksm_pages_are_unmerged_today(tmp_path):
+    """remove_all_stable_nodes sweeps the nodes of swap-cached KSM pages, and a swap-in
+    during run=2 copies: nothing survives the unmerge, every byte reads back."""
+    res = await run_scenario(load_scenario("stale-stable-nodes-swap"), run_dir=str(tmp_path / "r"), seed=33,
+                             args={"seconds": 10})
+    assert res["ok"], (res.get("failed"), [r["title"] for r in res["reports"]])
+    assert res["result"]["rounds"] >= 1
+
+
+async def test_swapin_without_copy_during_unmerge_maps_the_ksm_page_again(tmp_path):
+    """Cause 3 reverted: a swap-in just after the unmerger passed maps the KSM page again.
+
+        kswapd            task q                       run=2 (ctl)
+        kpage written,
+        left in cache
+                          read copy 1: maps kpage
+                                                       unmerge q (swap ptes: nothing to break)
+                          read copy 2: swap cache hit:
+                          2013: maps kpage again
+                                                       done: kpage survives
+    """
+    res = await run_scenario(load_scenario("stale-stable-nodes-swap"), run_dir=str(tmp_path / "r"), seed=34,
+                             variants=("stale-stable-nodes:swapin-no-copy",), stop_on_report=True,
+                             args={"seconds": 60})
+    titles = [r["title"] for r in res["reports"] if r["kind"] == "bad_page"]
+    assert titles and "survives KSM_RUN_UNMERGE" in titles[0], [r["title"] for r in res["reports"]]
