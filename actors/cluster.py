@@ -474,8 +474,8 @@ class Cluster:
                 if rc is None or getattr(p, "_ksmlab_seen", False):
                     continue
                 p._ksmlab_seen = True  # type: ignore[attr-defined]
-                if self.stopped:
-                    continue
+                if self.stopped or self.crashed is not None:
+                    continue  # torn down by us: the run already ended with its report
                 t = self.tasks.get(name)
                 if t is not None and rc == 0:
                     # The task ended through the exit path: requests still queued to it

@@ -58,6 +58,18 @@ async def mergeable_task(c: Cluster, comm: str, pages: int, fill: int) -> tuple[
     return t, a, n
 
 
+async def duplicated_task(c: Cluster, comm: str, contents: int, copies: int, first: int) -> tuple[Task, int, int]:
+    """A task whose area holds `contents` distinct pages (bytes first, first+1, ...), each
+    `copies` times in a row, advised MADV_MERGEABLE: ksmd makes `contents` KSM pages.
+    Returns (task, address, length)."""
+    t = await c.spawn_task(comm=comm)
+    n = contents * copies * PAGE_SIZE
+    a = await t.mmap(n)
+    await t.write(a, b"".join(bytes([first + i]) * PAGE_SIZE for i in range(contents) for _ in range(copies)))
+    await t.madvise(a, n, MADV_MERGEABLE)
+    return t, a, n
+
+
 async def exit_storm(c: Cluster, ctx: ScenarioContext, live: int, default_s: float = 20.0,
                      pages: int = 4, max_life_s: float = 0.05) -> int:
     """Keep `live` registered tasks alive, each exiting after a short seeded life,

@@ -68,6 +68,7 @@ REPORT_KINDS: dict[str, str] = {
     "bad_page": "bad_page",
     "integrity": "integrity",
     "leak": "leak",
+    "warning": "warning",          # a kernel WARN_ON: today's kernel reaches it too (docs/bugs)
 }
 
 

@@ -12,7 +12,7 @@ import pytest
 from ksmlab.stress import BUGS, REPORT_KINDS, report_kind
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CAMPAIGN_KINDS = {"lockdep", "hung_task", "kasan_uaf", "oops", "bad_page", "integrity", "leak"}
+CAMPAIGN_KINDS = {"lockdep", "hung_task", "kasan_uaf", "oops", "bad_page", "integrity", "leak", "warning"}
 
 
 def _ksmlab(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:

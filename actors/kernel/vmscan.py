@@ -200,12 +200,10 @@ def shrink_page(k: Kernel, pfn: int, force: bool = False, async_write: bool = Fa
     flags = int(km.page["flags"][pfn])
     if flags & (PG_FREE | PG_RESERVED) or not flags & (PG_ANON | PG_KSM):
         return "skip"
-    if not k.page_ref.inc_not_zero(pfn):
-        return "skip"
+    why = _pin_and_trylock(k, pfn)
+    if why:
+        return why
     lock = k.page_lock(pfn)
-    if not lock.trylock():
-        put_page(k, pfn)
-        return "busy"
     try:
         flags = int(km.page["flags"][pfn])
         if flags & PG_FREE or not flags & (PG_ANON | PG_KSM):
@@ -236,6 +234,17 @@ def shrink_page(k: Kernel, pfn: int, force: bool = False, async_write: bool = Fa
         put_page(k, pfn)
 
 
+def _pin_and_trylock(k: Kernel, pfn: int) -> str:
+    """Reclaim's grip on a frame: a reference, then the page lock without waiting.
+    "" when both are held; otherwise why not ("skip": being freed, "busy": locked)."""
+    if not k.page_ref.inc_not_zero(pfn):
+        return "skip"
+    if not k.page_lock(pfn).trylock():
+        put_page(k, pfn)
+        return "busy"
+    return ""
+
+
 def _free_if_unused(k: Kernel, pfn: int, flags: int) -> str:
     # Only the swap cache and our reference are left: the page can go.
     if k.km.page["refcount"][pfn] != 2 or k.km.page["mapcount"][pfn]:
@@ -249,12 +258,10 @@ def free_written_page(k: Kernel, pfn: int) -> str:
     """The end of an asynchronous write: free the page if it is still in the swap cache
     and nobody mapped or took it meanwhile (a fault that mapped it back keeps it)."""
     km = k.km
-    if not k.page_ref.inc_not_zero(pfn):
-        return "skip"
+    why = _pin_and_trylock(k, pfn)
+    if why:
+        return why
     lock = k.page_lock(pfn)
-    if not lock.trylock():
-        put_page(k, pfn)
-        return "busy"
     try:
         flags = int(km.page["flags"][pfn])
         if not flags & PG_SWAPCACHE:

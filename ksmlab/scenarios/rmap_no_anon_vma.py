@@ -25,9 +25,9 @@ from __future__ import annotations
 from typing import Any
 
 from actors.cluster import Cluster, SyscallFailed
-from ksmlab.races import Bound
+from ksmlab.races import Bound, duplicated_task
 from ksmlab.scenario import ScenarioContext
-from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
+from protocol.abi import PAGE_SIZE
 
 NAME = "rmap-no-anon-vma"
 DESCRIPTION = "seed 004: forks of a merged task while kswapd reclaims KSM pages; the variant misses forked ptes"
@@ -39,11 +39,7 @@ COPIES = 8          # pages of each content
 async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
     b = Bound.of(c, ctx, 30.0)
     await c.sysfs_write("sleep_millisecs", 0)
-    parent = await c.spawn_task(comm="parent")
-    n = CONTENTS * COPIES * PAGE_SIZE
-    a = await parent.mmap(n)
-    await parent.write(a, b"".join(bytes([0x40 + i]) * PAGE_SIZE for i in range(CONTENTS) for _ in range(COPIES)))
-    await parent.madvise(a, n, MADV_MERGEABLE)
+    parent, a, n = await duplicated_task(c, "parent", CONTENTS, COPIES, 0x40)
     await c.ksm_start()
     ctx.expect_counters("the parent's pages merged", pages_shared=CONTENTS, pages_sharing=CONTENTS * (COPIES - 1))
     # A slow ksmd: children keep their KSM ptes without rmap_items for a while.

@@ -4,6 +4,9 @@
 # zero pages, advise it mergeable (madvise or prctl), rewrite pages (COW on KSM
 # pages), fork, exit, and allocate past physical memory so that kswapd swaps KSM
 # and anonymous pages out and faults bring them back, or the OOM killer kills.
+# Rarely, the shapes the kernel's reproducers use: LTP ksm05's short-lived task with
+# an empty mergeable area, an mlockall task with a PROT_NONE guard area, and a drain
+# in which every task exits and the mm list goes empty under ksmd.
 # ksmd runs flat out and run is toggled through 0, 1 and now and then 2. At
 # quiescent points every live task verifies it reads back exactly what it wrote,
 # and the invariants of DESIGN.md are checked; at the end every task exits, ksmd
@@ -25,7 +28,15 @@ from typing import Any
 
 from actors.cluster import Cluster, ClusterCrashed, SyscallFailed, Task
 from ksmlab.scenario import ScenarioContext
-from protocol.abi import MADV_MERGEABLE, MADV_UNMERGEABLE, PAGE_SIZE, PR_SET_MEMORY_MERGE
+from protocol.abi import (
+    MADV_MERGEABLE,
+    MADV_UNMERGEABLE,
+    MCL_CURRENT,
+    MCL_FUTURE,
+    PAGE_SIZE,
+    PR_SET_MEMORY_MERGE,
+    PROT_NONE,
+)
 
 NAME = "soak"
 DESCRIPTION = "tasks fork, write, exit, swap and get OOM-killed while ksmd merges; bounded; all invariants"
@@ -132,8 +143,55 @@ class Soak:
         self.areas[t.pid].append((addr, npages))
         self.count("mmap")
 
+    async def short_lived(self) -> None:
+        """LTP ksm05's task: an empty mergeable area (a slot without rmap_items, the
+        __ksm_exit fast path), a short life, then exit while ksmd scans."""
+        t = await self.c.spawn_task(comm="ksm05")
+        n = self.rng.choice([1, 4, 16]) * PAGE_SIZE
+        try:
+            a = await t.mmap(n)
+            await t.madvise(a, n, MADV_MERGEABLE)
+            await asyncio.sleep(self.rng.uniform(0, 0.05))
+            await t.exit()
+        except SyscallFailed:
+            pass                       # OOM-killed meanwhile
+        self.count("short_lived")
+
+    async def mlocked(self) -> None:
+        """A task that mlockall(MCL_CURRENT|MCL_FUTURE)s and has a PROT_NONE area (a guard
+        page, as cryptsetup has): its exit munlocks areas it could never fault in."""
+        t = await self.new_task()
+        await self.call(t, t.mlockall(MCL_CURRENT | MCL_FUTURE))
+        await self.map_and_fill(t, self.rng.choice([4, 8]))
+        await self.call(t, t.mmap(self.rng.choice([1, 4]) * PAGE_SIZE, prot=PROT_NONE))
+        self.count("mlocked")
+
+    async def drain(self) -> None:
+        """Every task exits, then short-lived tasks: the mm list goes empty under ksmd."""
+        for t in list(self.tasks):
+            self.tasks.remove(t)
+            try:
+                await self.call(t, t.exit())
+            except _Gone:
+                pass
+        for _ in range(2):
+            await self.short_lived()
+        self.count("drain")
+
+    async def rare(self) -> None:
+        r = self.rng.random()
+        if r < 0.5:
+            await self.short_lived()
+        elif r < 0.8 and len(self.tasks) < 12:
+            await self.mlocked()
+        elif self.busy == 1:           # only when no other worker holds a task
+            await self.drain()
+
     async def step(self) -> None:
         rng = self.rng
+        if rng.random() < 0.06:
+            await self.rare()
+            return
         if len(self.tasks) < 3 or (len(self.tasks) < 10 and rng.random() < 0.1):
             t = await self.new_task()
             if rng.random() < 0.3:

@@ -35,9 +35,9 @@ import asyncio
 from typing import Any
 
 from actors.cluster import Cluster, SyscallFailed
-from ksmlab.races import Bound
+from ksmlab.races import Bound, duplicated_task
 from ksmlab.scenario import ScenarioContext
-from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
+from protocol.abi import PAGE_SIZE
 
 NAME = "stale-stable-nodes-swap"
 DESCRIPTION = ("seed 002 causes 1 and 3: KSM pages in the swap cache under run=2; "
@@ -50,11 +50,7 @@ COPIES = 4
 async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
     b = Bound.of(c, ctx, 30.0)
     await c.sysfs_write("sleep_millisecs", 0)
-    q = await c.spawn_task(comm="q")
-    n = CONTENTS * COPIES * PAGE_SIZE
-    a = await q.mmap(n)
-    await q.write(a, b"".join(bytes([0x60 + i]) * PAGE_SIZE for i in range(CONTENTS) for _ in range(COPIES)))
-    await q.madvise(a, n, MADV_MERGEABLE)
+    q, a, n = await duplicated_task(c, "q", CONTENTS, COPIES, 0x60)
     rounds = 0
     hog_pages = 2 * c.opts.frames         # kswapd must come round to the KSM pages
     while b.going(c):

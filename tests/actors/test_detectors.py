@@ -32,6 +32,7 @@ from shared_mem.layout import (
     PTE_PFN_MASK,
     VM_MAYREAD,
     VM_MAYWRITE,
+    VM_MERGEABLE,
     VM_READ,
     VM_WRITE,
     Geometry,
@@ -147,7 +148,8 @@ def test_pte_to_a_freed_frame_is_bad_page_map_in_the_mmu_and_in_zap(kern):
 def test_ksm_page_left_after_run2_is_reported(kern):
     """A mapped KSM page the unmerger never saw (its mm is on no KSM list)."""
     k = kern
-    _mm, _vma, (pfn,) = _faulted_page(k)
+    _mm, vma, (pfn,) = _faulted_page(k)
+    k.km.vma.flags[k.km.vma.idx(vma, "test")] |= VM_MERGEABLE
     node = alloc_stable_node(k)
     k.km.stable_node.kpfn[k.km.stable_node.idx(node, "test")] = pfn
     set_page_stable_node(k, pfn, node)
@@ -157,6 +159,20 @@ def test_ksm_page_left_after_run2_is_reported(kern):
     assert r["title"].startswith(f"ksm: KSM page pfn:{pfn:#x} survives KSM_RUN_UNMERGE (mapped by ")
     assert f"at {START:#x}" in r["title"] and "stable node" in r["text"]
     assert r["data"]["survivors"][0]["pfn"] == pfn
+
+
+def test_ksm_page_mapped_only_outside_mergeable_vmas_is_the_kernels_warning(kern):
+    """A swap-cached KSM page faulted back after MADV_UNMERGEABLE lives in a vma run=2
+    never walks: today's kernel WARNs in remove_stable_node; so do we, as a warning."""
+    k = kern
+    _mm, _vma, (pfn,) = _faulted_page(k)          # no VM_MERGEABLE
+    node = alloc_stable_node(k)
+    k.km.stable_node.kpfn[k.km.stable_node.idx(node, "test")] = pfn
+    set_page_stable_node(k, pfn, node)
+    sysfs.store(k, "run", "2")
+    assert _kinds(k) == ["warning"]
+    assert k.reports[0]["title"].startswith(debug.UNMERGE_WARNING)
+    assert k.reports[0]["data"]["pages"] == [pfn]
 
 
 def test_run2_of_an_exiting_mm_is_excused(kern):
