@@ -235,6 +235,8 @@ def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float |
     of `jobs`, since the next wave's choices depend on what this one reached."""
     import random
 
+    from ksmlab import kcov
+
     rng = random.Random(seed ^ 0x5359)
     corpus: list[int] = []
     seen: set[tuple[str, int, int]] = set()
@@ -258,19 +260,13 @@ def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float |
                 r = fut.result()
                 results.append(r)
                 prog.update(r, r.detected(BUGS[bug_name], fixed))
-                arcs = arcs_reached(cdir) if os.path.isdir(cdir) else set()
+                arcs = kcov.arcs_reached(cdir) if os.path.isdir(cdir) else set()
                 new = arcs - seen
                 seen |= arcs
                 if new:
                     corpus.append(parent if parent is not None else s)
                 growth.append({"seed": s, "parent": parent, "new_arcs": len(new), "total_arcs": len(seen)})
     return {"summary": summarize(bug_name, fixed, results), "corpus": corpus, "growth": growth}
-
-
-def arcs_reached(cdir: str) -> set[tuple[str, int, int]]:
-    from ksmlab import kcov
-
-    return kcov.arcs_reached(cdir)
 
 
 def main(a: argparse.Namespace) -> int:

@@ -24,7 +24,6 @@ from actors.kernel.memory import (
 )
 from actors.kernel.stable_tree import alloc_stable_node, set_page_stable_node
 from actors.kernel.variants import Variants
-from ksmlab.races import mergeable_task
 from protocol.abi import PAGE_SIZE
 from shared_mem.layout import (
     PG_DIRTY,
@@ -37,7 +36,7 @@ from shared_mem.layout import (
     VM_WRITE,
     Geometry,
 )
-from tests.helpers import wait_for
+from tests.helpers import ksm_page_then_fork, wait_for
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -189,19 +188,10 @@ def test_run2_of_an_exiting_mm_is_excused(kern):
 
 
 # -- small clusters ------------------------------------------------------------------------------------
-async def _ksm_page_then_fork(c):
-    await c.sysfs_write("sleep_millisecs", 0)
-    t, a, n = await mergeable_task(c, "task", 4, ord("x"))
-    await c.ksm_start()
-    await c.sysfs_write("run", 0)
-    child = await t.fork()
-    return t, child, a, n, (await t.pagemap(a, n))[0]
-
-
 @pytest.mark.asyncio
 async def test_reclaim_of_forked_ksm_page_reports_nothing_today(cluster_factory):
     c = await cluster_factory(frames=256, swap_slots=64)
-    t, child, a, n, kpfn = await _ksm_page_then_fork(c)
+    t, child, a, n, kpfn = await ksm_page_then_fork(c)
     r = await c.reclaim(pfns=[kpfn], force=True)
     assert r["results"][str(kpfn)] == "freed"
     assert await child.read(a, n) == b"x" * n and await t.read(a, n) == b"x" * n
@@ -215,7 +205,7 @@ async def test_reclaim_of_forked_ksm_page_reports_nothing_today(cluster_factory)
 async def test_rmap_no_anon_vma_reclaim_reports_the_missed_ptes(cluster_factory):
     """Seed 004 reverted: try_to_unmap_ksm cannot reach the forked child's ptes."""
     c = await cluster_factory(frames=256, swap_slots=64, variants=("rmap-no-anon-vma",))
-    _t, child, a, _n, kpfn = await _ksm_page_then_fork(c)
+    _t, child, a, _n, kpfn = await ksm_page_then_fork(c)
     r = await c.reclaim(pfns=[kpfn], force=True)
     assert r["results"][str(kpfn)] == "still_mapped"
     await wait_for(lambda: c.reports_of("bad_page"), 10, "kswapd's bad_page report")

@@ -7,8 +7,8 @@ import errno
 import pytest
 
 from actors.kernel import mm_slot
+from ksmlab.races import mergeable_task
 from protocol.abi import (
-    MADV_MERGEABLE,
     MCL_CURRENT,
     MCL_FUTURE,
     PAGE_SIZE,
@@ -17,27 +17,13 @@ from protocol.abi import (
     PROT_WRITE,
 )
 from shared_mem.layout import PG_FREE
+from tests.helpers import ksm_page_then_fork
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
 
 async def _merged_task(c, npages: int, byte: int = ord("x")):
-    t = await c.spawn_task()
-    n = npages * PAGE_SIZE
-    addr = await t.mmap(n)
-    await t.memset(addr, byte, n)
-    await t.madvise(addr, n, MADV_MERGEABLE)
-    return t, addr, n
-
-
-async def _ksm_page_then_fork(c):
-    """Four pages merged into one KSM page, then a fork ksmd has not seen (run=0)."""
-    await c.sysfs_write("sleep_millisecs", 0)
-    t, a, n = await _merged_task(c, 4)
-    await c.ksm_start()
-    await c.sysfs_write("run", 0)
-    child = await t.fork()
-    return t, child, a, n, (await t.pagemap(a, n))[0]
+    return await mergeable_task(c, "task", npages, byte)
 
 
 async def test_fork_then_write_keeps_both_views(cluster_factory):
@@ -94,7 +80,7 @@ async def test_try_to_unmap_ksm_finds_forked_child_and_swapin_gives_same_bytes(c
         both read their 4 pages back from swap: same bytes
     """
     c = await cluster_factory(frames=256, swap_slots=64)
-    t, child, a, n, kpfn = await _ksm_page_then_fork(c)
+    t, child, a, n, kpfn = await ksm_page_then_fork(c)
     assert await child.pagemap(a, n) == [kpfn] * 4
     r = await c.reclaim(pfns=[kpfn], force=True)
     assert r["results"][str(kpfn)] == "freed"
@@ -109,7 +95,7 @@ async def test_try_to_unmap_ksm_finds_forked_child_and_swapin_gives_same_bytes(c
 async def test_rmap_no_anon_vma_variant_leaves_forked_child_mapped(cluster_factory):
     """With seed 004 reverted the walk only visits item->mm: the child's ptes stay mapped."""
     c = await cluster_factory(frames=256, swap_slots=64, variants=("rmap-no-anon-vma",))
-    t, child, a, n, kpfn = await _ksm_page_then_fork(c)
+    t, child, a, n, kpfn = await ksm_page_then_fork(c)
     r = await c.reclaim(pfns=[kpfn], force=True)
     assert r["results"][str(kpfn)] == "still_mapped"
     assert await child.pagemap(a, n) == [kpfn] * 4, "the forked child's ptes were missed"
