@@ -117,15 +117,17 @@ class Actor:
             label = self.name if th is threading.main_thread() else f"{self.name}:{th.name.rsplit('_', 1)[-1]}"
             self.locks.bind_context(label)
             k = Kernel(self.km, self.locks, label, ev=self.ev, variants=self.variants,
-                       sched=self.sched, oom=self.call_oom,
-                       reclaim=self.call_reclaim if self.km.swap is not None else None)
-            k.wake_ksmd_hook = lambda: self.notify("ksmd", "wakeup")
+                       sched=self.sched, pressure=_ActorPressure(self), wakeups=_ActorWakeups(self))
             self.kernel_setup(k)
             self.tls.kernel = k
         return k
 
     def kernel_setup(self, k: Kernel) -> None:
         """Hook to adjust a new kernel context."""
+
+    def populate(self, start: int, length: int, write: bool) -> None:
+        """mm_populate() of a MAP_POPULATE / VM_LOCKED mmap: only a task actor has a user
+        address space to fault in (it overrides this)."""
 
     # -- talking to other actors ----------------------------------------------------------------
     def _dealer(self, target: str) -> zmq.Socket:
@@ -176,7 +178,7 @@ class Actor:
 
     def call_reclaim(self, k: Kernel, nid: int) -> int:
         """Direct reclaim: ask kswapd to free some frames now; returns how many it freed."""
-        if self.name == "kswapd":
+        if self.name == "kswapd" or self.km.swap is None:
             return 0
         try:
             return int(self.call("kswapd", "reclaim", nr=32)["freed"])
@@ -355,6 +357,34 @@ class Actor:
         except Exception:
             pass
         self.ev.close()
+
+
+class _ActorPressure:
+    """alloc_pages' slow path of an actor's kernel contexts: direct reclaim is a request
+    to kswapd, out_of_memory one to the OOM killer (seams.MemoryPressure)."""
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+
+    def reclaim(self, k: Kernel, nid: int) -> int:
+        return self.actor.call_reclaim(k, nid)
+
+    def out_of_memory(self, k: Kernel, nid: int) -> None:
+        self.actor.call_oom(k, nid)
+
+
+class _ActorWakeups:
+    """seams.Wakeups over zmq: ksmd gets a wakeup message; mm_populate() faults the range
+    in through the task actor's own access path (tasks install it, see task.py)."""
+
+    def __init__(self, actor: Actor) -> None:
+        self.actor = actor
+
+    def wake_ksmd(self) -> None:
+        self.actor.notify("ksmd", "wakeup")
+
+    def populate(self, start: int, length: int, write: bool) -> None:
+        self.actor.populate(start, length, write)
 
 
 def actor_main(argv: list[str] | None = None) -> None:

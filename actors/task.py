@@ -81,7 +81,6 @@ class Task(Actor):
 
     def kernel_setup(self, k: Kernel) -> None:
         k.current_task = self.task
-        k.populate_hook = self.populate
 
     # -- signals and exit ----------------------------------------------------------------------
     def killed(self) -> bool:

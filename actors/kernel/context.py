@@ -17,6 +17,17 @@ from typing import Any
 import numpy as np
 
 from actors.kernel.schedule import SchedPlan, check_points
+from actors.kernel.seams import (
+    NO_WAKEUPS,
+    SYSTEM_CLOCK,
+    Clock,
+    EventLog,
+    ExclusiveLock,
+    LockSpace,
+    MemoryPressure,
+    RWSemaphore,
+    Wakeups,
+)
 from actors.kernel.variants import Variants
 from shared_mem.atomic import AtomicField
 from shared_mem.frames import FrameAllocator
@@ -50,7 +61,7 @@ class SchedPoints:
         self.hits[name] = self.hits.get(name, 0) + 1
         if d > 0:
             k.ev("sched_point", point=name, delay_ms=round(d * 1000, 3), forced=forced, ctx=k.actor)
-            time.sleep(d)
+            k.clock.sleep(d)
 
     def lock_op(self, ctx: str, lock: str, op: str) -> None:
         d = self.plan.delay(ctx, lock, False) if self.plan is not None else 0.0
@@ -90,28 +101,37 @@ def ksm_struct(km: KernelMemory) -> ctypes.Structure:
 
 
 class Kernel:
-    """One kernel context's view of the machine."""
+    """One kernel context's view of the machine.
+
+    Everything a kernel path uses besides kernel memory comes through a declared seam
+    (actors/kernel/seams.py): locks, clock, sched (schedule points), pressure (direct
+    reclaim and the OOM killer; None: an allocation that finds no frame fails), wakeups,
+    ev (the event log). The actors and the simulator each supply their own.
+    """
 
     def __init__(
         self,
         km: KernelMemory,
-        locks: Any,
+        locks: LockSpace,
         actor: str,
-        ev: Callable[..., None] | None = None,
+        ev: EventLog | None = None,
         variants: Variants | None = None,
         sched: SchedPoints | None = None,
-        oom: Callable[[Kernel, int], None] | None = None,
-        reclaim: Callable[[Kernel, int], int] | None = None,
+        pressure: MemoryPressure | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        wakeups: Wakeups = NO_WAKEUPS,
+        pid: int | None = None,
     ) -> None:
         self.km = km
         self.locks = locks
         self.actor = actor
-        self.pid = os.getpid()
+        self.pid = os.getpid() if pid is None else pid
         self.ev = ev or _no_event
         self.variants = variants or Variants()
         self.sched = sched or SchedPoints()
-        self.oom_call = oom
-        self.reclaim_call = reclaim
+        self.pressure = pressure
+        self.clock = clock
+        self.wakeups = wakeups
         self.alloc = FrameAllocator(km, locks)
         self.alloc.on_bad_page = self._bad_new_page
         self.cmp = PageCmp(km.frames)
@@ -161,40 +181,34 @@ class Kernel:
         st = self._no_progress
         if st is None or st[0] != site:
             st = self._no_progress = [site, 0]
-            publish = getattr(self.locks, "no_progress", None)
-            if publish is not None:
-                publish(site, 0)
+            self.locks.no_progress(site, 0)
             self.ev("no_progress", site=site)
         else:
             st[1] += 1
             if not st[1] & 63:
-                publish = getattr(self.locks, "no_progress", None)
-                if publish is not None:
-                    publish(site, st[1])
+                self.locks.no_progress(site, st[1])
         if pause > 0:
-            time.sleep(pause)
+            self.clock.sleep(pause)
 
     def progress(self) -> None:
         """The retry loop got what it waited for (or gave up): clear the published wait."""
         st = self._no_progress
         if st is not None:
             self._no_progress = None
-            clear = getattr(self.locks, "progress", None)
-            if clear is not None:
-                clear()
+            self.locks.progress()
             self.ev("progress", site=st[0], retries=st[1])
 
     # -- locks by object ---------------------------------------------------------------
-    def mmap_lock(self, mm: int, site: str = "mmap_lock") -> Any:
+    def mmap_lock(self, mm: int, site: str = "mmap_lock") -> RWSemaphore:
         return self._mmap_locks[self.km.mm.idx(mm, site)]
 
-    def ptl(self, mm: int, site: str = "ptl") -> Any:
+    def ptl(self, mm: int, site: str = "ptl") -> ExclusiveLock:
         return self._ptls[self.km.mm.idx(mm, site)]
 
-    def page_lock(self, pfn: int) -> Any:
+    def page_lock(self, pfn: int) -> ExclusiveLock:
         return self.locks.get("page_lock", pfn)
 
-    def anon_vma_lock(self, av: int) -> Any:
+    def anon_vma_lock(self, av: int) -> RWSemaphore:
         return self.locks.get("anon_vma_lock", self.km.anon_vma.idx(av, "anon_vma_lock"))
 
     # -- signals -------------------------------------------------------------------------
@@ -214,27 +228,28 @@ class Kernel:
         pfn = self.alloc.alloc(nid, strict)
         if pfn is not None:
             return pfn
-        deadline = time.monotonic() + self.alloc_retry_s
+        clock = self.clock
+        deadline = clock.monotonic() + self.alloc_retry_s
         backoff = 0.001
         while True:
             if self.fatal_signal_pending():
                 self.ev("mm_page_alloc_fail", site=site, why="fatal_signal")
                 return None
             # Slow path: direct reclaim first, the OOM killer only when that frees nothing.
-            freed = self.reclaim_call(self, nid) if self.reclaim_call is not None else 0
-            if not freed:
-                if self.oom_call is None:
-                    self.ev("mm_page_alloc_fail", site=site, why="no_oom_killer")
-                    return None
+            pressure = self.pressure
+            if pressure is None:
+                self.ev("mm_page_alloc_fail", site=site, why="no_oom_killer")
+                return None
+            if not pressure.reclaim(self, nid):
                 self.ev("mm_page_alloc_oom", site=site, nid=nid)
-                self.oom_call(self, nid)
+                pressure.out_of_memory(self, nid)
             pfn = self.alloc.alloc(nid, strict)
             if pfn is not None:
                 return pfn
-            if time.monotonic() > deadline:
+            if clock.monotonic() > deadline:
                 self.ev("mm_page_alloc_fail", site=site, why="timeout")
                 return None
-            time.sleep(backoff)
+            clock.sleep(backoff)
             backoff = min(backoff * 2, 0.05)
             # get_page_from_freelist() again before reclaim and the OOM killer: memory a
             # victim freed while we slept must not make the OOM killer look for another.

@@ -18,7 +18,6 @@
 # bad when freed is kept off the free lists (PAGE_DBG_LEAKED) so it cannot be handed out again.
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -481,7 +480,7 @@ def check_unmerged(k: Kernel) -> list[dict]:
             f"{len(data['stable_nodes'])} stable node(s)" if data["stable_nodes"] else ""]
     title = f"ksm: {what}" + (f"; left: {', '.join(x for x in left if x)}" if any(left) else "")
     text = "\n".join([title, *lines, f"in run_store ({k.actor}, pid {k.pid})"]) + "\n"
-    data["ms_after_start"] = (time.monotonic_ns() - start) // 1_000_000 if start else -1
+    data["ms_after_start"] = (k.clock.monotonic_ns() - start) // 1_000_000 if start else -1
     rep = {"kind": "bad_page", "title": title, "text": text, "data": data}
     emit(k, rep)
     return [*out, rep]

@@ -52,9 +52,7 @@ def vma_ksm_compatible(k: Kernel, vma: int) -> bool:
 def wake_ksmd(k: Kernel) -> None:
     k.ksm["wake_seq"] += 1
     k.ev("ksmd_wakeup")
-    hook = getattr(k, "wake_ksmd_hook", None)
-    if hook is not None:
-        hook()
+    k.wakeups.wake_ksmd()
 
 
 def __ksm_enter(k: Kernel, mm: int) -> int:

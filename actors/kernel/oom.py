@@ -10,8 +10,6 @@
 # - and once the victim is MMF_OOM_SKIP, a further shortage picks a second victim.
 from __future__ import annotations
 
-import time
-
 from actors.kernel import ksm_mm
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
@@ -134,7 +132,7 @@ def oom_reap_task(k: Kernel, mm: int, oom_mms: list[int], retry_interval: float 
                 finally:
                     lock.up_read()
                 break
-            time.sleep(retry_interval)
+            k.clock.sleep(retry_interval)
         else:
             k.ev("oom_reaper_gave_up", mm=mi)
         ksm_mm.set_mm_flag(k, mm, MMF_OOM_SKIP)

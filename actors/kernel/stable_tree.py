@@ -9,8 +9,6 @@
 # node as stale when it does not. remove_all_stable_nodes() is seed 002's fix.
 from __future__ import annotations
 
-import time
-
 from actors.kernel import mm as mmops
 from actors.kernel import tree
 from actors.kernel.context import Kernel
@@ -227,7 +225,7 @@ def alloc_stable_node_chain(k: Kernel, dup: int) -> int:
     di = sn.idx(dup, "alloc_stable_node_chain")
     sn.rmap_hlist_len[ci] = STABLE_NODE_CHAIN
     sn.nid[ci] = sn.nid[di]
-    sn.chain_prune_time[ci] = time.monotonic_ns()
+    sn.chain_prune_time[ci] = k.clock.monotonic_ns()
     tree.replace_node(sn, stable_root(k, int(sn.nid[di])), dup, chain)
     chain_add_dup(k, dup, chain)
     k.ks.stable_node_chains += 1
@@ -239,7 +237,7 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
     """stable_node_dup(): (dup with room or NULL, its page or -1, the node now in the tree)."""
     sn = k.km.stable_node
     ci = sn.idx(chain, "stable_node_dup")
-    now = time.monotonic_ns()
+    now = k.clock.monotonic_ns()
     if prune and now < int(sn.chain_prune_time[ci]) + int(k.ks.stable_node_chains_prune_millisecs) * 1_000_000:
         prune = False
     elif prune:

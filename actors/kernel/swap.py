@@ -10,8 +10,6 @@
 # from a !Uptodate page, let the fault report the I/O error).
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from actors.kernel import mm as mmops
@@ -192,7 +190,7 @@ def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
             # When this decision (taken after reading run) was made: run=2's completion
             # check excuses a survivor mapped by a swap-in that read run just before
             # run=2 was stored (debug.check_unmerged).
-            km.page["ksm_swpin_ns"][pfn] = time.monotonic_ns()
+            km.page["ksm_swpin_ns"][pfn] = k.clock.monotonic_ns()
             return pfn
     else:
         av = int(km.page["mapping"][pfn])

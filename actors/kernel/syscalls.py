@@ -115,9 +115,7 @@ def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int =
     # mm_populate(): a PROT_NONE area cannot be faulted in; mmap still succeeds (the
     # kernel ignores populate errors), so an MCL_FUTURE task can map guard areas.
     if (flags & MAP_POPULATE or vmflags & VM_LOCKED) and vmflags & (VM_READ | VM_WRITE):
-        populate = getattr(k, "populate_hook", None)
-        if populate is not None:
-            populate(start, length, bool(vmflags & VM_WRITE))
+        k.wakeups.populate(start, length, bool(vmflags & VM_WRITE))
     return start
 
 

@@ -9,7 +9,6 @@
 # scan-time advisor drives it. Reads are lock-free, as in the kernel.
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from actors.kernel import debug
@@ -174,7 +173,7 @@ def _store_run(k: Kernel, buf: str) -> None:
     try:
         if int(k.ksm["run"]) != flags:
             if flags & KSM_RUN_UNMERGE:
-                k.ksm["unmerge_start_ns"] = time.monotonic_ns()   # before run=2 is seen
+                k.ksm["unmerge_start_ns"] = k.clock.monotonic_ns()   # before run=2 is seen
             k.ksm["run"] = flags
             if flags & KSM_RUN_UNMERGE:
                 k.oom_origin = True
