@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import sys
@@ -35,6 +34,11 @@ from shared_mem.layout import KernelMemory
 from shared_mem.locks import LockSpace
 
 PR_SET_PDEATHSIG = 1
+
+# Called, in order, when the actor gets SIGTERM, after it is marked stopping. A run that
+# records coverage installs one (actors/kcov.py): save the data now, whatever the actor
+# is blocked in (a deadlocked context never returns to its loop), and exit.
+SIGTERM_HOOKS: list[Callable[[], None]] = []
 
 
 def die_with_parent() -> None:
@@ -329,13 +333,8 @@ class Actor:
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.stopping = True
-        from ksmlab import kcov
-
-        if kcov.ACTIVE is not None:
-            # A run that records coverage: save it now, whatever this actor is blocked
-            # in (a deadlocked context never returns to its loop), and go.
-            kcov.stop_and_save(kcov.ACTIVE)
-            os._exit(0)
+        for hook in SIGTERM_HOOKS:
+            hook()
 
     # -- teardown ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -385,30 +384,3 @@ class _ActorWakeups:
 
     def populate(self, start: int, length: int, write: bool) -> None:
         self.actor.populate(start, length, write)
-
-
-def actor_main(argv: list[str] | None = None) -> None:
-    """Entry point of every actor process: python -m actors.main CONFIG ROLE NAME [ARG]."""
-    die_with_parent()
-    argv = sys.argv[1:] if argv is None else argv
-    cfg_path, role, name = argv[0], argv[1], argv[2]
-    extra = argv[3:] if len(argv) > 3 else []
-    with open(cfg_path, encoding="utf-8") as f:
-        cfg = json.load(f)
-    from actors.registry import ROLES
-
-    cls = ROLES[role]
-    cov = None
-    if cfg.get("coverage"):
-        from ksmlab import kcov
-
-        cov = kcov.start(cfg["coverage"], name)
-    actor = cls(cfg, name, *extra)
-    try:
-        actor.boot()
-        actor.run()
-    finally:
-        actor.close()
-        if cov is not None:
-            kcov.stop_and_save(cov)
-    os._exit(0)

@@ -27,9 +27,10 @@ import zmq
 import zmq.asyncio
 
 from actors.boot import boot_kernel
-from actors.kernel import mm as mmops
+from actors.kernel import fork as forkops
 from actors.kernel import sysfs
 from actors.kernel.context import Kernel
+from actors.kernel.invariants import check_invariants, leaks_after_teardown
 from actors.kernel.schedule import PlanSpec, check_points
 from actors.kernel.variants import Variants
 from actors.log import EventLog
@@ -311,8 +312,10 @@ class Cluster:
         errf = open(os.path.join(self.run_dir, "logs", f"{name}.stderr"), "ab")  # noqa: SIM115
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+        # actors.kcov is actors.main recording coverage (only those processes load coverage.py)
+        entry = "actors.kcov" if self.opts.coverage else "actors.main"
         p = subprocess.Popen(
-            [sys.executable, "-m", "actors.main", self.cfg_path, role, name, *args],
+            [sys.executable, "-m", entry, self.cfg_path, role, name, *args],
             stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, env=env, close_fds=True,
         )
         errf.close()
@@ -573,17 +576,8 @@ class Cluster:
             raise self.crashed
         if self.stopped:
             raise ClusterError("cluster is stopped")
-        k = self.k
-        t = self.km.task
-        h = t.alloc(site="spawn_task")
-        ti = t.idx(h, "spawn_task")
-        pid = k.alloc_pid()
-        t.pid[ti] = pid
-        t.comm[ti] = comm.encode()[:16]
-        t.nid[ti] = nid
-        t.mm[ti] = mmops.mm_alloc(k, h, nid)
-        t.state[ti] = 1
-        task = self._adopt(pid, h)
+        h = forkops.new_task(self.k, comm, nid)
+        task = self._adopt(forkops.task_pid_nr(self.k, h, "spawn_task"), h)
         await asyncio.wait_for(asyncio.shield(self.ready[task.name]), self.opts.boot_timeout)
         return task
 
@@ -645,8 +639,6 @@ class Cluster:
 
     def check_invariants(self, report: bool = True) -> list[dict]:
         """Check DESIGN.md's invariants now (call when no task is mid-syscall); reports them."""
-        from actors.kernel.invariants import check_invariants
-
         ksm = self.k.ksm
         ksm["reclaim_paused"] = 1          # kswapd parks between pages
         deadline = time.monotonic() + 5.0
@@ -665,8 +657,6 @@ class Cluster:
 
     def check_leaks(self, report: bool = True) -> list[dict]:
         """After every task has exited and ksmd reaped their slots: nothing may be left."""
-        from actors.kernel.invariants import leaks_after_teardown
-
         found = leaks_after_teardown(self.k)
         if report:
             for r in found:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from actors.base import Actor, KernelError
 from actors.kernel import sysfs
-from shared_mem.layout import PF_OOM_ORIGIN
 
 
 class Ctl(Actor):
@@ -19,22 +18,11 @@ class Ctl(Actor):
         self.handlers["sysfs_read"] = self._on_read
 
     def _on_write(self, m: dict) -> dict:
-        k = self.k
-        task = m["task"]
-        t = self.km.task
-        origin = bool(task) and m["knob"] == "run" and t.valid(task)
-        if origin:
-            t.atomic("flags").set_bits(t.idx(task), PF_OOM_ORIGIN)
-        k.current_task = task if origin else 0  # the write runs in the writer's context
         try:
-            sysfs.store(k, m["knob"], m["value"])
+            sysfs.store(self.k, m["knob"], m["value"], task=m["task"])
         except sysfs.SysfsError as e:
             raise KernelError(e.errno_name, str(e)) from None
-        finally:
-            k.current_task = 0
-            if origin and t.valid(task):
-                t.atomic("flags").clear_bits(t.idx(task), PF_OOM_ORIGIN)
-        return {"knob": m["knob"], "value": sysfs.show(k, m["knob"])}
+        return {"knob": m["knob"], "value": sysfs.show(self.k, m["knob"])}
 
     def _on_read(self, m: dict) -> str:
         try:

@@ -9,11 +9,12 @@
 # cProfile and dumps the stats to FILE when ksmd stops (bench/bench_ksmd.py).
 from __future__ import annotations
 
+import cProfile
 import os
 import time
 
 from actors.base import Actor
-from actors.kernel.ksm_scan import ksm_do_scan, ksmd_should_run
+from actors.kernel.ksm_scan import ksm_do_scan, ksm_scan_thread_round, ksmd_should_run
 
 
 class Ksmd(Actor):
@@ -26,8 +27,6 @@ class Ksmd(Actor):
         self.prof_path = os.environ.get("KSMLAB_KSMD_PROFILE") or None
         self.prof = None
         if self.prof_path:
-            import cProfile
-
             self.prof = cProfile.Profile()
 
     def flush_every(self) -> int:
@@ -45,15 +44,10 @@ class Ksmd(Actor):
         k = self.k
         if time.monotonic() < self.next_scan or not ksmd_should_run(k):
             return
-        k.ksm_thread_mutex.lock(site="ksm_scan_thread")
-        try:
-            if ksmd_should_run(k):
-                if self.prof is None:
-                    ksm_do_scan(k, int(k.ksm["pages_to_scan"]))
-                else:
-                    self.prof.runcall(ksm_do_scan, k, int(k.ksm["pages_to_scan"]))
-        finally:
-            k.ksm_thread_mutex.unlock()
+        if self.prof is None:
+            ksm_scan_thread_round(k)
+        else:
+            ksm_scan_thread_round(k, lambda k, n: self.prof.runcall(ksm_do_scan, k, n))
         self.ev.flush()
         self.next_scan = time.monotonic() + int(k.ksm["sleep_millisecs"]) / 1000.0
 

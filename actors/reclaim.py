@@ -5,12 +5,14 @@
 # An allocation that finds no free frame asks for direct reclaim (a `reclaim`
 # request) before it calls the OOM killer; a test or scenario can also ask for
 # specific frames to be reclaimed (`pfns`, `force` to ignore the accessed bit).
+# The reclaim itself is actors/kernel/vmscan.py (kswapd_balance, try_to_free_pages);
+# this shell keeps the clock hand and the tick.
 from __future__ import annotations
 
 import time
 
 from actors.base import Actor
-from actors.kernel.vmscan import shrink_page, shrink_pages
+from actors.kernel.vmscan import kswapd_balance, reclaim_parked, shrink_page, try_to_free_pages
 
 
 class Kswapd(Actor):
@@ -25,38 +27,22 @@ class Kswapd(Actor):
     def flush_every(self) -> int:
         return 256
 
-    def parked(self) -> bool:
-        """The invariant checker asked reclaim to stand still (between pages)."""
-        ksm = self.k.ksm
-        if ksm["reclaim_paused"]:
-            ksm["reclaim_paused"] = 2
-            return True
-        return False
-
     def _on_reclaim(self, m: dict) -> dict:
         k = self.k
-        if not self.enabled or self.parked():
+        if not self.enabled or reclaim_parked(k):
             return {"freed": 0, "results": {}}
         if m["pfns"]:
             results = {str(p): shrink_page(k, int(p), m["force"]) for p in m["pfns"]}
             return {"freed": sum(r == "freed" for r in results.values()), "results": results}
-        freed, self.hand = shrink_pages(k, m["nr"], self.hand, m["force"])
-        if not freed:  # a second lap ignores the accessed bits: better swap than OOM
-            freed, self.hand = shrink_pages(k, m["nr"], self.hand, True)
+        freed, self.hand = try_to_free_pages(k, m["nr"], self.hand, m["force"])
         return {"freed": freed}
 
     def poll_timeout_ms(self) -> int:
         return 50
 
     def tick(self) -> None:
-        if not self.enabled or time.monotonic() < self.next_tick or self.parked():
+        if not self.enabled or time.monotonic() < self.next_tick or reclaim_parked(self.k):
             return
         self.next_tick = time.monotonic() + 0.05
-        k = self.k
-        for z in self.km.zones:
-            if int(z["nr_free"]) < int(z["low_watermark"]):
-                want = int(z["high_watermark"]) - int(z["nr_free"])
-                freed, self.hand = shrink_pages(k, want, self.hand)
-                k.ev("kswapd_balance", want=want, freed=freed)
-                self.ev.flush()
-                break
+        self.hand = kswapd_balance(self.k, self.hand)
+        self.ev.flush()

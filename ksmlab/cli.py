@@ -9,9 +9,15 @@ import asyncio
 import json
 import os
 import sys
+from dataclasses import asdict
 from typing import Any
 
-from ksmlab import live
+from actors.kernel.schedule import STRATEGIES, PlanSpec, UnknownPoint, check_points
+from actors.kernel.variants import Variants
+from ksmlab import kcov, live, logview, stress
+from ksmlab.scenario import builtin_scenarios, load_scenario, run_scenario
+from ksmlab.sim import command as sim_command
+from shared_mem.segment import sweep_stale
 
 
 def _delay(s: str) -> tuple[str, float]:
@@ -40,10 +46,6 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
 
 def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], quiet: bool) -> int:
     """Run one scenario with these options; print the summary or the JSON; exit status."""
-    from actors.kernel.schedule import PlanSpec, UnknownPoint, check_points
-    from actors.kernel.variants import Variants
-    from ksmlab.scenario import load_scenario, run_scenario
-
     try:
         spec = load_scenario(scenario)
         check_points(opts.get("delays") or {})
@@ -120,10 +122,6 @@ def cmd_replay(a: argparse.Namespace) -> int:
 
 
 def cmd_cover(a: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from ksmlab import kcov
-
     try:
         rows = kcov.table(a.dir)
     except FileNotFoundError as e:
@@ -137,9 +135,11 @@ def cmd_cover(a: argparse.Namespace) -> int:
 
 
 def cmd_stress(a: argparse.Namespace) -> int:
-    from ksmlab import stress
-
     return stress.main(a)
+
+
+def cmd_sim(a: argparse.Namespace) -> int:
+    return sim_command.main(a)
 
 
 def _print_summary(res: dict) -> None:
@@ -195,8 +195,6 @@ def cmd_ctl(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    from shared_mem.segment import sweep_stale
-
     removed = sweep_stale(dry_run=a.dry_run)
     removed += live.sweep_socket_dirs(dry_run=a.dry_run)
     for name in removed:
@@ -205,22 +203,16 @@ def cmd_sweep(a: argparse.Namespace) -> int:
 
 
 def cmd_scenarios(a: argparse.Namespace) -> int:
-    from ksmlab.scenario import builtin_scenarios
-
     for name, spec in sorted(builtin_scenarios().items()):
         print(f"{name:24} {spec.description}")
     return 0
 
 
 def cmd_log(a: argparse.Namespace) -> int:
-    from ksmlab import logview
-
     return logview.main(a)
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    from actors.kernel.schedule import STRATEGIES
-
     p.add_argument("--sched", choices=STRATEGIES, help="schedule plan strategy (default pct)")
     p.add_argument("--depth", type=int, help="PCT depth d: d-1 priority change points per epoch (default 3)")
 
@@ -267,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "and print the coverage table")
     st.add_argument("--guided", action="store_true",
                     help="coverage-guided: keep seeds that reach new branches and mutate them (needs --coverage)")
+
+    sm = sub.add_parser("sim", help="the kernel paths under a deterministic scheduler: search, replay, "
+                        "exhaustive bounded search")
+    sim_command.add_arguments(sm)
+    sm.set_defaults(fn=cmd_sim)
 
     cv = sub.add_parser("cover", help="the kernel functions and branches that runs recorded with --coverage reached")
     cv.add_argument("dir", help="the coverage folder")

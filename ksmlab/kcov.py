@@ -3,7 +3,8 @@
 # A run started with a coverage folder (`ksmlab run/stress --coverage DIR`) has every
 # actor process trace itself with coverage.py in parallel mode, branch coverage on,
 # restricted to the kernel paths (actors/kernel); each process writes its own data
-# file when it ends, and all runs of a campaign write into the same folder. `ksmlab
+# file when it ends, and all runs of a campaign write into the same folder (the
+# recording half is actors/kcov.py, the actors' entry point in such a run). `ksmlab
 # cover DIR` combines them and maps lines and branch arcs back to the kernel
 # functions (by their def ranges), so a campaign can say which functions of our
 # mm/ksm.c model it reached, how much of each, and name the ones it never reached.
@@ -17,31 +18,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-ACTIVE: Any = None   # this process's Coverage while it records
-KERNEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "actors", "kernel")
+import coverage
+from coverage.data import CoverageData
+from coverage.python import PythonFileReporter
 
-
-def start(data_dir: str, name: str) -> Any:
-    """Start tracing this process; returns the Coverage object to stop_and_save()."""
-    import coverage
-
-    os.makedirs(data_dir, exist_ok=True)
-    cov = coverage.Coverage(data_file=os.path.join(data_dir, ".coverage"), data_suffix=f"{name}.{os.getpid()}",
-                            branch=True, source=[KERNEL_DIR], concurrency=["thread"])
-    cov.start()
-    global ACTIVE
-    ACTIVE = cov
-    return cov
-
-
-def stop_and_save(cov: Any) -> None:
-    global ACTIVE
-    ACTIVE = None
-    try:
-        cov.stop()
-        cov.save()
-    except Exception:  # coverage must never turn a clean exit into a crash
-        pass
+from actors.kcov import KERNEL_DIR
 
 
 @dataclass
@@ -82,8 +63,6 @@ def _data_files(data_dir: str) -> list[str]:
 
 def arcs_reached(data_dir: str) -> set[tuple[str, int, int]]:
     """(module, from line, to line) of every kernel-path arc the data files under data_dir hold."""
-    from coverage.data import CoverageData
-
     out: set[tuple[str, int, int]] = set()
     for f in _data_files(data_dir):
         d = CoverageData(basename=f)
@@ -96,9 +75,6 @@ def arcs_reached(data_dir: str) -> set[tuple[str, int, int]]:
 
 def table(data_dir: str) -> list[FuncCov]:
     """Per kernel function: lines and arcs reached over every data file in data_dir."""
-    import coverage
-    from coverage.data import CoverageData
-
     files = _data_files(data_dir)
     if not files:
         raise FileNotFoundError(f"{data_dir}: no coverage data (run with --coverage {data_dir})")
@@ -136,8 +112,6 @@ def table(data_dir: str) -> list[FuncCov]:
 
 def _possible_arcs(cov: Any, path: str) -> set[tuple[int, int]]:
     try:
-        from coverage.python import PythonFileReporter
-
         fr = PythonFileReporter(path, cov)
         return {a for a in fr.arcs() if a[0] > 0 and a[1] > 0}
     except Exception:

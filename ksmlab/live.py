@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from actors.kernel import sysfs
 from protocol import codec, endpoints
 from shared_mem.layout import KernelMemory
 from shared_mem.segment import list_segments, pid_alive
@@ -58,8 +59,6 @@ def attach(cfg: dict) -> Iterator[KernelMemory]:
 
 
 def sysfs_files(km: KernelMemory) -> dict[str, str]:
-    from actors.kernel import sysfs
-
     class _View:  # sysfs.show() only reads k.ksm
         ksm = km.ksm[0]
 

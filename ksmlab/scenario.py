@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from actors.cluster import Cluster
+from ksmlab import scenarios
 
 
 class ExpectationFailed(AssertionError):
@@ -81,8 +82,6 @@ def _from_module(mod: ModuleType) -> ScenarioSpec:
 
 
 def builtin_scenarios() -> dict[str, ScenarioSpec]:
-    from ksmlab import scenarios
-
     out = {}
     for info in pkgutil.iter_modules(scenarios.__path__):
         if info.name.startswith("_"):

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import secrets
 import signal
 import statistics
@@ -29,6 +30,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
+
+from ksmlab import kcov, live
+from shared_mem.segment import sweep_stale
 
 
 @dataclass(frozen=True)
@@ -139,9 +143,6 @@ def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
-        from ksmlab import live
-        from shared_mem.segment import sweep_stale
-
         sweep_stale()
         live.sweep_socket_dirs()
         return RunResult(bug_name, seed, run_dir, round(time.monotonic() - t0, 2), [], [], None,
@@ -233,10 +234,6 @@ def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float |
     (same configuration, drawn from the parent's seed through `knob_seed`; new workload
     and schedule from their own seed) instead of drawing a fresh one. Runs go in waves
     of `jobs`, since the next wave's choices depend on what this one reached."""
-    import random
-
-    from ksmlab import kcov
-
     rng = random.Random(seed ^ 0x5359)
     corpus: list[int] = []
     seen: set[tuple[str, int, int]] = set()
@@ -304,8 +301,6 @@ def main(a: argparse.Namespace) -> int:
         out = campaign(bugs, a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
                        a.coverage, a.scenario)
     if a.coverage:
-        from ksmlab import kcov
-
         rows = kcov.table(a.coverage)
         out["coverage"] = {"reached": sum(r.reached for r in rows), "functions": len(rows),
                            "never_reached": [f"{r.module}.{r.name}" for r in rows if not r.reached]}

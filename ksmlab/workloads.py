@@ -3,12 +3,18 @@
 # each content, and the KSM counters the kernel should report once ksmd has converged.
 from __future__ import annotations
 
+import asyncio
+import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+
+from actors.cluster import Cluster
+from protocol.abi import MADV_MERGEABLE, MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE
+from shared_mem.layout import PTRS_PER_PTE
 
 PAGE_SIZE = 4096
 
@@ -285,8 +291,6 @@ def ksmlab_cluster_options(w: Workload, **cluster_opts: Any) -> dict[str, Any]:
 
     Explicit ``cluster_opts`` win; ``frames`` and ``va_pages`` are only raised, never lowered.
     """
-    from shared_mem.layout import PTRS_PER_PTE
-
     opts = dict(cluster_opts)
     need = w.total_pages + max(1024, w.total_pages // 16)
     opts["frames"] = max(int(opts.get("frames", 0)), need)
@@ -310,10 +314,6 @@ async def ksmlab_load(
     Tasks are loaded concurrently (each is its own process). ``images`` (one per process,
     as ``w.process_image(i)``) saves rebuilding them when the caller has them already.
     """
-    import asyncio
-
-    from protocol.abi import MADV_MERGEABLE, MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE
-
     chunk = max(PAGE_SIZE, chunk // PAGE_SIZE * PAGE_SIZE)
 
     async def one(i: int) -> tuple[Any, int]:
@@ -336,8 +336,6 @@ async def ksmlab_converge(
     """realkernel.run_workload's convergence rule on a Cluster: ``run=1``, at least 2 full
     scans, then snapshots (read with ``run=0``, like LTP) ``stable_scans`` full scans apart
     until CONVERGENCE_KEYS agree. Returns (counters, snapshots taken)."""
-    import time
-
     deadline = time.monotonic() + timeout
 
     def left() -> float:
@@ -387,10 +385,6 @@ async def run_on_ksmlab(
     with ``run=0``. Every task must read back exactly what it wrote (``Task.verify``) and the
     run must produce no report; otherwise RuntimeError. The cluster is always stopped.
     """
-    import asyncio
-
-    from actors.cluster import Cluster
-
     if pages_to_scan is None:
         pages_to_scan = max(100, w.total_pages)
     if not cluster_opts.get("shadow", True):

@@ -121,6 +121,10 @@ class Arena:
                 setattr(self, field, rec[field])
         self.actor = "?"
         self.on_report: Callable[[dict], None] | None = None
+        # Who and when, for the provenance a report prints: the process and the system
+        # clock here; the simulator's current context and virtual clock there.
+        self.pid_of: Callable[[], int] = os.getpid
+        self.clock_ns: Callable[[], int] = time.monotonic_ns
 
     # -- set-up -------------------------------------------------------------------
     def format(self) -> None:
@@ -158,8 +162,8 @@ class Arena:
         if zero:
             self._bytes[i] = 0
         m = self._m
-        m["alloc_pid"][i] = os.getpid()
-        m["alloc_ns"][i] = time.monotonic_ns()
+        m["alloc_pid"][i] = self.pid_of()
+        m["alloc_ns"][i] = self.clock_ns()
         m["alloc_actor"][i] = self.actor.encode()[:16]
         m["alloc_site"][i] = site.encode()[:32]
         return pack(g, i)
@@ -170,8 +174,8 @@ class Arena:
             rep = self._report(h, "double-free" if i < self.capacity else "invalid-free", site)
             raise BadFree(rep)
         m = self._m
-        m["free_pid"][i] = os.getpid()
-        m["free_ns"][i] = time.monotonic_ns()
+        m["free_pid"][i] = self.pid_of()
+        m["free_ns"][i] = self.clock_ns()
         m["free_actor"][i] = self.actor.encode()[:16]
         m["free_site"][i] = site.encode()[:32]
         self._bytes[i] = POISON_FREE
@@ -214,7 +218,7 @@ class Arena:
         i = h_index(h)
         if kind == "null-ptr-deref":
             title = f"BUG: kernel NULL pointer dereference, {self.name} in {site or '?'}"
-            text = f"{title}\n{self.actor}/{os.getpid()} dereferenced a NULL {self.name} handle\n"
+            text = f"{title}\n{self.actor}/{self.pid_of()} dereferenced a NULL {self.name} handle\n"
             rep = {"kind": "null-ptr-deref", "title": title, "text": text,
                    "data": {"cache": self.name, "actor": self.actor, "site": site}}
         else:
@@ -223,10 +227,10 @@ class Arena:
             lines = [
                 "=" * 66,
                 title,
-                f"Access to {self.name} {fmt_handle(h)} by task {self.actor}/{os.getpid()}",
+                f"Access to {self.name} {fmt_handle(h)} by task {self.actor}/{self.pid_of()}",
             ]
             data: dict[str, Any] = {"cache": self.name, "handle": [i, h_gen(h)], "site": site,
-                                    "actor": self.actor, "pid": os.getpid()}
+                                    "actor": self.actor, "pid": self.pid_of()}
             if m is not None:
                 cur = int(m["gen"])
                 lines.append(f"The object is now generation {cur} ({'live, reused' if cur & 1 else 'free'}).")

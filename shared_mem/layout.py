@@ -9,16 +9,18 @@
 # PTRS_PER_PTE int64 ptes, so exit_mmap's free_pgtables really frees something.
 from __future__ import annotations
 
+import gc
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
-from shared_mem.arena import Arena
+from shared_mem.arena import PROVENANCE, Arena
 from shared_mem.segment import Segment, segment_name
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = ~(PAGE_SIZE - 1)
 PTRS_PER_PTE = 512
 MAX_NUMNODES = 8
 
@@ -259,8 +261,6 @@ class _Carver:
 
 
 def _meta_dtype() -> np.dtype:
-    from shared_mem.arena import PROVENANCE
-
     return np.dtype(PROVENANCE)
 
 
@@ -367,6 +367,12 @@ class KernelMemory:
             a.actor = actor
             a.on_report = on_report
 
+    def set_identity(self, pid_of: Any, clock_ns: Any) -> None:
+        """Where the arenas' provenance (alloc/free pid and time) comes from."""
+        for a in self.arenas.values():
+            a.pid_of = pid_of
+            a.clock_ns = clock_ns
+
     def close(self) -> None:
         # Drop every numpy view before unmapping (mmap refuses while exports exist).
         self.v = {}
@@ -374,8 +380,6 @@ class KernelMemory:
         for attr in ("ksm", "zones", "free_frames", "page", "pgd", "swap_map", "swap_cache", "frames", "swap",
                      "mm", "vma", "anon_vma", "ptable", "task", "mm_slot", "rmap_item", "stable_node"):
             self.__dict__.pop(attr, None)
-        import gc
-
         gc.collect()
         for s in self.segs.values():
             s.close()

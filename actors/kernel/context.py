@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.kernel import debug
 from actors.kernel.schedule import SchedPlan, check_points
 from actors.kernel.seams import (
     NO_WAKEUPS,
@@ -154,8 +155,6 @@ class Kernel:
         self.ksm["zero_checksum"] = self.cmp.zero_checksum
 
     def _bad_new_page(self, pfn: int, flags: int, ref: int, mapc: int) -> None:
-        from actors.kernel import debug
-
         debug.check_new_page(self, pfn, flags, ref, mapc)
 
     def alloc_pid(self) -> int:

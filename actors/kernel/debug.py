@@ -22,9 +22,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actors.kernel import mm as mmops
+from actors.kernel.hlist import items_of_node
 from shared_mem.arena import fmt_handle
 from shared_mem.atomic import AtomicField
 from shared_mem.layout import (
+    PAGE_MASK,
     PAGE_SHIFT,
     PG_ACTIVE,
     PG_ANON,
@@ -222,8 +225,6 @@ def _pmd(k: Kernel, mm: int, addr: int) -> int:
 
 
 def _vma_line(k: Kernel, mm: int, addr: int) -> str:
-    from actors.kernel import mm as mmops
-
     km = k.km
     try:
         vma = mmops.vma_lookup(k, mm, addr) if km.mm.valid(mm) else 0
@@ -345,8 +346,6 @@ def check_rmap_walk(k: Kernel, pfn: int, visited: set[tuple[int, int]], where: s
 def _anon_root(k: Kernel, mm: int, addr: int) -> int | None:
     """The anon_vma family (root) of mm's vma at addr; None if mmap_lock is busy (we hold a
     page lock: only a trylock, which lockdep does not order)."""
-    from actors.kernel import mm as mmops
-
     km = k.km
     if not km.mm.valid(mm):
         return None
@@ -370,8 +369,6 @@ def _ksm_rmap_reaches(k: Kernel, pfn: int, mm: int, addr: int) -> bool | None:
     """Must the KSM rmap reach (mm, addr)? Yes when an rmap_item of the page's stable node
     records addr in an mm whose vma there is of the same anon_vma family as mm's vma: the
     walk then finds it through that anon_vma (search_new_forks). None: undecidable now."""
-    from actors.kernel.rmap import PAGE_MASK, items_of_node
-
     km = k.km
     node = int(km.page["mapping"][pfn])
     if not node or not km.stable_node.valid(node):
@@ -490,8 +487,6 @@ def vma_flags_at(k: Kernel, mm: int, addr: int) -> int | None:
     """vm_flags of the vma at addr, read under mmap_read_trylock (the vma list is the
     mm's to change); None when the mm is gone or its mmap_lock is busy (an exit or a
     munmap in progress): the caller cannot tell, and must not guess."""
-    from actors.kernel import mm as mmops
-
     if not k.km.mm.valid(mm):
         return None
     lock = k.mmap_lock(mm, "check_unmerged")
@@ -522,7 +517,5 @@ def _unmerge_warning(k: Kernel, warned: list[tuple[int, list[tuple[int, int, int
 
 
 def vma_is_shared(k: Kernel, mm: int, addr: int) -> bool:
-    from actors.kernel import mm as mmops
-
     vma = mmops.vma_lookup(k, mm, addr)
     return bool(vma) and bool(int(k.km.vma.flags[k.km.vma.idx(vma, "integrity")]) & VM_SHARED)

@@ -12,6 +12,14 @@
 # ksm_test_exit() in the fault paths (memory.py), and munlock_vma_pages_all() faulting
 # absent pages in through __get_user_pages: on a PROT_NONE area of an mlockall() task the
 # fault backs out (mm_users is 0) and munlock retries for ever (docs/bugs/munlock-exit-hang.md).
+#
+# do_exit() is kernel/exit.c's, reduced to what KSM meets: PF_EXITING, the
+# sched_process_exit event, exit_mm() (task->mm cleared first, then mmput(), so the OOM
+# killer no longer sees the mm through the task while __mmput runs), then the zombie and
+# release_task() at once (nobody waits for our tasks: the record is freed, a later use of
+# the handle is a reported use-after-free). It runs in the exit context with `current`
+# the dying task, and whatever mmput() raises the task is dead and released all the same.
+# It returns the pid; telling the supervisor is the caller's business.
 from __future__ import annotations
 
 from actors.kernel import ksm_mm
@@ -27,11 +35,14 @@ from actors.kernel.memory import (
 from shared_mem.layout import (
     MMF_OOM_SKIP,
     PAGE_SIZE,
+    PF_EXITING,
     PG_MLOCKED,
     PTE_PFN_MASK,
     PTE_PRESENT,
     PTE_SPECIAL,
     PTE_WRITE,
+    TASK_DEAD,
+    TASK_EXITING,
     VM_LOCKED,
     VM_SHARED,
     VM_WRITE,
@@ -147,3 +158,26 @@ def mmput(k: Kernel, mm: int) -> None:
 
 def mmget_not_zero(k: Kernel, mm: int) -> bool:
     return k.km.mm.atomic("users").inc_not_zero(k.km.mm.idx(mm, "mmget_not_zero"))
+
+
+def do_exit(k: Kernel, task: int, code: int, reason: str) -> int:
+    """The task exits with `code` (reason: "exit", "killed", ...): its mm is put and its
+    record released. Returns its pid."""
+    t = k.km.task
+    ti = t.idx(task, "do_exit")
+    k.current_task = task
+    t.atomic("flags").set_bits(ti, PF_EXITING)
+    t.state[ti] = TASK_EXITING
+    pid = int(t.pid[ti])
+    k.ev("sched_process_exit", task=ti, pid=pid, code=code, reason=reason)
+    mm = int(t.mm[ti])   # exit_mm(): detach, then drop the reference
+    t.mm[ti] = 0
+    try:
+        if mm:
+            mmput(k, mm)
+    finally:
+        t.state[ti] = TASK_DEAD
+        t.exit_code[ti] = code
+        k.current_task = 0
+        t.free(task, site="release_task")
+    return pid

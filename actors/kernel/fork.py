@@ -7,11 +7,20 @@
 # search_new_forks pass finds the child's ptes of a KSM page before ksmd has
 # given the child any rmap_item. ksm_fork() registers the child with KSM when
 # the parent is mergeable, with its KSM counters starting at zero.
+#
+# Task records. alloc_task() is the one place a task record is made (dup_task_struct
+# and alloc_pid): the identity (pid, parent, comm, node), nothing runnable yet.
+# copy_process() is fork() around dup_mmap(): the parent's comm, node and oom_score_adj,
+# the child's mm, and only then TASK_RUNNING, so the OOM killer never picks a child
+# without an address space; a dup_mmap() that fails frees the record and the error goes
+# on. new_task() is the other way a user process comes to be, an empty address space as
+# after execve() (the supervisor's spawn_task). Starting the child's process and copying
+# what the parent's shell keeps (its integrity shadow) is the caller's business.
 from __future__ import annotations
 
 import numpy as np
 
-from actors.kernel import debug, ksm_mm
+from actors.kernel import debug, ksm_mm, swap
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
 from shared_mem.layout import (
@@ -22,9 +31,57 @@ from shared_mem.layout import (
     PTE_SPECIAL,
     PTE_SWAP,
     PTE_WRITE,
+    TASK_RUNNING,
     VM_LOCKED,
     VM_SHARED,
 )
+
+TASK_COMM_LEN = 16
+
+
+def alloc_task(k: Kernel, comm: str | bytes, nid: int, parent: int = 0,
+               site: str = "copy_process") -> int:
+    """A new task record with a fresh pid, not yet running (state TASK_FREE, no mm).
+    site: the allocation site a later use-after-free report names."""
+    t = k.km.task
+    h = t.alloc(site=site)
+    i = t.idx(h, site)
+    t.pid[i] = k.alloc_pid()
+    t.parent[i] = parent
+    t.comm[i] = (comm.encode() if isinstance(comm, str) else bytes(comm))[:TASK_COMM_LEN]
+    t.nid[i] = nid
+    return h
+
+
+def task_pid_nr(k: Kernel, task: int, site: str = "task_pid_nr") -> int:
+    return int(k.km.task.pid[k.km.task.idx(task, site)])
+
+
+def copy_process(k: Kernel, parent: int) -> int:
+    """fork(): a copy of the parent task with a copy of its mm; returns the child's handle."""
+    t = k.km.task
+    pi = t.idx(parent, "fork")
+    child = alloc_task(k, t.comm[pi], int(t.nid[pi]), parent)
+    ci = t.idx(child, "copy_process")
+    t.oom_score_adj[ci] = t.oom_score_adj[pi]
+    try:
+        t.mm[ci] = dup_mmap(k, int(t.mm[pi]), child)
+    except Exception:
+        t.free(child, site="copy_process:fail")
+        raise
+    t.state[ci] = TASK_RUNNING
+    k.ev("sched_process_fork", parent_pid=int(t.pid[pi]), child_pid=int(t.pid[ci]), child_task=ci)
+    return child
+
+
+def new_task(k: Kernel, comm: str | bytes, nid: int = -1) -> int:
+    """A running user process with an empty address space on node nid (as after execve)."""
+    t = k.km.task
+    h = alloc_task(k, comm, nid, site="spawn_task")
+    ti = t.idx(h, "spawn_task")
+    t.mm[ti] = mmops.mm_alloc(k, h, nid)
+    t.state[ti] = TASK_RUNNING
+    return h
 
 
 def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
@@ -83,8 +140,6 @@ def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool
                         pte &= ~PTE_WRITE   # copy-on-write in both
                         sptes[off] = pte
                 elif pte & PTE_SWAP:
-                    from actors.kernel import swap
-
                     swap.swap_duplicate(k, pte & PTE_PFN_MASK, "copy_pte_range")
                     k.ev("fork_swap_entry", mm=di, slot=pte & PTE_PFN_MASK)
                 dptes[j + int(off)] = pte

@@ -15,6 +15,7 @@ import numpy as np
 from actors.kernel import mm_slot as slots
 from actors.kernel.context import Kernel
 from actors.kernel.debug import PAGE_DBG_LEAKED
+from actors.kernel.swap import drain_unused_swap_cache
 from actors.kernel.sysfs import counters
 from shared_mem.layout import (
     NODE_CHAIN,
@@ -211,8 +212,6 @@ def leaks_after_teardown(k: Kernel) -> list[dict]:
     # Clean swap-cache pages nobody maps or references through a swap pte are reclaimable,
     # not leaked: the kernel's next reclaim pass frees them (an unmap whose try_to_free_swap
     # lost the page-lock trylock to kswapd leaves one). Drain them as that pass would.
-    from actors.kernel.swap import drain_unused_swap_cache
-
     drain_unused_swap_cache(k)
     # Frames a Bad page state report kept off the free lists were reported already.
     used = km.geo.nr_frames - 1 - k.alloc.nr_free() - int(((km.page["dbg"] & PAGE_DBG_LEAKED) != 0).sum())

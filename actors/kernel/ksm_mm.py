@@ -13,6 +13,8 @@ from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
 from actors.kernel.context import Kernel
 from actors.kernel.merge import ENOMEM, unmerge_ksm_pages
+from actors.kernel.rmap import Link, remove_trailing_rmap_items
+from protocol.abi import MADV_MERGEABLE, MADV_UNMERGEABLE
 from shared_mem.arena import OutOfObjects, handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
@@ -116,8 +118,6 @@ def __ksm_exit(k: Kernel, mm: int) -> None:
 
 def _ksm_exit_2009(k: Kernel, mm: int) -> None:
     """Before seed 000: the exiting task takes ksm_thread_mutex and cleans up itself."""
-    from actors.kernel.rmap import Link, remove_trailing_rmap_items
-
     km = k.km
     k.ksm_thread_mutex.lock(site="__ksm_exit")
     try:
@@ -154,8 +154,6 @@ def ksm_exit(k: Kernel, mm: int) -> None:
 
 def ksm_madvise(k: Kernel, vma: int, start: int, end: int, advice: int) -> int:
     """Apply MADV_(UN)MERGEABLE to one vma (already split to [start, end)). 0 or -errno."""
-    from protocol.abi import MADV_MERGEABLE, MADV_UNMERGEABLE
-
     km = k.km
     vi = km.vma.idx(vma, "ksm_madvise")
     mm = int(km.vma.mm[vi])

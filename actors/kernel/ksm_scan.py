@@ -9,6 +9,8 @@
 # (seed 002). Named schedule points sit in the windows those commits describe.
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
 from actors.kernel.context import Kernel
@@ -283,6 +285,23 @@ def ksm_do_scan(k: Kernel, scan_npages: int) -> int:
 
 def ksmd_should_run(k: Kernel) -> bool:
     return bool(k.ksm["run"] & KSM_RUN_MERGE) and not slots.list_empty(k)
+
+
+def ksm_scan_thread_round(k: Kernel, scan: Callable[[Kernel, int], None] | None = None) -> bool:
+    """One turn of ksm_scan_thread()'s loop, without the sleep: under ksm_thread_mutex,
+    if ksmd should run, scan pages_to_scan pages. Returns whether it scanned. The ksmd
+    actor and the simulator both run ksmd as these rounds and their own sleep (`scan`
+    lets the actor profile the batch)."""
+    if not ksmd_should_run(k):
+        return False
+    k.ksm_thread_mutex.lock(site="ksm_scan_thread")
+    try:
+        ran = ksmd_should_run(k)
+        if ran:
+            (scan or ksm_do_scan)(k, int(k.ksm["pages_to_scan"]))
+    finally:
+        k.ksm_thread_mutex.unlock()
+    return ran
 
 
 def unmerge_and_remove_all_rmap_items(k: Kernel) -> int:

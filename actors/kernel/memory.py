@@ -1,9 +1,10 @@
-# The page-fault path and page lifetimes: mm/memory.c and the rmap counters.
+# The page-fault path: mm/memory.c.
 #
 # handle_mm_fault() with do_anonymous_page(), do_wp_page()/wp_page_copy() (a write
 # to a KSM page always copies: "do_wp_page() must COW them, unlike singly mapped
-# PageAnons", seed 001), FAULT_FLAG_UNSHARE for break_ksm, the zero page, and
-# zap_pte_range(). Like the kernel, new pages are allocated without the page
+# PageAnons", seed 001), do_swap_page() over swap.py's swap cache, FAULT_FLAG_UNSHARE
+# for break_ksm, the zero page, and zap_pte_range(); page references and mapcounts
+# are page.py's. Like the kernel, new pages are allocated without the page
 # table lock and installed under it only if the pte is still what the fault saw
 # (pte_same), so a fault racing ksmd's write_protect_page/replace_page loses or
 # wins cleanly. user_access() is the MMU: a task's load/store checks the pte and
@@ -12,18 +13,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.kernel import debug
+from actors.kernel import debug, swap
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from actors.kernel.page import (
+    _node_for,
+    get_page,
+    page_add_anon_rmap,
+    page_add_new_anon_rmap,
+    page_remove_rmap,
+    put_page,
+)
 from shared_mem.arena import handle_id
 from shared_mem.layout import (
     PAGE_SHIFT,
     PAGE_SIZE,
     PG_ANON,
-    PG_DIRTY,
     PG_FREE,
     PG_KSM,
-    PG_MLOCKED,
     PG_SWAPCACHE,
     PG_UPTODATE,
     PTE_ACCESSED,
@@ -33,7 +40,6 @@ from shared_mem.layout import (
     PTE_SPECIAL,
     PTE_SWAP,
     PTE_WRITE,
-    VM_LOCKED,
     VM_READ,
     VM_WRITE,
 )
@@ -56,50 +62,6 @@ KSM_ZERO_PTE = PTE_PRESENT | PTE_SPECIAL | PTE_DIRTY   # is_ksm_zero_pte()
 
 def is_ksm_zero_pte(pte: int) -> bool:
     return (pte & KSM_ZERO_PTE) == KSM_ZERO_PTE
-
-
-# -- struct page reference counting ------------------------------------------------------
-def get_page(k: Kernel, pfn: int) -> None:
-    k.page_ref.inc_return(pfn)
-
-
-def put_page(k: Kernel, pfn: int) -> None:
-    c = k.page_ref.dec_return(pfn)
-    if c > 0:
-        return
-    if c == 0:
-        # free_pages_prepare(): a frame still mapped, in the swap cache, ... is reported
-        # and kept off the free lists (debug.py), as the kernel leaks a bad page.
-        if debug.free_page_prepare(k, pfn):
-            k.alloc.free(pfn)
-    else:
-        debug.bad_page(k, pfn, "page_ref_dec underflow: put_page on a page with refcount 0", "put_page")
-        raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} refcount:{c}")
-
-
-def page_add_new_anon_rmap(k: Kernel, pfn: int, vma: int, addr: int) -> None:
-    km = k.km
-    vi = km.vma.idx(vma, "page_add_new_anon_rmap")
-    flags = PG_ANON | PG_UPTODATE | PG_DIRTY
-    if km.vma.flags[vi] & VM_LOCKED:
-        flags |= PG_MLOCKED
-    km.page["flags"][pfn] = flags
-    km.page["mapping"][pfn] = km.vma.anon_vma[vi]
-    km.page["index"][pfn] = mmops.linear_page_index(k, vma, addr)
-    km.page["mapcount"][pfn] = 1
-
-
-def page_add_anon_rmap(k: Kernel, pfn: int) -> None:
-    k.page_map.inc_return(pfn)
-
-
-def page_remove_rmap(k: Kernel, pfn: int) -> None:
-    c = k.page_map.dec_return(pfn)
-    if c < 0:
-        debug.bad_page(k, pfn, "page_remove_rmap: mapcount underflow", "page_remove_rmap")
-        raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} mapcount:{c}")
-    if c == 0:
-        k.km.page["flags"][pfn] &= ~PG_MLOCKED
 
 
 def ksm_might_unmap_zero_page(k: Kernel, mm: int, pte: int) -> None:
@@ -128,13 +90,9 @@ def zap_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int, addr: int | None = Non
         page_remove_rmap(k, pfn)
         k.km.mm.atomic("rss_anon").dec_return(k.km.mm.idx(mm, "zap_pte_range"))
         if k.km.page["flags"][pfn] & PG_SWAPCACHE:
-            from actors.kernel import swap
-
             swap.free_swap_cache(k, pfn)
         put_page(k, pfn)
     elif pte & PTE_SWAP:
-        from actors.kernel import swap
-
         k.ev("zap_swap_entry", mm=handle_id(mm), slot=pte & PTE_PFN_MASK)
         swap.swap_free(k, pte & PTE_PFN_MASK)
 
@@ -178,9 +136,7 @@ def handle_mm_fault(k: Kernel, vma: int, addr: int, flags: int) -> int:
         return do_anonymous_page(k, mm, vma, addr, flags)
     if not pte & PTE_PRESENT:
         if pte & PTE_SWAP:
-            from actors.kernel import swap
-
-            return swap.do_swap_page(k, mm, vma, addr, pte, flags)
+            return do_swap_page(k, mm, vma, addr, pte, flags)
         return VM_FAULT_SIGBUS
     if flags & (FAULT_FLAG_WRITE | FAULT_FLAG_UNSHARE) and not pte & PTE_WRITE:
         return do_wp_page(k, mm, vma, addr, pte, flags)
@@ -189,12 +145,6 @@ def handle_mm_fault(k: Kernel, vma: int, addr: int, flags: int) -> int:
             if int(ptes[j]) == pte:
                 ptes[j] = pte | PTE_DIRTY | PTE_ACCESSED
     return 0
-
-
-def _node_for(k: Kernel, mm: int, vma: int) -> int:
-    """The vma's memory policy node (mbind/numa_alloc_onnode), else the task's."""
-    nid = int(k.km.vma.nid[k.km.vma.idx(vma, "get_vma_policy")])
-    return nid if nid >= 0 else int(k.km.mm.nid[k.km.mm.idx(mm, "get_vma_policy")])
 
 
 def _exiting_2009(k: Kernel, mm: int) -> bool:
@@ -300,6 +250,67 @@ def wp_page_copy(k: Kernel, mm: int, vma: int, addr: int, orig: int, old: int, f
     k.ev("wp_page_copy", mm=handle_id(mm), addr=addr, old=old, new=new,
          ksm=bool(old >= 0 and km.page["flags"][old] & PG_KSM) or is_ksm_zero_pte(orig))
     return VM_FAULT_WRITE
+
+
+def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int) -> int:
+    """A fault on a swap pte: the page from the swap cache or read in, copied when
+    ksm_might_need_to_copy() says so, mapped if the pte is still the one we saw."""
+    km = k.km
+    if km.swap is None:
+        return VM_FAULT_SIGBUS
+    slot = orig & PTE_PFN_MASK
+    mmops.anon_vma_prepare(k, vma)
+    page = swap.swap_cache_get(k, slot)
+    if page < 0:
+        page = swap.swapin_readpage(k, mm, vma, slot)
+        if page < 0:
+            return VM_FAULT_OOM
+    lock = k.page_lock(page)
+    lock.lock(site="do_swap_page")
+    try:
+        swapcache = page
+        page = swap.ksm_might_need_to_copy(k, swapcache, vma, addr)
+        if page < 0:
+            put_page(k, swapcache)
+            return VM_FAULT_OOM
+        if not km.page["flags"][page] & PG_UPTODATE:
+            put_page(k, swapcache)
+            k.ev("swap_read_error", slot=slot, addr=addr)
+            return VM_FAULT_SIGBUS
+        ptl = k.ptl(mm)
+        with ptl:
+            ptes, j = mmops.pte_table(k, mm, addr)
+            if ptes is None or int(ptes[j]) != orig:
+                if page != swapcache:
+                    put_page(k, page)
+                put_page(k, swapcache)
+                return 0
+            pflags = int(km.page["flags"][page])
+            if page == swapcache and (pflags & PG_KSM or km.page["mapping"][page]):
+                page_add_anon_rmap(k, page)
+            else:
+                page_add_new_anon_rmap(k, page, vma, addr)
+                if page == swapcache:
+                    km.page["flags"][page] |= PG_SWAPCACHE
+            entry = page | PTE_PRESENT | PTE_ACCESSED
+            # Writable only if nobody else can reach this page: not KSM, mapped once, and
+            # (for the swap-cache page) this pte was the slot's only swap reference -
+            # a forked sibling still holding the entry must not see our stores.
+            swap_refs = int(km.swap_map[slot] & ~swap.SWAP_BAD) - (1 if km.swap_cache[slot] else 0)
+            exclusive = (not pflags & PG_KSM and km.page["mapcount"][page] == 1
+                         and (page != swapcache or swap_refs == 1))
+            if (flags & FAULT_FLAG_WRITE and not flags & FAULT_FLAG_UNSHARE and exclusive
+                    and km.vma.flags[km.vma.idx(vma, "do_swap_page")] & VM_WRITE):
+                entry |= PTE_WRITE | PTE_DIRTY
+            ptes[j] = entry
+            km.mm.atomic("rss_anon").inc_return(km.mm.idx(mm, "do_swap_page"))
+        if page != swapcache:
+            put_page(k, swapcache)  # we mapped a copy; the cached page keeps only its cache ref
+        k.ev("do_swap_page", mm=handle_id(mm), addr=addr, slot=slot, pfn=page, copied=page != swapcache)
+    finally:
+        lock.unlock()
+    swap.swap_free(k, slot)
+    return 0
 
 
 # -- ksmd's and GUP's view of a pte ------------------------------------------------------

@@ -9,6 +9,8 @@
 # mmap_lock backs out once the mm is exiting (ksm_test_exit, seed 000).
 from __future__ import annotations
 
+import numpy as np
+
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
 from actors.kernel.memory import (
@@ -26,7 +28,8 @@ from actors.kernel.memory import (
     page_remove_rmap,
     put_page,
 )
-from actors.kernel.rmap import PAGE_MASK
+from actors.kernel.rmap import PAGE_MASK, remove_rmap_item_from_tree
+from actors.kernel.stable_tree import folio_set_stable_node
 from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
     PAGE_SIZE,
@@ -129,9 +132,7 @@ def try_to_merge_one_page(k: Kernel, vma: int, addr: int, pfn: int, kpfn: int) -
         k.point("try_to_merge_one_page.write_protected")
         if orig:
             if kpfn < 0:
-                from actors.kernel.stable_tree import set_page_stable_node
-
-                set_page_stable_node(k, pfn, NULL)
+                folio_set_stable_node(k, pfn, NULL)
                 km.page["flags"][pfn] |= PG_REFERENCED | PG_DIRTY
                 err = 0
             elif k.cmp.identical(pfn, kpfn):
@@ -143,8 +144,6 @@ def try_to_merge_one_page(k: Kernel, vma: int, addr: int, pfn: int, kpfn: int) -
 
 
 def try_to_merge_with_ksm_page(k: Kernel, item: int, pfn: int, kpfn: int) -> int:
-    from actors.kernel.rmap import remove_rmap_item_from_tree
-
     km = k.km
     ii = km.rmap_item.idx(item, "try_to_merge_with_ksm_page")
     mm = int(km.rmap_item.mm[ii])
@@ -247,8 +246,6 @@ def break_cow(k: Kernel, item: int) -> None:
 
 def ksm_addresses(k: Kernel, mm: int, start: int, end: int) -> list[int]:
     """Addresses in [start, end) mapping a KSM page or the KSM zero page (vectorized)."""
-    import numpy as np
-
     km = k.km
     out: list[int] = []
     for a, ptes, _n in mmops.pte_ranges(k, mm, start, end):

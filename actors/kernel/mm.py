@@ -8,9 +8,10 @@
 # lock; vma list changes under mmap_lock held for write.
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from actors.kernel.context import Kernel
 from shared_mem.arena import NULL
 from shared_mem.layout import (
     PAGE_SHIFT,
@@ -18,6 +19,9 @@ from shared_mem.layout import (
     PTRS_PER_PTE,
     VM_LOCKED,
 )
+
+if TYPE_CHECKING:
+    from actors.kernel.context import Kernel
 
 MMAP_MIN_ADDR = 0x10000
 MMAP_BASE = 0x1000000

@@ -8,6 +8,13 @@
 # mmap_read_trylock (retrying, then giving up and setting MMF_OOM_SKIP, as
 # oom_reap_task does), so memory comes back even if the victim's own exit is stuck
 # - and once the victim is MMF_OOM_SKIP, a further shortage picks a second victim.
+#
+# The OOM origin. set_current_oom_origin() / clear_current_oom_origin() bracket work that
+# allocates on behalf of everyone (run=2's unmerge, under ksm_thread_mutex): the task
+# doing it gets PF_OOM_ORIGIN (the kernel's signal->oom_flag_origin), so a shortage it
+# causes kills it first rather than an innocent task. They take the task explicitly
+# (k.current_task, or 0 for a context that acts for no task) and tolerate a task that
+# was already killed and released meanwhile; k.oom_origin mirrors the flag per context.
 from __future__ import annotations
 
 from actors.kernel import ksm_mm
@@ -28,6 +35,21 @@ from shared_mem.layout import (
 )
 
 MAX_OOM_REAP_RETRIES = 10
+
+
+def set_current_oom_origin(k: Kernel, task: int) -> None:
+    """Mark `task` (0: none) as the OOM origin: select_bad_process() picks it first."""
+    k.oom_origin = True
+    t = k.km.task
+    if task and t.valid(task):
+        t.atomic("flags").set_bits(t.idx(task, "set_current_oom_origin"), PF_OOM_ORIGIN)
+
+
+def clear_current_oom_origin(k: Kernel, task: int) -> None:
+    k.oom_origin = False
+    t = k.km.task
+    if task and t.valid(task):
+        t.atomic("flags").clear_bits(t.idx(task, "clear_current_oom_origin"), PF_OOM_ORIGIN)
 
 
 def oom_victim_pending(k: Kernel, oom_mms: list[int]) -> int:

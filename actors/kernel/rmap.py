@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 from actors.kernel import mm as mmops
-from actors.kernel import tree
+from actors.kernel import stable_tree, tree
 from actors.kernel.context import Kernel
+from actors.kernel.hlist import hlist_del_item
+from actors.kernel.page import put_page
 from shared_mem.arena import NULL, OutOfObjects
-from shared_mem.layout import PAGE_SIZE, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
-
-PAGE_MASK = ~(PAGE_SIZE - 1)
+from shared_mem.layout import PAGE_MASK, SEQNR_MASK, STABLE_FLAG, UNSTABLE_FLAG
 
 
 class Link:
@@ -77,24 +77,20 @@ def unstable_root(k: Kernel, nid: int) -> tree.RootRef:
 
 
 def remove_rmap_item_from_tree(k: Kernel, item: int) -> None:
-    from actors.kernel import stable_tree
-
     km = k.km
     ri = km.rmap_item
     ii = ri.idx(item, "remove_rmap_item_from_tree")
     address = int(ri.address[ii])
     if address & STABLE_FLAG:
         node = int(ri.head[ii])
-        pfn = stable_tree.get_ksm_page(k, node, lock=True)
+        pfn = stable_tree.ksm_get_folio(k, node, lock=True)
         if pfn < 0:
-            # The node was stale and get_ksm_page() removed it with all its items.
+            # The node was stale and ksm_get_folio() removed it with all its items.
             return
         try:
-            stable_tree.hlist_del_item(k, node, item)
+            hlist_del_item(k, node, item)
         finally:
             k.page_lock(pfn).unlock()
-            from actors.kernel.memory import put_page
-
             put_page(k, pfn)
         ni = km.stable_node.idx(node, "remove_rmap_item_from_tree")
         if km.stable_node.hlist[ni]:
@@ -193,13 +189,3 @@ def stable_tree_append(k: Kernel, item: int, node: int, bypass: bool) -> None:
         k.ks.pages_shared += 1
     mm = int(ri.mm[ii])
     km.mm.atomic("ksm_merging_pages").inc_return(km.mm.idx(mm, "ksm_merging_pages"))
-
-
-def items_of_node(k: Kernel, node: int) -> list[int]:
-    ri = k.km.rmap_item
-    out = []
-    item = int(k.km.stable_node.hlist[k.km.stable_node.idx(node, "hlist")])
-    while item:
-        out.append(item)
-        item = int(ri.hnext[ri.idx(item, "hlist")])
-    return out

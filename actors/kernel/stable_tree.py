@@ -1,25 +1,25 @@
 # The stable tree: write-protected KSM pages ordered by content, with chains.
 #
-# Follows mm/ksm.c's stable_tree_search / stable_tree_insert / get_ksm_page and the
+# Follows mm/ksm.c's stable_tree_search / stable_tree_insert / ksm_get_folio and the
 # max_page_sharing machinery: a content with more sharers than max_page_sharing
 # becomes a *chain* node in the tree holding *dups*, each dup a separate KSM page
 # with at most max_page_sharing rmap_items. A KSM page's struct page points at its
 # stable node (page->mapping), but the node holds no page reference (the
-# "keyhole"): get_ksm_page() checks the page still points back, and removes the
+# "keyhole"): ksm_get_folio() checks the page still points back, and removes the
 # node as stale when it does not. remove_all_stable_nodes() is seed 002's fix.
 from __future__ import annotations
 
 from actors.kernel import mm as mmops
 from actors.kernel import tree
 from actors.kernel.context import Kernel
-from actors.kernel.memory import get_page, put_page
-from actors.kernel.rmap import PAGE_MASK
+from actors.kernel.page import get_page, put_page
 from shared_mem.arena import NULL
 from shared_mem.layout import (
     NODE_CHAIN,
     NODE_DUP,
     NODE_MIGRATE,
     NODE_REGULAR,
+    PAGE_MASK,
     PG_KSM,
     STABLE_FLAG,
     STABLE_NODE_CHAIN,
@@ -36,31 +36,35 @@ def get_kpfn_nid(k: Kernel, pfn: int) -> int:
     return 0 if k.ks.merge_across_nodes else int(k.km.page["nid"][pfn])
 
 
-def is_chain(k: Kernel, node: int) -> bool:
+def is_stable_node_chain(k: Kernel, node: int) -> bool:
     sn = k.km.stable_node
     return sn.rmap_hlist_len[sn.idx(node, "is_stable_node_chain")] == STABLE_NODE_CHAIN
+
+
+# The old name, still used by tests/kernel/ (being written in parallel); remove with its last user.
 
 
 def is_page_sharing_candidate(k: Kernel, node: int, offset: int = 0) -> bool:
     sn = k.km.stable_node
     n = int(sn.rmap_hlist_len[sn.idx(node, "sharing_candidate")])
-    return n + offset < k.ks.max_page_sharing
+    # A node nobody maps any more is no candidate: its page is about to go (mm/ksm.c).
+    return n > 0 and n + offset < k.ks.max_page_sharing
 
 
-def set_page_stable_node(k: Kernel, pfn: int, node: int) -> None:
+def folio_set_stable_node(k: Kernel, pfn: int, node: int) -> None:
     """folio_set_stable_node(): the page becomes a KSM page pointing at node (or NULL)."""
     k.km.page["flags"][pfn] |= PG_KSM
     k.km.page["mapping"][pfn] = node
 
 
 # -- lookup of the page behind a node -------------------------------------------------------
-def get_ksm_page(k: Kernel, node: int, lock: bool = False, trylock: bool = False) -> int:
+def ksm_get_folio(k: Kernel, node: int, lock: bool = False, trylock: bool = False) -> int:
     """The KSM page of node with a reference (and locked if asked), or -1 if stale.
 
     Returns EBUSY (negative, distinct from -1) when trylock fails.
     """
     sn = k.km.stable_node
-    pfn = int(sn.kpfn[sn.idx(node, "get_ksm_page")])
+    pfn = int(sn.kpfn[sn.idx(node, "ksm_get_folio")])
     flags, mapping = k.page_flags, k.page_mapping
     if not flags[pfn] & PG_KSM or mapping[pfn] != node:
         return _stale(k, node)
@@ -107,20 +111,6 @@ def free_stable_node(k: Kernel, node: int) -> None:
     sn.free(node, site="free_stable_node")
 
 
-def hlist_del_item(k: Kernel, node: int, item: int) -> None:
-    ri = k.km.rmap_item
-    ii = ri.idx(item, "hlist_del")
-    nxt, prv = int(ri.hnext[ii]), int(ri.hprev[ii])
-    if prv:
-        ri.hnext[ri.idx(prv, "hlist_del")] = nxt
-    else:
-        k.km.stable_node.hlist[k.km.stable_node.idx(node, "hlist_del")] = nxt
-    if nxt:
-        ri.hprev[ri.idx(nxt, "hlist_del")] = prv
-    ri.hnext[ii] = NULL
-    ri.hprev[ii] = NULL
-
-
 def dups_of(k: Kernel, chain: int) -> list[int]:
     sn = k.km.stable_node
     out = []
@@ -131,7 +121,7 @@ def dups_of(k: Kernel, chain: int) -> list[int]:
     return out
 
 
-def chain_add_dup(k: Kernel, dup: int, chain: int) -> None:
+def stable_node_chain_add_dup(k: Kernel, dup: int, chain: int) -> None:
     sn = k.km.stable_node
     di = sn.idx(dup, "stable_node_chain_add_dup")
     ci = sn.idx(chain, "stable_node_chain_add_dup")
@@ -227,13 +217,13 @@ def alloc_stable_node_chain(k: Kernel, dup: int) -> int:
     sn.nid[ci] = sn.nid[di]
     sn.chain_prune_time[ci] = k.clock.monotonic_ns()
     tree.replace_node(sn, stable_root(k, int(sn.nid[di])), dup, chain)
-    chain_add_dup(k, dup, chain)
+    stable_node_chain_add_dup(k, dup, chain)
     k.ks.stable_node_chains += 1
     return chain
 
 
 # -- chains: choosing a dup -----------------------------------------------------------------
-def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]:
+def stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]:
     """stable_node_dup(): (dup with room or NULL, its page or -1, the node now in the tree)."""
     sn = k.km.stable_node
     ci = sn.idx(chain, "stable_node_dup")
@@ -244,7 +234,7 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
         sn.chain_prune_time[ci] = now
     found, found_pfn, found_len = NULL, -1, -1
     for dup in dups_of(k, chain):
-        pfn = get_ksm_page(k, dup)
+        pfn = ksm_get_folio(k, dup)
         if pfn < 0:
             continue
         di = sn.idx(dup, "stable_node_dup")
@@ -272,8 +262,8 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
             node = found
         elif int(sn.hlist[ci]) != found and is_page_sharing_candidate(k, found, 1):
             _chain_unlink_dup(k, found)
-            chain_add_dup(k, found, chain)
-            k.ks.stable_node_dups -= 1  # chain_add_dup counted it again
+            stable_node_chain_add_dup(k, found, chain)
+            k.ks.stable_node_dups -= 1  # stable_node_chain_add_dup counted it again
     else:
         free_stable_node_chain(k, chain)
         node = NULL
@@ -284,20 +274,20 @@ def _stable_node_dup(k: Kernel, chain: int, prune: bool) -> tuple[int, int, int]
     return NULL, -1, node
 
 
-def _node_chain(k: Kernel, node: int, prune: bool) -> tuple[int, int, int]:
+def __stable_node_chain(k: Kernel, node: int, prune: bool) -> tuple[int, int, int]:
     """__stable_node_chain(): (dup with room or NULL, a page ref or -1, node in the tree)."""
     sn = k.km.stable_node
     n = int(sn.rmap_hlist_len[sn.idx(node, "__stable_node_chain")])
     if n != STABLE_NODE_CHAIN:  # not a chain: is_page_sharing_candidate() on the same read
-        if n < k.ks.max_page_sharing:
-            return node, get_ksm_page(k, node), node
+        if 0 < n < k.ks.max_page_sharing:
+            return node, ksm_get_folio(k, node), node
         return NULL, -1, node
-    return _stable_node_dup(k, node, prune)
+    return stable_node_dup(k, node, prune)
 
 
 def _dup_any(k: Kernel, node: int) -> int:
     """stable_node_dup_any(): any dup to compare contents with (NULL frees an empty chain)."""
-    if not is_chain(k, node):
+    if not is_stable_node_chain(k, node):
         return node
     dups = dups_of(k, node)
     if not dups:
@@ -324,7 +314,7 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
         node = root.get()
         restart = False
         while node:
-            dup, tree_pfn, node = _node_chain(k, node, prune=True)
+            dup, tree_pfn, node = __stable_node_chain(k, node, prune=True)
             if not node:
                 restart = True
                 break
@@ -333,7 +323,7 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
                 if not anyn:
                     restart = True
                     break
-                tree_pfn = get_ksm_page(k, anyn)
+                tree_pfn = ksm_get_folio(k, anyn)
             if tree_pfn < 0:
                 restart = True
                 break
@@ -349,7 +339,7 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
                     # Every dup of this content is full: wait for an unstable-tree
                     # match to make a new KSM page, which joins the chain.
                     return -1
-                tree_pfn = get_ksm_page(k, dup, trylock=True)
+                tree_pfn = ksm_get_folio(k, dup, trylock=True)
                 if tree_pfn == EBUSY:
                     return EBUSY
                 if tree_pfn < 0:
@@ -372,7 +362,7 @@ def stable_tree_insert(k: Kernel, kpfn: int) -> int:
         need_chain = False
         restart = False
         while node:
-            dup, tree_pfn, node = _node_chain(k, node, prune=False)
+            dup, tree_pfn, node = __stable_node_chain(k, node, prune=False)
             if not node:
                 restart = True
                 break
@@ -381,7 +371,7 @@ def stable_tree_insert(k: Kernel, kpfn: int) -> int:
                 if not anyn:
                     restart = True
                     break
-                tree_pfn = get_ksm_page(k, anyn)
+                tree_pfn = ksm_get_folio(k, anyn)
             if tree_pfn < 0:
                 restart = True
                 break
@@ -407,14 +397,14 @@ def stable_tree_insert(k: Kernel, kpfn: int) -> int:
     sn.nid[ni] = nid
     sn.rmap_hlist_len[ni] = 0
     sn.key[ni] = k.cmp.key(kpfn)
-    set_page_stable_node(k, kpfn, new)
+    folio_set_stable_node(k, kpfn, new)
     if not need_chain:
         tree.link_node(sn, root, parent, left, new)
     else:
         chain = parent
-        if not is_chain(k, chain):
+        if not is_stable_node_chain(k, chain):
             chain = alloc_stable_node_chain(k, chain)
-        chain_add_dup(k, new, chain)
+        stable_node_chain_add_dup(k, new, chain)
     k.ev("ksm_stable_tree_insert", stable_node=ni, pfn=kpfn, nid=nid, chained=need_chain)
     return new
 
@@ -422,7 +412,7 @@ def stable_tree_insert(k: Kernel, kpfn: int) -> int:
 # -- teardown (seed 002) -------------------------------------------------------------------------
 def remove_stable_node(k: Kernel, node: int) -> int:
     """0 when the node is gone, EBUSY if its page is still mapped."""
-    pfn = get_ksm_page(k, node, lock=True)
+    pfn = ksm_get_folio(k, node, lock=True)
     if pfn < 0:
         return 0
     try:
@@ -454,7 +444,7 @@ def remove_all_stable_nodes(k: Kernel) -> int:
         root = stable_root(k, nid)
         while root.get():
             node = root.get()
-            busy = (remove_stable_node_chain(k, node) if is_chain(k, node)
+            busy = (remove_stable_node_chain(k, node) if is_stable_node_chain(k, node)
                     else remove_stable_node(k, node))
             if busy:
                 err = EBUSY

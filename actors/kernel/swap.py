@@ -1,10 +1,11 @@
-# Swap: the swap area, the swap cache, and swap-in (do_swap_page).
+# Swap: the swap area, the swap cache, and reading a page back in.
 #
 # A swap slot is one page of the run's swap segment; swap_map[slot] counts the
 # swap ptes that refer to it plus one while a page is in the swap cache
-# (swap_cache[slot] = pfn + 1, PG_SWAPCACHE, page->private = slot). Swap-in looks
-# the slot up in the swap cache first, so a page faulted back soon after reclaim
-# is the very same page - a KSM page too. ksm_might_need_to_copy() decides whether
+# (swap_cache[slot] = pfn + 1, PG_SWAPCACHE, page->private = slot). Swap-in (the
+# fault, do_swap_page(), is memory.py's as it is mm/memory.c's) looks the slot up in
+# the swap cache first, so a page faulted back soon after reclaim is the very same
+# page - a KSM page too. ksm_might_need_to_copy() decides whether
 # that page may be mapped here or must be copied (seed 002: copy while run=2 is
 # unmerging, so a KSM page cannot slip back in behind the unmerger; never copy
 # from a !Uptodate page, let the fault report the I/O error).
@@ -14,17 +15,12 @@ import numpy as np
 
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
-from shared_mem.arena import handle_id
+from actors.kernel.page import _node_for, put_page
 from shared_mem.layout import (
     PG_ANON,
     PG_KSM,
     PG_SWAPCACHE,
     PG_UPTODATE,
-    PTE_ACCESSED,
-    PTE_DIRTY,
-    PTE_PRESENT,
-    PTE_WRITE,
-    VM_WRITE,
 )
 
 KSM_RUN_UNMERGE = 2
@@ -81,8 +77,6 @@ def add_to_swap_cache(k: Kernel, pfn: int, slot: int) -> None:
 
 def delete_from_swap_cache(k: Kernel, pfn: int) -> None:
     """The page leaves the swap cache and drops the cache's slot and page references."""
-    from actors.kernel.memory import put_page
-
     km = k.km
     slot = int(km.page["private"][pfn])
     with k.swap_lock:
@@ -124,8 +118,6 @@ def free_swap_cache(k: Kernel, pfn: int) -> None:
 def drain_unused_swap_cache(k: Kernel) -> int:
     """Free every swap-cache page that nothing maps or references (reclaim's work on a
     quiet system); returns how many. For quiescent checks only."""
-    import numpy as np
-
     km = k.km
     cand = np.flatnonzero((km.page["flags"] & PG_SWAPCACHE) != 0)
     return sum(1 for pfn in cand if not km.page["mapcount"][int(pfn)] and int(km.page["refcount"][int(pfn)]) == 1
@@ -150,8 +142,6 @@ def swap_cache_get(k: Kernel, slot: int) -> int:
 
 def swapin_readpage(k: Kernel, mm: int, vma: int, slot: int) -> int:
     """Read a slot into a new swap-cache page (with our reference), or -1 on OOM."""
-    from actors.kernel.memory import _node_for, put_page
-
     km = k.km
     pfn = k.alloc_page(_node_for(k, mm, vma), site="swapin_readahead")
     if pfn is None:
@@ -179,8 +169,6 @@ def swapin_readpage(k: Kernel, mm: int, vma: int, slot: int) -> int:
 
 def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
     """The page to map at addr: pfn itself, a private copy, or -1 (out of memory)."""
-    from actors.kernel.memory import _node_for
-
     km = k.km
     flags = int(km.page["flags"][pfn])
     vi = km.vma.idx(vma, "ksm_might_need_to_copy")
@@ -214,72 +202,3 @@ def ksm_might_need_to_copy(k: Kernel, pfn: int, vma: int, addr: int) -> int:
     k.ev("ksm_swpin_copy", pfn=pfn, new=new, ksm=bool(flags & PG_KSM))
     return new
 
-
-def do_swap_page(k: Kernel, mm: int, vma: int, addr: int, orig: int, flags: int) -> int:
-    from actors.kernel.memory import (
-        FAULT_FLAG_UNSHARE,
-        FAULT_FLAG_WRITE,
-        VM_FAULT_OOM,
-        VM_FAULT_SIGBUS,
-        page_add_anon_rmap,
-        page_add_new_anon_rmap,
-        put_page,
-    )
-    from shared_mem.layout import PTE_PFN_MASK
-
-    km = k.km
-    if km.swap is None:
-        return VM_FAULT_SIGBUS
-    slot = orig & PTE_PFN_MASK
-    mmops.anon_vma_prepare(k, vma)
-    page = swap_cache_get(k, slot)
-    if page < 0:
-        page = swapin_readpage(k, mm, vma, slot)
-        if page < 0:
-            return VM_FAULT_OOM
-    lock = k.page_lock(page)
-    lock.lock(site="do_swap_page")
-    try:
-        swapcache = page
-        page = ksm_might_need_to_copy(k, swapcache, vma, addr)
-        if page < 0:
-            put_page(k, swapcache)
-            return VM_FAULT_OOM
-        if not km.page["flags"][page] & PG_UPTODATE:
-            put_page(k, swapcache)
-            k.ev("swap_read_error", slot=slot, addr=addr)
-            return VM_FAULT_SIGBUS
-        ptl = k.ptl(mm)
-        with ptl:
-            ptes, j = mmops.pte_table(k, mm, addr)
-            if ptes is None or int(ptes[j]) != orig:
-                if page != swapcache:
-                    put_page(k, page)
-                put_page(k, swapcache)
-                return 0
-            pflags = int(km.page["flags"][page])
-            if page == swapcache and (pflags & PG_KSM or km.page["mapping"][page]):
-                page_add_anon_rmap(k, page)
-            else:
-                page_add_new_anon_rmap(k, page, vma, addr)
-                if page == swapcache:
-                    km.page["flags"][page] |= PG_SWAPCACHE
-            entry = page | PTE_PRESENT | PTE_ACCESSED
-            # Writable only if nobody else can reach this page: not KSM, mapped once, and
-            # (for the swap-cache page) this pte was the slot's only swap reference -
-            # a forked sibling still holding the entry must not see our stores.
-            swap_refs = int(km.swap_map[slot] & ~SWAP_BAD) - (1 if km.swap_cache[slot] else 0)
-            exclusive = (not pflags & PG_KSM and km.page["mapcount"][page] == 1
-                         and (page != swapcache or swap_refs == 1))
-            if (flags & FAULT_FLAG_WRITE and not flags & FAULT_FLAG_UNSHARE and exclusive
-                    and km.vma.flags[km.vma.idx(vma, "do_swap_page")] & VM_WRITE):
-                entry |= PTE_WRITE | PTE_DIRTY
-            ptes[j] = entry
-            km.mm.atomic("rss_anon").inc_return(km.mm.idx(mm, "do_swap_page"))
-        if page != swapcache:
-            put_page(k, swapcache)  # we mapped a copy; the cached page keeps only its cache ref
-        k.ev("do_swap_page", mm=handle_id(mm), addr=addr, slot=slot, pfn=page, copied=page != swapcache)
-    finally:
-        lock.unlock()
-    swap_free(k, slot)
-    return 0

@@ -37,6 +37,7 @@ from shared_mem.arena import handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     PAGE_SIZE,
+    PTE_WRITE,
     VM_EXEC,
     VM_LOCKED,
     VM_MAYREAD,
@@ -163,8 +164,6 @@ def sys_mprotect(k: Kernel, mm: int, addr: int, length: int, prot: int) -> int:
 
 
 def _wrprotect_range(k: Kernel, mm: int, start: int, end: int) -> None:
-    from shared_mem.layout import PTE_WRITE
-
     with k.ptl(mm):
         for _a, ptes, _n in mmops.pte_ranges(k, mm, start, end):
             if ptes is not None:

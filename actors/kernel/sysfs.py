@@ -2,8 +2,9 @@
 # counter with the kernel's definition.
 #
 # Store handlers follow mm/ksm.c: kstrtouint/kstrtobool parsing (EINVAL on junk),
-# run > 2 is EINVAL, run=2 unmerges everything under ksm_thread_mutex as the OOM
-# origin and on failure leaves run=0 and returns the error, merge_across_nodes and
+# run > 2 is EINVAL, run=2 unmerges everything under ksm_thread_mutex with the writing
+# task as the OOM origin (oom.set_current_oom_origin, the task given to store())
+# and on failure leaves run=0 and returns the error, merge_across_nodes and
 # max_page_sharing give EBUSY while pages are shared or a stable node is still in
 # use (remove_all_stable_nodes, seed 002), pages_to_scan is EINVAL while the
 # scan-time advisor drives it. Reads are lock-free, as in the kernel.
@@ -12,7 +13,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from actors.kernel import debug
+from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from actors.kernel.ksm_mm import mm_flags, wake_ksmd
+from actors.kernel.ksm_scan import (
+    KSM_RUN_MERGE,
+    KSM_RUN_STOP,
+    KSM_RUN_UNMERGE,
+    unmerge_and_remove_all_rmap_items,
+)
+from actors.kernel.oom import clear_current_oom_origin, set_current_oom_origin
+from actors.kernel.stable_tree import remove_all_stable_nodes
+from actors.kernel.syscalls import _ERRNO
+from shared_mem.layout import MMF_VM_MERGE_ANY, VM_MERGEABLE
 
 PAGE_SIZE = 4096
 RMAP_ITEM_SIZE = 64  # sizeof(struct ksm_rmap_item) on 64-bit
@@ -140,31 +153,34 @@ def show(k: Kernel, name: str) -> str:
 
 
 # -- writes ----------------------------------------------------------------------------------
-def store(k: Kernel, name: str, buf: str) -> None:
-    """Write buf to a knob with the kernel's validation; raises SysfsError."""
+def store(k: Kernel, name: str, buf: str, task: int = 0) -> None:
+    """Write buf to a knob with the kernel's validation; raises SysfsError.
+
+    task: the user task doing the write (0: none). A run write by a live task runs in
+    its context (k.current_task): its fatal signal stops run=2's allocations, and during
+    run=2 it is the OOM origin (oom.set_current_oom_origin).
+    """
     if name in COUNTERS:
         raise SysfsError("EACCES", f"/sys/kernel/mm/ksm/{name} is read-only")
     handler = _STORES.get(name)
     if handler is None:
         raise SysfsError("ENOENT", f"/sys/kernel/mm/ksm/{name}: no such file")
-    handler(k, buf)
+    if task and name == "run" and k.km.task.valid(task):
+        prev, k.current_task = k.current_task, task
+        try:
+            handler(k, buf)
+        finally:
+            k.current_task = prev
+    else:
+        handler(k, buf)
     k.ev("sysfs_store", knob=name, value=_strip(buf))
 
 
 def _wake(k: Kernel) -> None:
-    from actors.kernel.ksm_mm import wake_ksmd
-
     wake_ksmd(k)
 
 
-def _store_run(k: Kernel, buf: str) -> None:
-    from actors.kernel.ksm_scan import (
-        KSM_RUN_MERGE,
-        KSM_RUN_STOP,
-        KSM_RUN_UNMERGE,
-        unmerge_and_remove_all_rmap_items,
-    )
-
+def run_store(k: Kernel, buf: str) -> None:
     flags = _uint(buf)
     if flags > KSM_RUN_UNMERGE:
         raise SysfsError("EINVAL", "run must be 0, 1 or 2")
@@ -176,11 +192,11 @@ def _store_run(k: Kernel, buf: str) -> None:
                 k.ksm["unmerge_start_ns"] = k.clock.monotonic_ns()   # before run=2 is seen
             k.ksm["run"] = flags
             if flags & KSM_RUN_UNMERGE:
-                k.oom_origin = True
+                set_current_oom_origin(k, k.current_task)
                 try:
                     err = unmerge_and_remove_all_rmap_items(k)
                 finally:
-                    k.oom_origin = False
+                    clear_current_oom_origin(k, k.current_task)
                 if err:
                     k.ksm["run"] = KSM_RUN_STOP
                 else:
@@ -191,25 +207,21 @@ def _store_run(k: Kernel, buf: str) -> None:
     if flags & KSM_RUN_MERGE:
         _wake(k)
     if err:
-        from actors.kernel.syscalls import _ERRNO
-
         raise SysfsError(_ERRNO.get(err, "EINVAL"), "unmerge failed; run set to 0")
 
 
-def _store_pages_to_scan(k: Kernel, buf: str) -> None:
+def pages_to_scan_store(k: Kernel, buf: str) -> None:
     if k.ksm["advisor_mode"] != 0:
         raise SysfsError("EINVAL", "pages_to_scan is set by the scan-time advisor")
     k.ksm["pages_to_scan"] = _uint(buf)
 
 
-def _store_sleep(k: Kernel, buf: str) -> None:
+def sleep_millisecs_store(k: Kernel, buf: str) -> None:
     k.ksm["sleep_millisecs"] = _uint(buf)
     _wake(k)
 
 
 def _store_busy_knob(k: Kernel, name: str, value: int) -> None:
-    from actors.kernel.stable_tree import remove_all_stable_nodes
-
     k.ksm_thread_mutex.lock(site="busy_knob_store")
     try:
         if int(k.ksm[name]) != value:
@@ -224,7 +236,7 @@ def _store_busy_knob(k: Kernel, name: str, value: int) -> None:
         k.ksm_thread_mutex.unlock()
 
 
-def _store_merge_across_nodes(k: Kernel, buf: str) -> None:
+def merge_across_nodes_store(k: Kernel, buf: str) -> None:
     try:
         v = kstrtoul(buf)
     except SysfsError:
@@ -234,7 +246,7 @@ def _store_merge_across_nodes(k: Kernel, buf: str) -> None:
     _store_busy_knob(k, "merge_across_nodes", v)
 
 
-def _store_max_page_sharing(k: Kernel, buf: str) -> None:
+def max_page_sharing_store(k: Kernel, buf: str) -> None:
     v = kstrtoint(buf)
     if v < 2:
         raise SysfsError("EINVAL", "max_page_sharing must be >= 2")
@@ -258,7 +270,7 @@ def _store_uint(name: str, minimum: int = 0) -> Callable[[Kernel, str], None]:
     return st
 
 
-def _store_advisor_mode(k: Kernel, buf: str) -> None:
+def advisor_mode_store(k: Kernel, buf: str) -> None:
     s = _strip(buf)
     if s not in ADVISOR_MODES:
         raise SysfsError("EINVAL", f"advisor_mode must be one of {', '.join(ADVISOR_MODES)}")
@@ -269,30 +281,37 @@ def _store_advisor_mode(k: Kernel, buf: str) -> None:
         k.ksm["pages_to_scan"] = int(k.ksm["advisor_min_pages_to_scan"]) if mode else KNOB_DEFAULTS["pages_to_scan"]
 
 
+def stable_node_chains_prune_millisecs_store(k: Kernel, buf: str) -> None:
+    k.ksm["stable_node_chains_prune_millisecs"] = _uint(buf)
+
+
+# The kernel's other *_store() handlers, each one kstrtobool/kstrtoul and a store.
+use_zero_pages_store = _store_bool("use_zero_pages")
+smart_scan_store = _store_bool("smart_scan")
+advisor_max_cpu_store = _store_uint("advisor_max_cpu")
+advisor_min_pages_to_scan_store = _store_uint("advisor_min_pages_to_scan")
+advisor_max_pages_to_scan_store = _store_uint("advisor_max_pages_to_scan")
+advisor_target_scan_time_store = _store_uint("advisor_target_scan_time", 1)
+
 _STORES: dict[str, Callable[[Kernel, str], None]] = {
-    "run": _store_run,
-    "pages_to_scan": _store_pages_to_scan,
-    "sleep_millisecs": _store_sleep,
-    "merge_across_nodes": _store_merge_across_nodes,
-    "max_page_sharing": _store_max_page_sharing,
-    "use_zero_pages": _store_bool("use_zero_pages"),
-    "smart_scan": _store_bool("smart_scan"),
-    "stable_node_chains_prune_millisecs": lambda k, b: k.ksm.__setitem__(
-        "stable_node_chains_prune_millisecs", _uint(b)),
-    "advisor_mode": _store_advisor_mode,
-    "advisor_max_cpu": _store_uint("advisor_max_cpu"),
-    "advisor_min_pages_to_scan": _store_uint("advisor_min_pages_to_scan"),
-    "advisor_max_pages_to_scan": _store_uint("advisor_max_pages_to_scan"),
-    "advisor_target_scan_time": _store_uint("advisor_target_scan_time", 1),
+    "run": run_store,
+    "pages_to_scan": pages_to_scan_store,
+    "sleep_millisecs": sleep_millisecs_store,
+    "merge_across_nodes": merge_across_nodes_store,
+    "max_page_sharing": max_page_sharing_store,
+    "use_zero_pages": use_zero_pages_store,
+    "smart_scan": smart_scan_store,
+    "stable_node_chains_prune_millisecs": stable_node_chains_prune_millisecs_store,
+    "advisor_mode": advisor_mode_store,
+    "advisor_max_cpu": advisor_max_cpu_store,
+    "advisor_min_pages_to_scan": advisor_min_pages_to_scan_store,
+    "advisor_max_pages_to_scan": advisor_max_pages_to_scan_store,
+    "advisor_target_scan_time": advisor_target_scan_time_store,
 }
 
 
 def ksm_stat(k: Kernel, mm: int) -> dict[str, object]:
     """/proc/PID/ksm_stat of one mm."""
-    from actors.kernel import mm as mmops
-    from actors.kernel.ksm_mm import mm_flags
-    from shared_mem.layout import MMF_VM_MERGE_ANY, VM_MERGEABLE
-
     km = k.km
     i = km.mm.idx(mm, "ksm_stat")
     rmap_items = int(km.mm.ksm_rmap_items[i])

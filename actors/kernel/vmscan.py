@@ -11,16 +11,28 @@
 # child forked after ksmd merged the page is found (seed 004). Reverting seed 004
 # (variant rmap-no-anon-vma) walks only (item->mm, item->address), the 2009 stopgap
 # that misses the forked child's pte.
+#
+# Who reclaims. kswapd_balance() is one kswapd wakeup (balance_pgdat): the first zone
+# whose free frames are under its low watermark is shrunk towards its high watermark.
+# try_to_free_pages() is direct reclaim for an allocation that found nothing: one lap of
+# the clock hand honouring the accessed bits and, if that freed nothing, a second lap
+# that ignores them (better swap a young page than call the OOM killer). Both take and
+# return the clock hand, which their caller (kswapd) keeps between calls, and neither
+# sleeps: when to run them is the caller's. reclaim_parked() is the invariant checker's
+# handshake: while it asks, reclaim stands still between pages.
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from actors.kernel import debug, swap
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from actors.kernel.hlist import items_of_node
 from actors.kernel.memory import put_page
-from actors.kernel.rmap import PAGE_MASK, items_of_node
 from shared_mem.layout import (
+    PAGE_MASK,
     PAGE_SHIFT,
     PG_ANON,
     PG_DIRTY,
@@ -274,8 +286,6 @@ def free_written_page(k: Kernel, pfn: int) -> str:
 
 def shrink_pages(k: Kernel, nr: int, start: int = 1, force: bool = False) -> tuple[int, int]:
     """kswapd's pass: scan frames like a clock hand from `start`; returns (freed, next hand)."""
-    import numpy as np
-
     km = k.km
     n = km.geo.nr_frames
     freed = 0
@@ -299,3 +309,32 @@ def shrink_pages(k: Kernel, nr: int, start: int = 1, force: bool = False) -> tup
         k.point("shrink_page.writeback")
         freed += sum(free_written_page(k, pfn) == "freed" for pfn in written)
     return freed, hand
+
+
+def kswapd_balance(k: Kernel, hand: int) -> int:
+    """One kswapd wakeup: shrink the first zone under its low watermark up to its high
+    watermark. Returns the new clock hand."""
+    for z in k.km.zones:
+        if int(z["nr_free"]) < int(z["low_watermark"]):
+            want = int(z["high_watermark"]) - int(z["nr_free"])
+            freed, hand = shrink_pages(k, want, hand)
+            k.ev("kswapd_balance", want=want, freed=freed)
+            break
+    return hand
+
+
+def try_to_free_pages(k: Kernel, nr: int, hand: int, force: bool = False) -> tuple[int, int]:
+    """Direct reclaim of up to nr frames; returns (freed, new clock hand)."""
+    freed, hand = shrink_pages(k, nr, hand, force)
+    if not freed:  # a second lap ignores the accessed bits: better swap than OOM
+        freed, hand = shrink_pages(k, nr, hand, True)
+    return freed, hand
+
+
+def reclaim_parked(k: Kernel) -> bool:
+    """The invariant checker asked reclaim to stand still (between pages): say so."""
+    ksm = k.ksm
+    if ksm["reclaim_paused"]:
+        ksm["reclaim_paused"] = 2
+        return True
+    return False

@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from actors.cluster import Cluster, ClusterCrashed, SyscallFailed, Task
+from actors.kernel import mm_slot
 from ksmlab.scenario import ScenarioContext
 from protocol.abi import (
     MADV_MERGEABLE,
@@ -333,8 +334,6 @@ async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
         except _Gone:
             pass
     await c.sysfs_write("run", 1)
-    from actors.kernel import mm_slot
-
     await c.wait_for(lambda: mm_slot.list_empty(c.k), 60, "ksmd to reap every mm_slot")
     await c.wait_for(lambda: c.km.mm.nr_live() == 0, 30, "every mm to be freed")
     leaks = c.check_leaks()

@@ -21,6 +21,7 @@
 #   (2013: the child is never visited: it still maps the KSM pages)
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from actors.cluster import Cluster
@@ -40,8 +41,6 @@ def ksm_frames(c: Cluster, frames: list[int]) -> int:
 
 
 async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
-    import asyncio
-
     b = Bound.of(c, ctx, 20.0)
     await c.sysfs_write("sleep_millisecs", 0)
     q = await c.spawn_task(comm="q")

@@ -1,6 +1,6 @@
 # stale-stable-nodes-swap: seed 002 causes 1 and 3, the swap cache under run=2 (2013).
 #
-# A stable node lingers until get_ksm_page() finds that its page no longer points
+# A stable node lingers until ksm_get_folio() finds that its page no longer points
 # back to it, but a KSM page in the swap cache still does: while some of its ptes are
 # swap entries, the page stays in the cache, PageKsm, with its stable node. So:
 #

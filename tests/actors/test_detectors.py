@@ -22,7 +22,7 @@ from actors.kernel.memory import (
     user_access,
     zap_page_range,
 )
-from actors.kernel.stable_tree import alloc_stable_node, set_page_stable_node
+from actors.kernel.stable_tree import alloc_stable_node, folio_set_stable_node
 from actors.kernel.variants import Variants
 from protocol.abi import PAGE_SIZE
 from shared_mem.layout import (
@@ -151,7 +151,7 @@ def test_ksm_page_left_after_run2_is_reported(kern):
     k.km.vma.flags[k.km.vma.idx(vma, "test")] |= VM_MERGEABLE
     node = alloc_stable_node(k)
     k.km.stable_node.kpfn[k.km.stable_node.idx(node, "test")] = pfn
-    set_page_stable_node(k, pfn, node)
+    folio_set_stable_node(k, pfn, node)
     sysfs.store(k, "run", "2")
     assert _kinds(k) == ["bad_page"]
     r = k.reports[0]
@@ -167,7 +167,7 @@ def test_ksm_page_mapped_only_outside_mergeable_vmas_is_the_kernels_warning(kern
     _mm, _vma, (pfn,) = _faulted_page(k)          # no VM_MERGEABLE
     node = alloc_stable_node(k)
     k.km.stable_node.kpfn[k.km.stable_node.idx(node, "test")] = pfn
-    set_page_stable_node(k, pfn, node)
+    folio_set_stable_node(k, pfn, node)
     sysfs.store(k, "run", "2")
     assert _kinds(k) == ["warning"]
     assert k.reports[0]["title"].startswith(debug.UNMERGE_WARNING)
@@ -180,7 +180,7 @@ def test_run2_of_an_exiting_mm_is_excused(kern):
     mm, _vma, (pfn,) = _faulted_page(k)
     node = alloc_stable_node(k)
     k.km.stable_node.kpfn[k.km.stable_node.idx(node, "test")] = pfn
-    set_page_stable_node(k, pfn, node)
+    folio_set_stable_node(k, pfn, node)
     k.km.mm.users[k.km.mm.idx(mm, "test")] = 0
     sysfs.store(k, "run", "2")
     assert k.reports == []

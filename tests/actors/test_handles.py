@@ -523,9 +523,9 @@ def test_stale_rmap_item_and_stable_node(kernel):
     node = stable_tree.alloc_stable_node(k)
     stable_tree.free_stable_node(k, node)
     _expect_uaf([
-        (stable_tree.is_chain, (k, node), "is_stable_node_chain"),
-        (stable_tree._node_chain, (k, node, False), "__stable_node_chain"),
-        (stable_tree.get_ksm_page, (k, node), "get_ksm_page"),
+        (stable_tree.is_stable_node_chain, (k, node), "is_stable_node_chain"),
+        (stable_tree.__stable_node_chain, (k, node, False), "__stable_node_chain"),
+        (stable_tree.ksm_get_folio, (k, node), "ksm_get_folio"),
     ], cache="stable_node", freed_at="free_stable_node")
 
 
