@@ -27,6 +27,7 @@ from actors.kernel.context import Kernel, SchedPoints
 from actors.kernel.schedule import PlanSpec, SchedPlan
 from actors.kernel.variants import Variants
 from actors.log import EventLog
+from actors.tracebuf import TraceBuffer
 from protocol import codec, endpoints
 from protocol.codec import ProtocolError
 from shared_mem.arena import BadFree, UseAfterFree
@@ -82,7 +83,10 @@ class Actor:
     def boot(self) -> None:
         cfg = self.cfg
         self.ev = EventLog(cfg["run_dir"], self.name, cfg["run_id"], cfg["seed"],
-                           flush_every=self.flush_every())
+                           flush_every=self.flush_every(), label=self.context_label)
+        self.trace = TraceBuffer(self.ev.path[:-len(".jsonl")] + ".trace",
+                                 lambda i, s: self.ev("trace_string", id=i, s=s), self.context_label)
+        self.ev.on_flush = self.trace.flush
         self.km = KernelMemory.attach(cfg["km"])
         self.locks = LockSpace.attach(cfg["locks"])
         self.km.set_locks(self.locks)
@@ -117,14 +121,19 @@ class Actor:
     def k(self) -> Kernel:
         k = getattr(self.tls, "kernel", None)
         if k is None:
-            th = threading.current_thread()
-            label = self.name if th is threading.main_thread() else f"{self.name}:{th.name.rsplit('_', 1)[-1]}"
+            label = self.context_label()
             self.locks.bind_context(label)
             k = Kernel(self.km, self.locks, label, ev=self.ev, variants=self.variants,
                        sched=self.sched, pressure=_ActorPressure(self), wakeups=_ActorWakeups(self))
             self.kernel_setup(k)
             self.tls.kernel = k
         return k
+
+    def context_label(self) -> str:
+        """This thread's kernel context: the actor, or actor:N for its Nth worker (the
+        model's CPU, shown in every event, lock record and report)."""
+        th = threading.current_thread()
+        return self.name if th is threading.main_thread() else f"{self.name}:{th.name.rsplit('_', 1)[-1]}"
 
     def kernel_setup(self, k: Kernel) -> None:
         """Hook to adjust a new kernel context."""
@@ -154,6 +163,7 @@ class Actor:
             return next(self.ids)
 
     def notify(self, target: str, mtype: str, **fields: Any) -> None:
+        self.trace.record("msg_send", mtype, peer=target)
         try:
             self._dealer(target).send(codec.encode(codec.request(mtype, 0, self.name, **fields)),
                                       zmq.NOBLOCK)
@@ -164,6 +174,7 @@ class Actor:
         """Synchronous request/reply to another actor, as a trapped CPU waits."""
         s = self._dealer(target)
         rid = self.next_id()
+        self.trace.record("msg_send", mtype, arg=rid, peer=target)
         s.send(codec.encode(codec.request(mtype, rid, self.name, **fields)))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -209,11 +220,12 @@ class Actor:
     def _lock_report(self, kind: str, title: str, text: str, data: dict) -> None:
         self.report(kind, title, text, data)
 
-    def _lock_event(self, event: str, lock: str, idx: int, mode: str, wait_ns: int) -> None:
-        if wait_ns:
-            self.ev(event, lock=lock, idx=idx, mode=mode, wait_ns=wait_ns)
-        else:
-            self.ev(event, lock=lock, idx=idx, mode=mode)
+    def _lock_event(self, event: str, lock: str, idx: int, mode: str, wait_ns: int, site: str | None) -> None:
+        self.trace.record(event, lock, idx, mode, wait_ns, site)
+        if event == "lock_contended":
+            # This context may now block for ever (a deadlock the watchdog reports from
+            # another process): what it did up to here must be on disk.
+            self.trace.flush()
 
     # -- the loop ---------------------------------------------------------------------------------
     def poll_timeout_ms(self) -> int:
@@ -293,6 +305,7 @@ class Actor:
             self._reply(peer, codec.reply_err(e.envelope, self.name, e.errno, e.detail))
             return
         mtype = msg["type"]
+        self.trace.record("msg_recv", mtype, arg=int(msg.get("id") or 0), peer=str(msg.get("src", "")))
         if mtype == "reply":
             self.ev("stray_reply", peer=peer.decode("latin-1"), id=msg["id"])
             return
@@ -355,6 +368,7 @@ class Actor:
             self.km.close()
         except Exception:
             pass
+        self.trace.close()
         self.ev.close()
 
 

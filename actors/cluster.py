@@ -45,6 +45,10 @@ from shared_mem.segment import sweep_stale
 SIGNAMES = {getattr(signal, n): n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")}
 
 
+TRACED_COUNTERS = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile", "full_scans",
+                   "stable_node_chains", "ksm_zero_pages")
+
+
 class ClusterError(Exception):
     pass
 
@@ -509,6 +513,10 @@ class Cluster:
             await asyncio.sleep(min(0.5, self.opts.hung_task_timeout / 4))
             try:
                 hung = find_hung(self.locks.contexts_snapshot(), threshold, time.monotonic_ns())
+                # The counter tracks of a trace (ksmlab trace): KSM counters and free frames.
+                c = self.ksm_counters()
+                self.ev("ksm_counters", free_frames=self.nr_free_frames(),
+                        **{n: c[n] for n in TRACED_COUNTERS if n in c})
             except Exception as e:  # the snapshot must never take the supervisor down
                 self.ev("watchdog_error", error=str(e))
                 continue

@@ -13,15 +13,19 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
+
+from actors.tracebuf import Trace, read_trace
 
 
 class EventLog:
     """The per-process event sink: ev(event, **fields) writes one JSON line."""
 
-    def __init__(self, run_dir: str, actor: str, run_id: str, seed: int, flush_every: int = 1) -> None:
+    def __init__(self, run_dir: str, actor: str, run_id: str, seed: int, flush_every: int = 1,
+                 label: Callable[[], str] | None = None) -> None:
         self.actor = actor
         self.pid = os.getpid()
         logs = os.path.join(run_dir, "logs")
@@ -32,15 +36,17 @@ class EventLog:
         self._lock = threading.Lock()
         self._n = 0
         self.flush_every = flush_every
+        self.on_flush: Callable[[], None] | None = None   # the compact trace flushes with us
         base = {"run_id": run_id, "seed": seed, "actor": actor, "pid": self.pid}
 
         def stamp(_logger: Any, _name: str, ev: dict) -> dict:
             ev.update(base)
             ev["ts_ns"] = time.monotonic_ns()
             ev["seq"] = next(self._seq)
-            th = threading.current_thread()
-            if th is not threading.main_thread():
-                ev["tid"] = th.name
+            if label is not None:
+                ctx = label()
+                if ctx != actor:
+                    ev["ctx"] = ctx
             return ev
 
         self._logger = structlog.wrap_logger(
@@ -57,6 +63,8 @@ class EventLog:
             self.flush()
 
     def flush(self) -> None:
+        if self.on_flush is not None:
+            self.on_flush()
         try:
             with self._lock:
                 self._file.flush()
@@ -85,12 +93,15 @@ def _dumps(obj: Any, **kw: Any) -> str:
     return json.dumps(obj, default=_default, separators=(",", ":"))
 
 
-def read_events(run_dir: str) -> list[dict]:
-    """Every event of a run, merged into one timeline by (ts_ns, pid, seq)."""
+def read_json_events(run_dir: str) -> tuple[list[dict], dict[int, dict[int, str]], dict[int, str]]:
+    """The JSON-lines events of a run, merged by (ts_ns, pid, seq), without the compact
+    trace's string table; also that table ({pid: {id: string}}) and {pid: actor}."""
     logs = os.path.join(run_dir, "logs")
-    out = []
+    out: list[dict] = []
+    strings: dict[int, dict[int, str]] = {}
+    actors: dict[int, str] = {}
     if not os.path.isdir(logs):
-        return out
+        return out, strings, actors
     for name in os.listdir(logs):
         if not name.endswith(".jsonl"):
             continue
@@ -100,9 +111,31 @@ def read_events(run_dir: str) -> list[dict]:
                 if not line:
                     continue
                 try:
-                    out.append(json.loads(line))
+                    e = json.loads(line)
                 except json.JSONDecodeError:
                     # A process killed mid-write leaves a torn last line.
                     continue
+                if e.get("event") == "trace_string":
+                    strings.setdefault(int(e.get("pid", 0)), {})[int(e["id"])] = e["s"]
+                    continue
+                actors.setdefault(int(e.get("pid", 0)), e.get("actor", "?"))
+                out.append(e)
     out.sort(key=lambda e: (e.get("ts_ns", 0), e.get("pid", 0), e.get("seq", 0)))
-    return out
+    return out, strings, actors
+
+
+def read_run(run_dir: str) -> tuple[list[dict], Trace]:
+    """A run's JSON events and its compact trace (lock operations, messages)."""
+    events, strings, actors = read_json_events(run_dir)
+    return events, read_trace(os.path.join(run_dir, "logs"), strings, actors)
+
+
+def read_events(run_dir: str, trace: bool = True) -> list[dict]:
+    """Every event of a run as dicts, merged into one timeline by time: the JSON events and
+    (trace=True) the compact trace's lock and message records."""
+    events, tr = read_run(run_dir)
+    if not trace or not len(tr):
+        return events
+    merged = events + tr.to_events()
+    merged.sort(key=lambda e: (e.get("ts_ns", 0), e.get("pid", 0), e.get("seq", 0)))
+    return merged

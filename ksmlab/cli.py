@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.kernel.schedule import STRATEGIES, PlanSpec, UnknownPoint, check_points
 from actors.kernel.variants import Variants
-from ksmlab import kcov, live, logview, stress
+from ksmlab import kcov, live, logview, stress, trace
 from ksmlab.scenario import builtin_scenarios, load_scenario, run_scenario
 from ksmlab.sim import command as sim_command
 from shared_mem.segment import sweep_stale
@@ -37,6 +37,8 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
         opts["delays"] = dict(a.delay_at)
     if a.no_trace_locks:
         opts["trace_locks"] = False
+    if getattr(a, "trace_locks", False):
+        opts["trace_locks"] = True
     if a.stop_on_report:
         opts["stop_on_report"] = True
     if a.coverage:
@@ -60,17 +62,20 @@ def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], qui
         return 2
     where = os.path.abspath(scenario) if os.path.exists(scenario) else scenario
     opts = {**opts, "scenario": {"name": where, "args": args}}
-    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    console = live.Console()
+    log = (lambda s: None) if quiet else console.line
+    peak: dict = {}
 
     async def main() -> dict:
         booted: list = []
         task = asyncio.create_task(run_scenario(spec, log=log, args=args, on_boot=booted.append, **opts))
-        status = None if quiet else asyncio.create_task(live.status_loop(booted))
+        status = None if quiet else asyncio.create_task(live.status_loop(booted, console, peak))
         try:
             return await task
         finally:
             if status is not None:
                 status.cancel()
+            console.done()
 
     try:
         res = asyncio.run(main())
@@ -80,7 +85,7 @@ def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], qui
     if quiet:
         print(json.dumps(res, default=str))
     else:
-        _print_summary(res)
+        _print_summary(res, peak)
     if res.get("failed") and not res.get("reports"):
         return 1
     return 0 if res.get("ok") else (2 if res.get("reports") else 1)
@@ -142,19 +147,46 @@ def cmd_sim(a: argparse.Namespace) -> int:
     return sim_command.main(a)
 
 
-def _print_summary(res: dict) -> None:
+def expected_failure(res: dict) -> str | None:
+    """The run's variants reverted fixes, and every report is of a kind their bugs give:
+    the bug reproduced as intended (an expected failure, TAP's `# TODO`)."""
+    variants = (res.get("options") or {}).get("variants") or []
+    kinds = {k for v in variants for k in stress.bug_kinds(v)}
+    reps = res.get("reports") or []
+    if not variants or not reps or not kinds:
+        return None
+    got = {stress.report_kind(r) for r in reps}
+    return ", ".join(sorted(got)) if got <= kinds else None
+
+
+def _print_sysfs(title: str, values: dict) -> None:
+    print(f"{title}: grep . /sys/kernel/mm/ksm/*")
+    for k, v in sorted(values.items()):
+        if not k.startswith("_"):
+            print(f"  /sys/kernel/mm/ksm/{k}:{v}")
+
+
+def _print_summary(res: dict, peak: dict | None = None) -> None:
     print()
-    print(f"scenario {res['scenario']}: {'PASS' if res['ok'] else 'FAIL'} in {res['seconds']} s "
-          f"(seed {res.get('seed')})")
+    checks = res.get("checks") or []
+    if checks:
+        print(f"1..{len(checks)}")
+    xfail = expected_failure(res)
+    verdict = "PASS" if res["ok"] else (f"XFAIL (expected: the variant reproduced its bug: {xfail})"
+                                        if xfail else "FAIL")
+    print(f"scenario {res['scenario']}: {verdict} in {res['seconds']} s (seed {res.get('seed')})")
     if res.get("skipped"):
         print(f"  skipped: {res['skipped']}")
     if res.get("failed"):
         print(f"  failed: {res['failed']}")
-    print("KSM counters (at the last check):")
-    for k, v in sorted(res.get("ksm", {}).items()):
-        print(f"  /sys/kernel/mm/ksm/{k}:{v}")
+    if peak and peak.get("pages_sharing", 0) > 0:
+        _print_sysfs(f"at the peak of merging ({peak.get('_t_s')} s)", peak)
+    end = {**(res.get("knobs") or {}), **(res.get("ksm_final") or res.get("ksm") or {})}
+    _print_sysfs("at the end", end)
     for r in res.get("reports", []):
         print(f"report: {r['title']}")
+        if r.get("svg"):
+            print(f"picture: {os.path.join(res.get('run_dir') or '', r['svg'])}")
     print(f"run folder: {res.get('run_dir')}")
 
 
@@ -212,6 +244,10 @@ def cmd_log(a: argparse.Namespace) -> int:
     return logview.main(a)
 
 
+def cmd_trace(a: argparse.Namespace) -> int:
+    return trace.main(a)
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sched", choices=STRATEGIES, help="schedule plan strategy (default pct)")
     p.add_argument("--depth", type=int, help="PCT depth d: d-1 priority change points per epoch (default 3)")
@@ -230,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--variant", action="append", metavar="NAME", help="revert a seed fix (repeatable)")
     r.add_argument("--delay-at", action="append", type=_delay, metavar="POINT=MS",
                    help="force a delay at a schedule point (repeatable)")
-    r.add_argument("--no-trace-locks", action="store_true", help="do not log every lock event")
+    r.add_argument("--no-trace-locks", action="store_true", help="do not record lock operations")
+    r.add_argument("--trace-locks", action="store_true", help="record lock operations even where the scenario "
+                   "turns them off (the soak)")
     r.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="scenario argument, e.g. --arg seconds=30 for soak (repeatable)")
     r.add_argument("--json", action="store_true", help="print one JSON object at the end")
@@ -291,15 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scenarios", help="list the built-in scenarios")
     sc.set_defaults(fn=cmd_scenarios)
 
-    lg = sub.add_parser("log", help="query a run's merged JSON-lines timeline")
-    lg.add_argument("run", nargs="?", help="run folder (default: the newest under ./runs)")
-    lg.add_argument("--event", action="append", help="only these event names (repeatable, prefix*)")
-    lg.add_argument("--actor", action="append", help="only these actors (repeatable, prefix*)")
-    lg.add_argument("--grep", help="substring anywhere in the line")
-    lg.add_argument("--no-locks", action="store_true", help="hide lock_* events")
-    lg.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
-    lg.add_argument("--summary", action="store_true", help="count events per actor and name")
-    lg.add_argument("--limit", type=int, default=0)
+    lg = sub.add_parser("log", help="a run's merged timeline, trace-cmd style (filters, --around REPORT)")
+    logview.add_arguments(lg)
+    tr = sub.add_parser("trace", help="export a run as a Trace Event Format file for ui.perfetto.dev")
+    trace.add_arguments(tr)
+    tr.set_defaults(fn=cmd_trace)
     lg.set_defaults(fn=cmd_log)
     return p
 

@@ -81,8 +81,50 @@ def sysfs_write(cfg: dict, knob: str, value: str, timeout: float = 60.0) -> str:
         ctx.destroy(linger=0)
 
 
-async def status_loop(booted: list, every: float = 1.0) -> None:
-    """Live KSM statistics while a scenario runs (one line a second on stderr)."""
+class Console:
+    """A run's terminal: log lines, and one status line that a terminal redraws in place.
+
+    On a terminal the status line lives at the bottom of stderr (carriage return, erase
+    line) and a log line first erases it, prints, then draws it again, so checks and
+    counters never interleave; anywhere else (a pipe, CI) both are plain lines.
+    """
+
+    def __init__(self, out: Any = None, err: Any = None) -> None:
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.tty = self.err.isatty()
+        self.status_text = ""
+
+    def line(self, text: str) -> None:
+        if self.tty and self.status_text:
+            self.err.write("\r\x1b[K")
+            self.err.flush()
+        self.out.write(text + "\n")
+        self.out.flush()
+        if self.tty and self.status_text:
+            self.err.write(self.status_text)
+            self.err.flush()
+
+    def status(self, text: str) -> None:
+        if self.tty:
+            self.status_text = text
+            self.err.write("\r\x1b[K" + text)
+        else:
+            self.err.write(text + "\n")
+        self.err.flush()
+
+    def done(self) -> None:
+        if self.tty and self.status_text:
+            self.err.write("\n")
+            self.err.flush()
+        self.status_text = ""
+
+
+async def status_loop(booted: list, console: Console | None = None, peak: dict | None = None,
+                      every: float = 1.0) -> None:
+    """Live KSM statistics while a scenario runs; `peak` keeps every sysfs file (counters
+    and knobs) as it stood when pages_sharing was highest."""
+    console = console or Console()
     t0 = time.monotonic()
     while True:
         await asyncio.sleep(every)
@@ -92,10 +134,13 @@ async def status_loop(booted: list, every: float = 1.0) -> None:
         if c.stopped or c.km is None:
             return
         k = c.ksm_counters()
-        sys.stderr.write(
+        if peak is not None and k["pages_sharing"] > peak.get("pages_sharing", -1):
+            peak.clear()
+            peak.update({**c.ksm_knobs(), **k, "_t_s": round(time.monotonic() - t0, 1)})
+        console.status(
             f"[{time.monotonic() - t0:6.1f}s] full_scans {k['full_scans']} shared {k['pages_shared']} "
             f"sharing {k['pages_sharing']} unshared {k['pages_unshared']} volatile {k['pages_volatile']} "
-            f"zero {k['ksm_zero_pages']} free frames {c.nr_free_frames()}/{c.opts.frames}\n")
+            f"zero {k['ksm_zero_pages']} free frames {c.nr_free_frames()}/{c.opts.frames}")
 
 
 _RUN_ID = re.compile(r"^[0-9a-f]{8}$")

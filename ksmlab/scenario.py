@@ -20,7 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from actors.cluster import Cluster
-from ksmlab import scenarios
+from ksmlab import picture, scenarios
 
 
 class ExpectationFailed(AssertionError):
@@ -52,7 +52,9 @@ class ScenarioContext:
         ksm = self.snapshot()
         ok = got == want
         self.checks.append({"what": what, "got": got, "want": want, "ok": ok})
-        self.log(f"{'ok  ' if ok else 'FAIL'} {what}: {got!r}" + ("" if ok else f" (expected {want!r})"))
+        # kselftest/TAP: "ok N - what", "not ok N - what"
+        n = len(self.checks)
+        self.log(f"{'ok' if ok else 'not ok'} {n} - {what}: {got!r}" + ("" if ok else f" (expected {want!r})"))
         if not ok:
             raise ExpectationFailed(what, got, want, ksm)
 
@@ -123,6 +125,7 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
     result: dict[str, Any] = {"scenario": spec.name, "ok": False}
     c = Cluster(**opts)
     ctx = ScenarioContext(c, args or {}, log=log)
+    log(f"ksmlab: booting a cluster for scenario {spec.name} (seed {given['seed']})")
     try:
         await c.boot()
         if on_boot is not None:
@@ -145,6 +148,7 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
             ctx.last_ksm = ctx.last_ksm or c.ksm_counters()
         result["ksm"] = ctx.last_ksm or {}
         result["ksm_final"] = c.ksm_counters() if c.km is not None and not c.stopped else {}
+        result["knobs"] = c.ksm_knobs() if c.km is not None and not c.stopped else {}
         result["checks"] = ctx.checks
     finally:
         await c.stop()
@@ -153,6 +157,8 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
         result["reports"] = [{k: v for k, v in r.items() if k != "data"} | {"data": r.get("data")}
                              for r in c.reports]
         result["seconds"] = round(time.monotonic() - t0, 3)
+        # A picture of each report (reports/report-N.svg, its "svg"); never fails the run.
+        picture.attach_pictures(getattr(c, "run_dir", None), result["reports"])
     if result["ok"] and result["reports"]:
         result["ok"] = False
         result.setdefault("failed", f"{len(result['reports'])} report(s): {result['reports'][0]['title']}")

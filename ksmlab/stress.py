@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from ksmlab import kcov, live
+from ksmlab import kcov, live, picture
 from shared_mem.segment import sweep_stale
 
 
@@ -74,6 +74,12 @@ REPORT_KINDS: dict[str, str] = {
     "leak": "leak",
     "warning": "warning",          # a kernel WARN_ON: today's kernel reaches it too (docs/bugs)
 }
+
+
+def bug_kinds(variant: str) -> tuple[str, ...]:
+    """The report kinds that mean a run with this variant found its bug ((): unknown)."""
+    b = BUGS.get(variant) or BUGS.get(variant.split(":")[0])
+    return b.kinds if b is not None else ()
 
 
 def report_kind(rep: dict) -> str:
@@ -306,6 +312,10 @@ def main(a: argparse.Namespace) -> int:
                            "never_reached": [f"{r.module}.{r.name}" for r in rows if not r.reached]}
         if not a.json:
             print(kcov.format_table(rows))
+    # One page for the campaign: per bug the tally and its first failing run's picture.
+    index = picture.write_campaign_index(out, a.runs_root)
+    if index:
+        out["index"] = index
     if a.json:
         print(json.dumps(out))
     else:
@@ -318,6 +328,8 @@ def main(a: argparse.Namespace) -> int:
             if s["failing_runs"]:
                 print(f"    replay: ksmlab replay {s['failing_runs'][0]}")
         print(f"campaign: {out['seconds']} s")
+        if index:
+            print(f"index: {index}")
     if a.fixed:
         return 1 if any(s["detected"] for s in out["bugs"].values()) else 0
     return 0

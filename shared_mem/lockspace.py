@@ -79,7 +79,8 @@ from shared_mem.segment import SHM_DIR, Segment, segment_name
 
 _now = time.monotonic_ns
 
-EventHook = Callable[[str, str, int, str, int], Any]
+# (event, lock class, index, mode, wait ns, call site or None)
+EventHook = Callable[[str, str, int, str, int, str | None], Any]
 ReportHook = Callable[[str, str, str, dict], Any]
 SchedHook = Callable[[str, str, str], Any]
 
@@ -464,7 +465,8 @@ class LockSpace:
         else:
             _depth_overflow(self, ctx)
 
-    def _pop_slow(self, ctx: _Ctx, lk: _Lock, mode: int) -> None:
+    def _pop_slow(self, ctx: _Ctx, lk: _Lock, mode: int) -> str | None:
+        """Release out of order: returns the site the lock was taken at."""
         held = ctx.held
         for i in range(len(held) - 1, -1, -1):
             if held[i][0] is lk:
@@ -473,9 +475,10 @@ class LockSpace:
                         f"{ctx.actor}/{ctx.pid}: releasing {self._display(lk._cid, lk._idx)} "
                         f"for {_MODE[mode]} but it is held for {_MODE[held[i][1]]}"
                     )
+                site = held[i][3]
                 del held[i]
                 self._sync_held(ctx)
-                return
+                return site
         raise RuntimeError(
             f"bad unlock balance detected: {ctx.actor}/{ctx.pid} is trying to release lock "
             f"({self._display(lk._cid, lk._idx)}) but does not hold it"

@@ -73,7 +73,7 @@ def _block(
     since = _now()
     hook = sp._hook
     if hook is not None:
-        hook("lock_contended", lk._name, lk._idx, _MODE[mode], 0)
+        hook("lock_contended", lk._name, lk._idx, _MODE[mode], 0, site)
     sp._set_wait(ctx, lk, mode, site, since)
     try:
         _fcntl(ctx.fd, _SETLKW, fl)
@@ -87,7 +87,7 @@ def _block_reader(sp: LockSpace, ctx: _Ctx, lk: RWSem, site: str | None) -> int:
     since = _now()
     hook = sp._hook
     if hook is not None:
-        hook("lock_contended", lk._name, lk._idx, "read", 0)
+        hook("lock_contended", lk._name, lk._idx, "read", 0, site)
     sp._set_wait(ctx, lk, READ, site, since)
     fd = ctx.fd
     try:
@@ -116,13 +116,13 @@ def _block_writer(sp: LockSpace, ctx: _Ctx, lk: RWSem, site: str | None) -> int:
             if e.errno not in _BUSY:
                 raise
             if hook is not None:
-                hook("lock_contended", lk._name, lk._idx, "write", 0)
+                hook("lock_contended", lk._name, lk._idx, "write", 0, site)
                 told = True
             _fcntl(fd, _SETLKW, lk._qw)
         try:
             lk._b[lk._flag] = 1
             if hook is not None and not told:
-                hook("lock_contended", lk._name, lk._idx, "write", 0)
+                hook("lock_contended", lk._name, lk._idx, "write", 0, site)
             _fcntl(fd, _SETLKW, lk._fw)
         finally:
             lk._b[lk._flag] = 0
@@ -172,7 +172,7 @@ class _ExclusiveLock(_Lock):
             sp._sched(ctx.actor, self._name, "acquire")
         hook = sp._hook
         if hook is not None:
-            hook("lock_acquire", self._name, self._idx, "excl", 0)
+            hook("lock_acquire", self._name, self._idx, "excl", 0, site)
         wait = 0
         try:
             _fcntl(ctx.fd, _SETLK, self._fw)
@@ -180,7 +180,7 @@ class _ExclusiveLock(_Lock):
             wait = _block(sp, ctx, self, EXCL, site, self._fw, e)
         sp._push(ctx, self, EXCL, site)
         if hook is not None:
-            hook("lock_acquired", self._name, self._idx, "excl", wait)
+            hook("lock_acquired", self._name, self._idx, "excl", wait, site)
 
     def trylock(self, site: str | None = None) -> bool:
         sp = self._sp
@@ -202,8 +202,8 @@ class _ExclusiveLock(_Lock):
         sp._push(ctx, self, EXCL, site)
         hook = sp._hook
         if hook is not None:
-            hook("lock_acquire", self._name, self._idx, "excl", 0)
-            hook("lock_acquired", self._name, self._idx, "excl", 0)
+            hook("lock_acquire", self._name, self._idx, "excl", 0, site)
+            hook("lock_acquired", self._name, self._idx, "excl", 0, site)
         return True
 
     def unlock(self) -> None:
@@ -214,15 +214,15 @@ class _ExclusiveLock(_Lock):
             raise _unbound() from None
         held = ctx.held
         if held and held[-1][0] is self:
-            held.pop()
+            site = held.pop()[3]
             if len(held) < MAX_LOCK_DEPTH:
                 sp._q[ctx.base + _C_HELDN] = len(held)
         else:
-            sp._pop_slow(ctx, self, EXCL)
+            site = sp._pop_slow(ctx, self, EXCL)
         _fcntl(ctx.fd, _SETLK, self._fu)
         hook = sp._hook
         if hook is not None:
-            hook("lock_release", self._name, self._idx, "excl", 0)
+            hook("lock_release", self._name, self._idx, "excl", 0, site)
         if sp._sched is not None:
             sp._sched(ctx.actor, self._name, "release")
 
@@ -312,7 +312,7 @@ class RWSem(_Lock):
             sp._sched(ctx.actor, self._name, "acquire")
         hook = sp._hook
         if hook is not None:
-            hook("lock_acquire", self._name, self._idx, "read", 0)
+            hook("lock_acquire", self._name, self._idx, "read", 0, site)
         wait = 0
         if self._b[self._flag]:
             wait = _block_reader(sp, ctx, self, site)
@@ -323,7 +323,7 @@ class RWSem(_Lock):
                 wait = _block(sp, ctx, self, READ, site, self._fr, e)
         sp._push(ctx, self, READ, site)
         if hook is not None:
-            hook("lock_acquired", self._name, self._idx, "read", wait)
+            hook("lock_acquired", self._name, self._idx, "read", wait, site)
 
     def down_write(self, site: str | None = None) -> None:
         sp = self._sp
@@ -337,7 +337,7 @@ class RWSem(_Lock):
             sp._sched(ctx.actor, self._name, "acquire")
         hook = sp._hook
         if hook is not None:
-            hook("lock_acquire", self._name, self._idx, "write", 0)
+            hook("lock_acquire", self._name, self._idx, "write", 0, site)
         wait = 0
         if self._b[self._flag]:
             wait = _block_writer(sp, ctx, self, site)
@@ -350,7 +350,7 @@ class RWSem(_Lock):
                 wait = _block_writer(sp, ctx, self, site)
         sp._push(ctx, self, WRITE, site)
         if hook is not None:
-            hook("lock_acquired", self._name, self._idx, "write", wait)
+            hook("lock_acquired", self._name, self._idx, "write", wait, site)
 
     def _try(self, mode: int, fl: bytes, site: str | None) -> bool:
         sp = self._sp
@@ -374,8 +374,8 @@ class RWSem(_Lock):
         sp._push(ctx, self, mode, site)
         hook = sp._hook
         if hook is not None:
-            hook("lock_acquire", self._name, self._idx, _MODE[mode], 0)
-            hook("lock_acquired", self._name, self._idx, _MODE[mode], 0)
+            hook("lock_acquire", self._name, self._idx, _MODE[mode], 0, site)
+            hook("lock_acquired", self._name, self._idx, _MODE[mode], 0, site)
         return True
 
     def down_read_trylock(self, site: str | None = None) -> bool:
@@ -392,15 +392,15 @@ class RWSem(_Lock):
             raise _unbound() from None
         held = ctx.held
         if held and held[-1][0] is self and held[-1][1] == mode:
-            held.pop()
+            site = held.pop()[3]
             if len(held) < MAX_LOCK_DEPTH:
                 sp._q[ctx.base + _C_HELDN] = len(held)
         else:
-            sp._pop_slow(ctx, self, mode)
+            site = sp._pop_slow(ctx, self, mode)
         _fcntl(ctx.fd, _SETLK, self._fu)
         hook = sp._hook
         if hook is not None:
-            hook("lock_release", self._name, self._idx, _MODE[mode], 0)
+            hook("lock_release", self._name, self._idx, _MODE[mode], 0, site)
         if sp._sched is not None:
             sp._sched(ctx.actor, self._name, "release")
 

@@ -45,7 +45,9 @@ def mm_alloc(k: Kernel, owner: int = 0, nid: int = -1) -> int:
     km.mm.lock_idx[i] = i
     km.mm.nid[i] = nid
     km.pgd[i, :] = NULL
-    k.ev("mm_alloc", mm=i)
+    # The owner's pid, so that a log shows an mm as the task it belongs to.
+    pid = int(km.task.pid[km.task.idx(owner, "mm_alloc")]) if owner else 0
+    k.ev("mm_alloc", mm=i, task_pid=pid)
     return mm
 
 

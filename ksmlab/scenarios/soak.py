@@ -41,6 +41,7 @@ from protocol.abi import (
 
 NAME = "soak"
 DESCRIPTION = "tasks fork, write, exit, swap and get OOM-killed while ksmd merges; bounded; all invariants"
+# Lock records are off: a long soak makes millions (`run soak --trace-locks` keeps them).
 OPTIONS: dict[str, Any] = {"frames": 768, "swap_slots": 384, "max_tasks": 64, "max_mms": 64,
                            "trace_locks": False, "hung_task_timeout": 30.0}
 

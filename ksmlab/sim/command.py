@@ -18,6 +18,7 @@ import json
 import sys
 
 from actors.kernel.variants import Variants
+from ksmlab import trace
 from ksmlab.sim.scenarios import BUG_SCENARIO, SCENARIOS, SimScenario
 from ksmlab.sim.search import (
     STRATEGIES,
@@ -30,7 +31,7 @@ from ksmlab.sim.search import (
     replay,
     search,
 )
-from ksmlab.sim.world import World
+from ksmlab.sim.world import ScheduleResult, World
 from ksmlab.stress import report_kind
 
 
@@ -46,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replay", metavar="SCHEDULE", help="run this schedule string exactly")
     p.add_argument("--no-minimize", action="store_true", help="print the failing schedule as found")
     p.add_argument("--events", action="store_true", help="with --replay: print every kernel event")
+    p.add_argument("--trace", metavar="FILE", help="write the (failing or replayed) schedule as a "
+                   "Trace Event Format file for ui.perfetto.dev")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -87,8 +90,15 @@ def main(a: argparse.Namespace) -> int:
         world.close()
 
 
+def _write_trace(path: str, res: ScheduleResult, sc: SimScenario, schedule: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(trace.from_schedule(res, sc.name, schedule), f, separators=(",", ":"), default=str)
+
+
 def _replay(a: argparse.Namespace, world: World, sc: SimScenario, variants: Variants) -> int:
     res = replay(world, a.replay, record=True)
+    if a.trace:
+        _write_trace(a.trace, res, sc, a.replay)
     fail = res.failure
     if a.json:
         print(json.dumps({"scenario": sc.name, "variants": variants.names(), "schedule": a.replay,
@@ -140,7 +150,10 @@ def _search(a: argparse.Namespace, world: World, sc: SimScenario, variants: Vari
     sched = minimized or f.schedule
     print(f"schedule: {f.schedule}" + (f"   minimized: {minimized}" if minimized and minimized != f.schedule else ""))
     print(f"replay:   {_replay_cmd(sc, variants, sched)}")
-    res = replay(world, sched, record=False)
+    res = replay(world, sched, record=bool(a.trace))
+    if a.trace:
+        _write_trace(a.trace, res, sc, sched)
+        print(f"trace:    {a.trace} (open in https://ui.perfetto.dev)")
     print()
     print(cpu_table(res))
     if res.failure is not None:

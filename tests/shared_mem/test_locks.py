@@ -320,7 +320,7 @@ def test_event_hook_sequence_uncontended(space: LockSpace) -> None:
     space.bind_context("ksmd")
     seen = []
     space.set_event_hook(lambda *e: seen.append(e))
-    with space.get("anon_vma_lock", 4).write():
+    with space.get("anon_vma_lock", 4).write(site="rmap_walk"):
         pass
     assert space.get("page_lock", 1).trylock()
     space.get("page_lock", 1).unlock()
@@ -328,12 +328,12 @@ def test_event_hook_sequence_uncontended(space: LockSpace) -> None:
     space.get("ptl", 0).lock()
     space.get("ptl", 0).unlock()
     assert seen == [
-        ("lock_acquire", "anon_vma_lock", 4, "write", 0),
-        ("lock_acquired", "anon_vma_lock", 4, "write", 0),
-        ("lock_release", "anon_vma_lock", 4, "write", 0),
-        ("lock_acquire", "page_lock", 1, "excl", 0),
-        ("lock_acquired", "page_lock", 1, "excl", 0),
-        ("lock_release", "page_lock", 1, "excl", 0),
+        ("lock_acquire", "anon_vma_lock", 4, "write", 0, "rmap_walk"),
+        ("lock_acquired", "anon_vma_lock", 4, "write", 0, "rmap_walk"),
+        ("lock_release", "anon_vma_lock", 4, "write", 0, "rmap_walk"),
+        ("lock_acquire", "page_lock", 1, "excl", 0, None),
+        ("lock_acquired", "page_lock", 1, "excl", 0, None),
+        ("lock_release", "page_lock", 1, "excl", 0, None),
     ]
 
 
