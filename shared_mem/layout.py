@@ -164,14 +164,14 @@ SLOT_DT = np.dtype([("mm", H), ("next", H), ("prev", H), ("rmap_list", H)])
 RMAP_DT = np.dtype([
     ("rmap_next", H), ("mm", H), ("address", "<i8"), ("oldchecksum", "<i8"),
     ("age", "<i8"), ("remaining_skips", "<i8"), ("anon_vma", H), ("nid", "<i8"),
-    # unstable tree links (treap)
-    ("left", H), ("right", H), ("parent", H), ("prio", "<i8"),
+    # unstable tree links (struct rb_node: rb_color is RB_RED 0 / RB_BLACK 1)
+    ("left", H), ("right", H), ("parent", H), ("rb_color", "<i8"),
     # stable: which stable node, and the hlist through it
     ("head", H), ("hnext", H), ("hprev", H),
 ])
 
 SNODE_DT = np.dtype([
-    ("left", H), ("right", H), ("parent", H), ("prio", "<i8"),
+    ("left", H), ("right", H), ("parent", H), ("rb_color", "<i8"),  # stable tree rb_node
     ("role", "<i8"), ("chain", H),          # for a dup: the chain it hangs on
     ("dup_next", H), ("dup_prev", H),       # hlist of dups on a chain (chain.hlist is the first)
     ("hlist", H),                           # rmap_items, or dups for a chain

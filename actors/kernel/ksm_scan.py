@@ -46,7 +46,6 @@ from shared_mem.layout import (
     MMF_VM_MERGEABLE,
     PAGE_SIZE,
     PG_KSM,
-    STABLE_FLAG,
     VM_MERGEABLE,
 )
 
@@ -70,7 +69,9 @@ def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
         return False
     ri = k.km.rmap_item
     ii = ri.idx(item, "should_skip_rmap_item")
-    if k.page_flags[pfn] & PG_KSM or ri.address[ii] & STABLE_FLAG:
+    # Only a KSM folio is spared (mm/ksm.c): an item still marked stable after its page
+    # was COW-broken ages like any other, or its skips would come a pass late.
+    if k.page_flags[pfn] & PG_KSM:
         return False
     age = int(ri.age[ii])
     if age != U8_MAX:

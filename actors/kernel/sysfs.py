@@ -136,8 +136,18 @@ def counters(k: Kernel) -> dict[str, int]:
     }
 
 
+# unsigned long knobs: the int64 field holds the bit pattern, a read shows it unsigned.
+_ULONG_KNOBS = frozenset({"advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time"})
+_U64 = (1 << 64) - 1
+
+
+def knob(k: Kernel, name: str) -> int:
+    v = int(k.ksm[name])
+    return v & _U64 if name in _ULONG_KNOBS else v
+
+
 def knobs(k: Kernel) -> dict[str, int]:
-    return {name: int(k.ksm[name]) for name in KNOBS}
+    return {name: knob(k, name) for name in KNOBS}
 
 
 def show(k: Kernel, name: str) -> str:
@@ -146,7 +156,7 @@ def show(k: Kernel, name: str) -> str:
         cur = int(k.ksm["advisor_mode"])
         return " ".join(f"[{m}]" if i == cur else m for i, m in enumerate(ADVISOR_MODES))
     if name in KNOB_DEFAULTS:
-        return str(int(k.ksm[name]))
+        return str(knob(k, name))
     if name in COUNTERS:
         return str(counters(k)[name])
     raise SysfsError("ENOENT", f"/sys/kernel/mm/ksm/{name}: no such file")
@@ -261,12 +271,19 @@ def _store_bool(name: str) -> Callable[[Kernel, str], None]:
     return st
 
 
-def _store_uint(name: str, minimum: int = 0) -> Callable[[Kernel, str], None]:
+def _store_uint(name: str, minimum: int = 0, store_bits: int = 64) -> Callable[[Kernel, str], None]:
+    """`err = kstrtoul(buf, 10, &value); if (err) return -EINVAL;` then a store into a
+    variable of store_bits bits: an unsigned int knob keeps the low 32 bits of the value,
+    as C's assignment does (advisor_max_cpu=4294967301 reads back 5 on the real kernel)."""
     def st(k: Kernel, buf: str) -> None:
-        v = kstrtoul(buf)
+        try:
+            v = kstrtoul(buf)
+        except SysfsError as e:
+            raise SysfsError("EINVAL", str(e)) from None
         if v < minimum:
             raise SysfsError("EINVAL", f"{name} must be >= {minimum}")
-        k.ksm[name] = v
+        v &= (1 << store_bits) - 1
+        k.ksm[name] = v - (1 << 64) if v >= 1 << 63 else v     # the bit pattern (see knob())
     return st
 
 
@@ -288,7 +305,7 @@ def stable_node_chains_prune_millisecs_store(k: Kernel, buf: str) -> None:
 # The kernel's other *_store() handlers, each one kstrtobool/kstrtoul and a store.
 use_zero_pages_store = _store_bool("use_zero_pages")
 smart_scan_store = _store_bool("smart_scan")
-advisor_max_cpu_store = _store_uint("advisor_max_cpu")
+advisor_max_cpu_store = _store_uint("advisor_max_cpu", store_bits=32)   # unsigned int
 advisor_min_pages_to_scan_store = _store_uint("advisor_min_pages_to_scan")
 advisor_max_pages_to_scan_store = _store_uint("advisor_max_pages_to_scan")
 advisor_target_scan_time_store = _store_uint("advisor_target_scan_time", 1)

@@ -3,7 +3,8 @@
 #
 # Nothing in actors/kernel/ may depend on anything but kernel memory and the seams
 # (locks, clock, schedule points, event log): record handles are (generation, index)
-# pairs allocated from per-boot free stacks, treap priorities are a hash of the handle,
+# pairs allocated from per-boot free stacks, tree shapes follow from the order of inserts
+# and erases alone (red-black, lib/rbtree.c),
 # frames come off the free lists in order, and the only clock a path reads is the
 # Kernel's (here a fake one that moves only when told). So a sequential run - areas
 # mapped and advised, partial and full ksmd passes, chains under a small
