@@ -187,6 +187,10 @@ class Task:
         r = await self._call("fork")
         return self.cluster._adopt(r["pid"], r["task"])
 
+    async def execve(self) -> None:
+        """execve(): a fresh address space (merge-any survives, as MMF_INIT_MASK keeps it)."""
+        await self._call("execve")
+
     async def exit(self, code: int = 0) -> None:
         await self._call("exit", code=code)
         await self.wait_exit()

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from actors.base import Actor, KernelError, RemoteError
+from actors.kernel import exec as execops
 from actors.kernel import fork as forkops
 from actors.kernel import proc, syscalls
 from actors.kernel.context import Kernel
@@ -49,7 +50,8 @@ class Task(Actor):
         self.mm = int(t.mm[ti])
         self.pid = int(t.pid[ti])
         for name in ("mmap", "munmap", "mprotect", "madvise", "prctl", "memset", "write", "read",
-                     "fork", "mlockall", "munlockall", "exit", "verify", "ksm_stat", "signal", "pagemap"):
+                     "fork", "execve", "mlockall", "munlockall", "exit", "verify", "ksm_stat", "signal",
+                     "pagemap"):
             self.handlers[name] = getattr(self, f"_on_{name}")
         self.shadow.load(shadow_path(self.cfg["run_dir"], self.pid))   # a fork's parent's
 
@@ -184,6 +186,14 @@ class Task(Actor):
         self.shadow.save(shadow_path(self.cfg["run_dir"], pid))   # before the child starts
         self.call("supervisor", "spawn_task", task=child, parent=self.task, name=f"task-{pid}")
         return {"pid": pid, "task": child}
+
+    def _on_execve(self, m: dict) -> int:
+        mm = execops.do_execve(self.k, self.task)
+        if mm < 0:
+            raise KernelError("ENOMEM", "execve: no mm_slot for the new mm")
+        self.mm = mm
+        self.shadow.drop(0, 1 << 64)        # the old address space is gone
+        return 0
 
     # -- introspection -------------------------------------------------------------------------
     def _on_verify(self, m: dict) -> dict:

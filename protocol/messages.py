@@ -68,6 +68,7 @@ MESSAGES: dict[str, dict[str, Any]] = {
     "write":         {"addr": int, "data": bytes, "force": opt(bool, False)},
     "read":          {"addr": int, "length": int},
     "fork":          {},
+    "execve":        {},
     "mlockall":      {"flags": int},
     "munlockall":    {},
     "exit":          {"code": opt(int, 0)},

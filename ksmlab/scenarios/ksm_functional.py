@@ -1,6 +1,6 @@
 # Ports of tools/testing/selftests/mm/ksm_functional_tests.c (David Hildenbrand's
 # functional tests), one scenario per test: ksm-functional-unmerge,
-# -unmerge_zero_pages, -unmerge_discarded, -prot_none, -prctl, -prctl_fork,
+# -unmerge_zero_pages, -unmerge_discarded, -prot_none, -prctl, -prctl_fork, -prctl_fork_exec,
 # -prctl_unmerge and -fork_ksm_merging_page_count.
 #
 # Each test maps 2 MiB (512 pages), fills it with one byte value, optionally
@@ -13,8 +13,9 @@
 # model has no THP; /proc/self/mem writes are Task.write(..., force=True)
 # (FOLL_FORCE); fork is Task.fork() and the child's exit status becomes checks
 # on the child task (ksmd is paused while the fork_ksm_merging_page_count child
-# reads its counter, because a model child takes a moment to start); the uffd-wp and fork+exec tests are not ported (no
-# userfaultfd, no exec). Every step also checks that the tasks read back exactly
+# reads its counter, because a model child takes a moment to start); exec is Task.execve()
+# (a fresh mm, actors/kernel/exec.py); the uffd-wp test is not ported (no userfaultfd).
+# Every step also checks that the tasks read back exactly
 # what they wrote.
 from __future__ import annotations
 
@@ -198,6 +199,27 @@ async def test_prctl_fork(c: Cluster, ctx: ScenarioContext) -> dict:
     return {"child_merged": merged}
 
 
+async def test_prctl_fork_exec(c: Cluster, ctx: ScenarioContext) -> dict:
+    """test_prctl_fork_exec(): the child of a PR_SET_MEMORY_MERGE parent execs
+    (ksm_fork_exec_child) and still has merge-any: MMF_INIT_MASK keeps MMF_VM_MERGE_ANY
+    across exec, and ksm_execve() registers the new mm, so memory mapped after the exec
+    merges without madvise."""
+    parent = await c.spawn_task(comm="ksm_functional")
+    await c.ksm_stop()
+    ctx.expect("PR_SET_MEMORY_MERGE=1", await parent.prctl(PR_SET_MEMORY_MERGE, 1), 0)
+    child = await parent.fork()
+    await child.execve()
+    # ksm_fork_exec_child: exit(prctl(PR_GET_MEMORY_MERGE) != 1), then (test_child_ksm) merge.
+    ctx.expect("after exec: PR_GET_MEMORY_MERGE", await child.prctl(PR_GET_MEMORY_MERGE), 1)
+    addr = await mmap_and_merge_range(c, ctx, child, 0xCF, SIZE, PROT_READ | PROT_WRITE, KSM_MERGE_NONE)
+    await expect_invisible(ctx, [parent, child], "child merged after exec")
+    merged = dict(ctx.last_ksm or {})
+    await finish(c, child, addr, SIZE)
+    await child.exit(0)
+    ctx.expect("PR_SET_MEMORY_MERGE=0 in the parent", await parent.prctl(PR_SET_MEMORY_MERGE, 0), 0)
+    return {"child_merged": merged}
+
+
 async def test_prctl_unmerge(c: Cluster, ctx: ScenarioContext) -> dict:
     t = await c.spawn_task(comm="ksm_functional")
     addr = await mmap_and_merge_range(c, ctx, t, 0xCF, SIZE, PROT_READ | PROT_WRITE, KSM_MERGE_PRCTL)
@@ -240,6 +262,8 @@ _TESTS: list[tuple[str, str, Callable[[Cluster, ScenarioContext], Awaitable[dict
      test_prot_none),
     ("prctl", "PR_SET/GET_MEMORY_MERGE values; EINVAL on nonzero unused arguments", test_prctl),
     ("prctl_fork", "MMF_VM_MERGE_ANY is inherited over fork and the child merges", test_prctl_fork),
+    ("prctl_fork_exec", "MMF_VM_MERGE_ANY survives fork and exec (MMF_INIT_MASK, ksm_execve)",
+     test_prctl_fork_exec),
     ("prctl_unmerge", "PR_SET_MEMORY_MERGE=0 unmerges", test_prctl_unmerge),
     ("fork_ksm_merging_page_count", "a child's ksm_merging_pages is 0 right after fork",
      test_fork_ksm_merging_page_count),

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import pytest
 
-from actors.kernel import mm_slot
+from actors.kernel import exec as execops
+from actors.kernel import ksm_mm, mm_slot
+from actors.kernel.fork import new_task
 from actors.kernel.memory import is_ksm_zero_pte
 from actors.kernel.sysfs import ksm_stat
-from shared_mem.layout import MMF_VM_MERGEABLE, PAGE_SIZE
+from shared_mem.layout import MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, PAGE_SIZE
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -103,3 +105,20 @@ def test_ksm_page_kept_only_by_an_unscanned_fork_takes_no_new_sharer(kern):
         {"pages_shared": 1, "pages_sharing": 1, "pages_unshared": 2}   # a's, b's copies
     assert h.pfn(d_mm, d) == kpfn
     h.check()
+
+
+def test_exec_keeps_merge_any_and_registers_the_new_mm(kern):
+    """bprm_mm_init(): the new mm gets the old one's flags & MMF_INIT_MASK (merge-any
+    included) and ksm_execve() puts it on the KSM list; the old mm is put."""
+    h = kern
+    k = h.k
+    task = new_task(k, "exec-me")
+    old = int(k.km.task.mm[k.km.task.idx(task, "t")])
+    ksm_mm.ksm_enable_merge_any(k, old)
+    mm = execops.do_execve(k, task)
+    assert mm != old and int(k.km.task.mm[k.km.task.idx(task, "t")]) == mm
+    assert ksm_mm.mm_flags(k, mm) & MMF_VM_MERGE_ANY and ksm_mm.mm_flags(k, mm) & MMF_VM_MERGEABLE
+    assert h.slot_of(mm)
+    plain = new_task(k, "plain")
+    pm = execops.do_execve(k, plain)
+    assert not ksm_mm.mm_flags(k, pm) & (MMF_VM_MERGE_ANY | MMF_VM_MERGEABLE)

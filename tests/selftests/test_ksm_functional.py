@@ -8,7 +8,7 @@ import pytest
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(60)]
 
 NAMES = ["unmerge", "unmerge_zero_pages", "unmerge_discarded", "prot_none", "prctl", "prctl_fork",
-         "prctl_unmerge", "fork_ksm_merging_page_count"]
+         "prctl_fork_exec", "prctl_unmerge", "fork_ksm_merging_page_count"]
 
 
 def _checks(res: dict) -> dict[str, object]:
@@ -43,6 +43,10 @@ async def test_functional(run_builtin, name):
         assert checks["child: PR_GET_MEMORY_MERGE"] == 1
         merged = res["result"]["child_merged"]
         # 512 equal pages with max_page_sharing 256: two KSM pages in a chain.
+        assert (merged["pages_shared"], merged["pages_sharing"]) == (2, 510)
+    if name == "prctl_fork_exec":
+        assert checks["after exec: PR_GET_MEMORY_MERGE"] == 1
+        merged = res["result"]["child_merged"]
         assert (merged["pages_shared"], merged["pages_sharing"]) == (2, 510)
     if name == "fork_ksm_merging_page_count":
         assert checks["child: ksm_merging_pages right after fork (not inherited)"] == 0
