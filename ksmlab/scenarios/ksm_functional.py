@@ -182,42 +182,34 @@ async def test_prctl(c: Cluster, ctx: ScenarioContext) -> dict:
     return {}
 
 
-async def test_prctl_fork(c: Cluster, ctx: ScenarioContext) -> dict:
+async def _prctl_child(c: Cluster, ctx: ScenarioContext, exec_: bool) -> dict:
+    """test_prctl_fork() and test_prctl_fork_exec(): the child of a PR_SET_MEMORY_MERGE
+    parent (after an exec too: MMF_INIT_MASK keeps MMF_VM_MERGE_ANY and ksm_execve()
+    registers the new mm) reports merge-any and merges what it maps, without madvise
+    (the C tests' test_child_ksm)."""
     parent = await c.spawn_task(comm="ksm_functional")
     await c.ksm_stop()  # init_global_file_handles()
     ctx.expect("PR_SET_MEMORY_MERGE=1", await parent.prctl(PR_SET_MEMORY_MERGE, 1), 0)
     child = await parent.fork()
-    # The child (test_child_ksm): MMF_VM_MERGE_ANY was inherited ...
-    ctx.expect("child: PR_GET_MEMORY_MERGE", await child.prctl(PR_GET_MEMORY_MERGE), 1)
-    # ... and really merges memory it maps afterwards, without any madvise.
+    if exec_:
+        await child.execve()          # ksm_fork_exec_child
+    when = "after exec" if exec_ else "child"
+    ctx.expect(f"{when}: PR_GET_MEMORY_MERGE", await child.prctl(PR_GET_MEMORY_MERGE), 1)
     addr = await mmap_and_merge_range(c, ctx, child, 0xCF, SIZE, PROT_READ | PROT_WRITE, KSM_MERGE_NONE)
-    await expect_invisible(ctx, [parent, child], "child merged")
+    await expect_invisible(ctx, [parent, child], "child merged" + (" after exec" if exec_ else ""))
     merged = dict(ctx.last_ksm or {})
     await finish(c, child, addr, SIZE)
     await child.exit(0)
     ctx.expect("PR_SET_MEMORY_MERGE=0 in the parent", await parent.prctl(PR_SET_MEMORY_MERGE, 0), 0)
     return {"child_merged": merged}
+
+
+async def test_prctl_fork(c: Cluster, ctx: ScenarioContext) -> dict:
+    return await _prctl_child(c, ctx, exec_=False)
 
 
 async def test_prctl_fork_exec(c: Cluster, ctx: ScenarioContext) -> dict:
-    """test_prctl_fork_exec(): the child of a PR_SET_MEMORY_MERGE parent execs
-    (ksm_fork_exec_child) and still has merge-any: MMF_INIT_MASK keeps MMF_VM_MERGE_ANY
-    across exec, and ksm_execve() registers the new mm, so memory mapped after the exec
-    merges without madvise."""
-    parent = await c.spawn_task(comm="ksm_functional")
-    await c.ksm_stop()
-    ctx.expect("PR_SET_MEMORY_MERGE=1", await parent.prctl(PR_SET_MEMORY_MERGE, 1), 0)
-    child = await parent.fork()
-    await child.execve()
-    # ksm_fork_exec_child: exit(prctl(PR_GET_MEMORY_MERGE) != 1), then (test_child_ksm) merge.
-    ctx.expect("after exec: PR_GET_MEMORY_MERGE", await child.prctl(PR_GET_MEMORY_MERGE), 1)
-    addr = await mmap_and_merge_range(c, ctx, child, 0xCF, SIZE, PROT_READ | PROT_WRITE, KSM_MERGE_NONE)
-    await expect_invisible(ctx, [parent, child], "child merged after exec")
-    merged = dict(ctx.last_ksm or {})
-    await finish(c, child, addr, SIZE)
-    await child.exit(0)
-    ctx.expect("PR_SET_MEMORY_MERGE=0 in the parent", await parent.prctl(PR_SET_MEMORY_MERGE, 0), 0)
-    return {"child_merged": merged}
+    return await _prctl_child(c, ctx, exec_=True)
 
 
 async def test_prctl_unmerge(c: Cluster, ctx: ScenarioContext) -> dict:
