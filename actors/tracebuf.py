@@ -158,10 +158,12 @@ class Trace:
 
     def to_events(self, rows: Iterable[int] | None = None) -> list[dict[str, Any]]:
         """The records as event dicts shaped as read_events() returns them."""
-        sel = self.rec if rows is None else self.rec[np.asarray(list(rows) if not isinstance(rows, np.ndarray)
-                                                               else rows, dtype=np.int64)]
-        pids = (self.pid if rows is None else self.pid[np.asarray(list(rows) if not isinstance(rows, np.ndarray)
-                                                                  else rows, dtype=np.int64)]).tolist()
+        if rows is None:
+            sel, pid_col = self.rec, self.pid
+        else:
+            ix = np.asarray(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.int64)
+            sel, pid_col = self.rec[ix], self.pid[ix]
+        pids = pid_col.tolist()
         # Columns to Python lists once: indexing numpy scalars per row is ten times slower.
         ts, arg, idx = sel["ts_ns"].tolist(), sel["arg"].tolist(), sel["idx"].tolist()
         ctx, name, site, peer = sel["ctx"].tolist(), sel["name"].tolist(), sel["site"].tolist(), sel["peer"].tolist()

@@ -110,7 +110,6 @@ class Scheduler:
         self.stopping = False         # the workload is done: services finish their round
         self._done = threading.Event()
         self._mu = threading.RLock()  # only for the end of a schedule (several threads unwind)
-        self.on_report: Callable[[dict], None] | None = None
 
     # -- threads ---------------------------------------------------------------------------
     def spawn(self, name: str, fn: Callable[[], None], service: bool = False) -> SimThread:
@@ -299,8 +298,6 @@ class Scheduler:
                 report["step"] = self.step
                 report["t_ns"] = self.now_ns
                 self.failure = report
-                if self.on_report is not None:
-                    self.on_report(report)
             if self.aborting:
                 return
             self.aborting = True

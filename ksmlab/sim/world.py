@@ -63,10 +63,8 @@ class SimPoints:
 
     def __init__(self, sched: Scheduler | None) -> None:
         self.sched = sched
-        self.hits: dict[str, int] = {}
 
     def __call__(self, k: Kernel, name: str) -> None:
-        self.hits[name] = self.hits.get(name, 0) + 1
         if self.sched is not None:
             self.sched.op("point", name)
 
@@ -207,7 +205,6 @@ class World:
         self.events = [] if record else None
         self.locks = SimLockSpace(self.geo, sched)
         self.km.set_locks(self.locks)
-        sched.on_report = None
         self.km.set_actor("sim", on_report=lambda rep: sched.fail(rep, sched.cur))
         self.km.set_identity(lambda: sched.cur.k.pid if sched.cur is not None and sched.cur.k else 1,
                              lambda: sched.now_ns)

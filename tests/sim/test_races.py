@@ -20,9 +20,8 @@ from shared_mem.segment import list_segments
 pytestmark = [pytest.mark.timeout(120)]
 
 
-def world_of(name: str, variants: list[str]):
-    w = World(SCENARIOS[name], Variants(variants))
-    return w
+def world_of(name: str, variants: list[str]) -> World:
+    return World(SCENARIOS[name], Variants(variants))
 
 
 def _expected_kinds(bug: str) -> tuple[str, ...]:
