@@ -23,6 +23,7 @@ import numpy as np
 from actors.kernel import debug, ksm_mm, swap
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
+from actors.kernel.memory import is_ksm_zero_pte
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     PAGE_SHIFT,
@@ -93,7 +94,12 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
     # MMF_INIT_MASK: merge-any survives fork; the rest is per-mm.
     km.mm.flags[mi] = int(km.mm.flags[oi]) & MMF_VM_MERGE_ANY
     km.mm.mmap_base[mi] = km.mm.mmap_base[oi]
-    km.mm.ksm_zero_pages[mi] = km.mm.ksm_zero_pages[oi]
+    # dup_mm()'s memcpy: the parent's counter, read before dup_mmap() takes its mmap_lock,
+    # so a KSM zero pte ksmd places or a fault breaks in between is miscounted in the
+    # child for good (docs/bugs/zero-pages-fork.md). The proposed fix counts what is copied.
+    counted = k.variant("fix:zero-pages-fork")
+    if not counted:
+        km.mm.ksm_zero_pages[mi] = km.mm.ksm_zero_pages[oi]
     lock = k.mmap_lock(oldmm, "dup_mmap")
     lock.down_write()
     try:
@@ -105,7 +111,9 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
             av = int(km.vma.anon_vma[vi])
             if av:
                 mmops.anon_vma_link(k, av, new)
-            _copy_ptes(k, oldmm, mm, start, end, bool(flags & VM_SHARED))
+            zero = _copy_ptes(k, oldmm, mm, start, end, bool(flags & VM_SHARED))
+            if counted:
+                km.mm.ksm_zero_pages[mi] += zero
         err = ksm_mm.ksm_fork(k, mm, oldmm)
         if err:
             k.ev("ksm_fork_failed", err=err)
@@ -115,8 +123,10 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
     return mm
 
 
-def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool) -> None:
+def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool) -> int:
+    """copy_pte_range() for one vma; returns how many KSM zero ptes it copied."""
     km = k.km
+    zero = 0
     di = km.mm.idx(dst, "copy_pte_range")
     with k.ptl(src), k.ptl(dst):
         chunks = list(mmops.pte_ranges(k, src, start, end))
@@ -142,4 +152,7 @@ def _copy_ptes(k: Kernel, src: int, dst: int, start: int, end: int, shared: bool
                 elif pte & PTE_SWAP:
                     swap.swap_duplicate(k, pte & PTE_PFN_MASK, "copy_pte_range")
                     k.ev("fork_swap_entry", mm=di, slot=pte & PTE_PFN_MASK)
+                else:
+                    zero += is_ksm_zero_pte(pte)
                 dptes[j + int(off)] = pte
+    return zero

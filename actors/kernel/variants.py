@@ -2,7 +2,9 @@
 #
 # Default behaviour is today's kernel. Each name below restores the code of one
 # historical bug (see ../shared/DESIGN.md "Variants"); paths test k.variant(name)
-# exactly where the seed commit changed the code.
+# exactly where the seed commit changed the code. A name starting "fix:" goes the other
+# way: it applies a fix that today's kernel does not have, for a race found in today's
+# code (docs/bugs/zero-pages-fork.md), so that "fixed" can be shown as well as "broken".
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -18,6 +20,9 @@ VARIANTS: dict[str, tuple[int, str]] = {
     "stale-stable-nodes:enter-behind-cursor": (1 << 2, "seed 002 cause 2: __ksm_enter behind the cursor during run=2"),
     "stale-stable-nodes:swapin-no-copy": (1 << 7, "seed 002 cause 3: swap-in during run=2 maps the KSM page again"),
     "stale-stable-nodes:copy-not-uptodate": (1 << 8, "seed 002's extra fix: copy from a !PageUptodate swap page"),
+    # Not a revert: a fix today's kernel lacks, for a race ksmlab found in it (a "fix:" name).
+    "fix:zero-pages-fork": (1 << 9, "proposed: dup_mmap counts the KSM zero ptes it copies "
+                                    "instead of the parent's counter read before mmap_lock"),
 }
 
 # Group names: one name for several switches (the whole of one commit).

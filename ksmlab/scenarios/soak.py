@@ -170,8 +170,11 @@ class Soak:
 
     async def drain(self) -> None:
         """Every task exits, then short-lived tasks: the mm list goes empty under ksmd."""
-        for t in list(self.tasks):
-            self.tasks.remove(t)
+        # Take the whole list at once: while one exit is awaited, another worker may pick,
+        # exit or drop any task still listed.
+        victims = self.tasks[:]
+        self.tasks.clear()
+        for t in victims:
             try:
                 await self.call(t, t.exit())
             except _Gone:

@@ -68,7 +68,8 @@ def _replay_cmd(sc: SimScenario, variants: Variants, schedule: str) -> str:
 def main(a: argparse.Namespace) -> int:
     if a.scenario == "list":
         for s in SCENARIOS.values():
-            bug = f"--variant {s.bug}" if s.bug else "(no variant breaks it)"
+            bug = (f"--variant {s.bug}" if s.bug else
+                   f"today's kernel breaks it; --variant {s.fix} fixes it" if s.fix else "(no variant breaks it)")
             print(f"{s.name:30} {bug:50} {s.description}")
         return 0
     try:

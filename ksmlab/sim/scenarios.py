@@ -51,6 +51,18 @@ class SimScenario:
     frames: int = 64
     swap_slots: int = 0
     ci_bound: int = 2                        # the preemption bound the test suite searches to
+    # A race ksmlab found in today's kernel: the report today's code gives (finding) and
+    # the "fix:" variant of the fix proposed for it, under which the search must be clean.
+    finding: str = ""
+    fix: str = ""
+
+    def broken(self) -> list[str] | None:
+        """The variants under which this scenario must report (None: it never should)."""
+        return [self.bug] if self.bug else [] if self.finding else None
+
+    def clean(self) -> list[str]:
+        """The variants under which an exhaustive search must report nothing."""
+        return [self.fix] if self.fix else []
 
     def geometry(self) -> Geometry:
         return Geometry(nr_frames=self.frames, max_mms=6, max_vmas=32, max_anon_vmas=32, max_tasks=6,
@@ -209,6 +221,28 @@ def _mix_contexts(w: World) -> list[Context]:
             Context("b:write", lambda k: w.access(k, w.task_mm(b), addr, 1, True, 0x22), task=b)]
 
 
+# -- found in today's kernel: a fork while a KSM zero pte is broken (docs/bugs/zero-pages-fork.md) -----
+def _zero_fork_setup(w: World, k: Kernel) -> None:
+    _knobs(k, sleep_millisecs=0, pages_to_scan=16, use_zero_pages=1)
+    t = w.new_task(k, "z")
+    a = w.mmap(k, t, 2, RW, ANON)
+    w.write_pages(k, t, a, [0, 0])
+    w.madvise(k, t, a, 2, MADV_MERGEABLE)
+    w.addrs["z"] = a
+    _knobs(k, run=1)
+    w.ksmd_passes(k, 2)
+    _knobs(k, run=0)
+    if int(k.ksm["ksm_zero_pages"]) != 2:
+        raise RuntimeError(f"set-up of zero-pages-fork: ksm_zero_pages {int(k.ksm['ksm_zero_pages'])}, expected 2")
+
+
+def _zero_fork_contexts(w: World) -> list[Context]:
+    z = w.tasks["z"]
+    addr = w.addrs["z"]
+    return [Context("z:fork", lambda k: w.fork(k, z) and None, task=z),
+            Context("z:write", lambda k: w.access(k, w.task_mm(z), addr, 1, True, 0x5A), task=z)]
+
+
 SCENARIOS: dict[str, SimScenario] = {s.name: s for s in (
     SimScenario("mmput-race", "mmput-race",
                 "seed 003: the owner of a registered mm with no rmap_items exits while ksmd walks it",
@@ -237,6 +271,10 @@ SCENARIOS: dict[str, SimScenario] = {s.name: s for s in (
     SimScenario("stale-stable-nodes-old-nodes", "stale-stable-nodes:old-nodes",
                 "seed 002 cause 1: run=2 leaves the stable node of a swap-cached KSM page",
                 _swapcache_setup, _old_nodes_contexts, swap_slots=16),
+    SimScenario("zero-pages-fork", "",
+                "found in today's kernel: a thread breaks a KSM zero pte while another forks",
+                _zero_fork_setup, _zero_fork_contexts,
+                finding="ksm: ksm_zero_pages mismatch", fix="fix:zero-pages-fork"),
 )}
 
 # The variant each race-lab bug name selects in `ksmlab sim NAME --variant NAME`.
