@@ -212,31 +212,55 @@ def access_user(k: Kernel, mm: int, addr: int, length: int, write: bool,
     if force and write:
         flags |= FAULT_FLAG_UNSHARE
     end = addr + length
-    while done < length:
-        s = src if isinstance(src, int) or src is None else src[done:]
-        d = None if dst is None else dst[done:]
-        n, fault_addr = user_access(k, mm, addr + done, length - done, write, s, d, force)
-        done += n
-        if progress is not None:
-            progress(done)
-        if fault_addr < 0:
-            break
-        page = fault_addr & _PAGE_MASK
-        npages = min(MAX_FAULT_AROUND, (end - page + PAGE_SIZE - 1) // PAGE_SIZE)
-        if not write:
-            _fault_in(k, fault, fault_addr, npages, flags, None, progress, done)
-            continue
-        # The rest of the store that falls into the pages being faulted goes along.
-        upto = min(end, page + npages * PAGE_SIZE)
-        if isinstance(src, int):
-            store = Store(fault_addr, upto - fault_addr, fill=src)
-        else:
-            off = fault_addr - addr
-            store = Store(fault_addr, upto - fault_addr, data=src[off:off + upto - fault_addr])
-        done += _fault_in(k, fault, fault_addr, npages, flags, store, progress, done)
-        if progress is not None:
-            progress(done)
+    last_trap = -1
+    try:
+        while done < length:
+            s = src if isinstance(src, int) or src is None else src[done:]
+            d = None if dst is None else dst[done:]
+            n, fault_addr = user_access(k, mm, addr + done, length - done, write, s, d, force)
+            done += n
+            if progress is not None:
+                progress(done)
+            if fault_addr < 0:
+                break
+            done += _trap(k, fault, addr, end, fault_addr, flags, write, src, progress, done,
+                          again=fault_addr == last_trap)
+            last_trap = fault_addr
+    finally:
+        k.progress()
     return None if dst is None else dst.tobytes()
+
+
+def _trap(k: Kernel, fault: FaultFn, addr: int, end: int, fault_addr: int, flags: int, write: bool,
+          src: np.ndarray | int | None, progress: Callable[[int], None] | None, done: int,
+          again: bool) -> int:
+    """Serve one trap of access_user(); returns the bytes of the store it completed.
+
+    again: the same address trapped twice with nothing copied in between. A load is copied
+    only after its whole fault-around batch is in, so under reclaim the trapping page can be
+    gone again by then, every time (a livelock the kernel cannot have: it maps one anonymous
+    page per trap and the instruction retries at once). So a repeated trap faults that one
+    page, and each repeat is a cond_resched() the no-progress watchdog sees."""
+    page = fault_addr & _PAGE_MASK
+    npages = min(MAX_FAULT_AROUND, (end - page + PAGE_SIZE - 1) // PAGE_SIZE)
+    if again:
+        k.cond_resched("access_user")
+        npages = 1
+    else:
+        k.progress()
+    if not write:
+        return _fault_in(k, fault, fault_addr, npages, flags, None, progress, done)
+    # The rest of the store that falls into the pages being faulted goes along.
+    upto = min(end, page + npages * PAGE_SIZE)
+    if isinstance(src, int):
+        store = Store(fault_addr, upto - fault_addr, fill=src)
+    else:
+        off = fault_addr - addr
+        store = Store(fault_addr, upto - fault_addr, data=src[off:off + upto - fault_addr])
+    stored = _fault_in(k, fault, fault_addr, npages, flags, store, progress, done)
+    if progress is not None:
+        progress(done + stored)
+    return stored
 
 
 def mm_populate(k: Kernel, mm: int, start: int, length: int, write: bool,

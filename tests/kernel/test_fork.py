@@ -122,3 +122,17 @@ def test_exec_keeps_merge_any_and_registers_the_new_mm(kern):
     plain = new_task(k, "plain")
     pm = execops.do_execve(k, plain)
     assert not ksm_mm.mm_flags(k, pm) & (MMF_VM_MERGE_ANY | MMF_VM_MERGEABLE)
+
+
+def test_with_the_proposed_fix_the_child_counts_the_zero_ptes_it_was_given(kernel_factory):
+    """fix:zero-pages-fork counts the KSM zero ptes copy_pte_range copies, so a zero pte the
+    parent lost after the counter was read no longer leaves the child counting it
+    (docs/bugs/zero-pages-fork.md; the interleaving itself is tests/sim's zero-pages-fork)."""
+    h = kernel_factory(variants=("fix:zero-pages-fork",))
+    h.set("use_zero_pages", 1)
+    parent, _a = h.area([0, 0, 0x01])
+    h.full_scan(2)
+    child = h.fork(parent)
+    assert ksm_stat(h.k, child)["ksm_zero_pages"] == 2
+    assert h.counters("ksm_zero_pages")["ksm_zero_pages"] == 4
+    h.check()
