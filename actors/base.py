@@ -10,7 +10,6 @@
 # with id 0 are notifications and get no reply.
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import sys
@@ -24,31 +23,21 @@ from typing import Any
 import zmq
 
 from actors.kernel.context import Kernel, SchedPoints
+from actors.kernel.fork import pid_of_live_task
 from actors.kernel.schedule import PlanSpec, SchedPlan
 from actors.kernel.variants import Variants
 from actors.log import EventLog
 from actors.tracebuf import TraceBuffer
-from protocol import codec, endpoints
+from protocol import auth, codec, endpoints
 from protocol.codec import ProtocolError
 from shared_mem.arena import BadFree, UseAfterFree
 from shared_mem.layout import KernelMemory
 from shared_mem.locks import LockSpace
 
-PR_SET_PDEATHSIG = 1
-
 # Called, in order, when the actor gets SIGTERM, after it is marked stopping. A run that
 # records coverage installs one (actors/kcov.py): save the data now, whatever the actor
 # is blocked in (a deadlocked context never returns to its loop), and exit.
 SIGTERM_HOOKS: list[Callable[[], None]] = []
-
-
-def die_with_parent() -> None:
-    """prctl(PR_SET_PDEATHSIG, SIGKILL): never outlive the supervisor."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
 
 
 class KernelError(Exception):
@@ -87,6 +76,7 @@ class Actor:
         self.trace = TraceBuffer(self.ev.path[:-len(".jsonl")] + ".trace",
                                  lambda i, s: self.ev("trace_string", id=i, s=s), self.context_label)
         self.ev.on_flush = self.trace.flush
+        self.seal = auth.Seal.of_run(cfg["secret"])
         self.km = KernelMemory.attach(cfg["km"])
         self.locks = LockSpace.attach(cfg["locks"])
         self.km.set_locks(self.locks)
@@ -149,7 +139,7 @@ class Actor:
             socks = self.tls.dealers = {}
         s = socks.get(target)
         if s is None:
-            ident = f"{self.name}.{threading.get_ident() & 0xFFFFFF:x}".encode()
+            ident = auth.routing_id(self.name, f"{threading.get_ident() & 0xFFFFFF:x}")
             s = endpoints.connect_dealer(self.zctx, self.endpoint_of(target), ident)
             socks[target] = s
         return s
@@ -165,7 +155,7 @@ class Actor:
     def notify(self, target: str, mtype: str, **fields: Any) -> None:
         self.trace.record("msg_send", mtype, peer=target)
         try:
-            self._dealer(target).send(codec.encode(codec.request(mtype, 0, self.name, **fields)),
+            self._dealer(target).send(self.seal.encode(codec.request(mtype, 0, self.name, **fields)),
                                       zmq.NOBLOCK)
         except zmq.ZMQError as e:
             self.ev("notify_failed", target=target, type=mtype, error=str(e))
@@ -175,14 +165,14 @@ class Actor:
         s = self._dealer(target)
         rid = self.next_id()
         self.trace.record("msg_send", mtype, arg=rid, peer=target)
-        s.send(codec.encode(codec.request(mtype, rid, self.name, **fields)))
+        s.send(self.seal.encode(codec.request(mtype, rid, self.name, **fields)))
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.stopping:
                 raise KernelError("EINTR", "actor stopping")
             left = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             if s.poll(min(left, 200)):
-                msg = codec.decode(s.recv())
+                msg = self.seal.decode(s.recv())
                 if msg.get("id") != rid:
                     continue  # a late reply to an earlier, abandoned request
                 if not msg["ok"]:
@@ -281,7 +271,7 @@ class Actor:
             self.ev("reply_undeliverable", error=str(e))
 
     def _reply(self, peer: bytes, msg: dict) -> None:
-        data = codec.encode(msg)
+        data = self.seal.encode(msg)
         if threading.current_thread() is threading.main_thread():
             self._send_frames([peer, data])
         else:
@@ -299,10 +289,16 @@ class Actor:
             return
         peer, raw = frames
         try:
-            msg = codec.decode(raw)
+            msg = self.seal.decode(raw, peer)
         except ProtocolError as e:
             self.ev("bad_message", error=str(e), peer=peer.decode("latin-1"), size=len(raw))
-            self._reply(peer, codec.reply_err(e.envelope, self.name, e.errno, e.detail))
+            if e.name != "EACCES":          # a stranger gets no answer at all (protocol/auth.py)
+                self._reply(peer, codec.reply_err(e.envelope, self.name, e.errno, e.detail))
+            return
+        if not auth.own_task_ok(msg["src"], msg, lambda h: pid_of_live_task(self.km, h)):
+            self.ev("bad_message", error=f"EPERM: {msg['src']} named another task in {msg['type']}")
+            if msg["id"]:
+                self._reply(peer, codec.reply_err(msg, self.name, "EPERM", "not your task"))
             return
         mtype = msg["type"]
         self.trace.record("msg_recv", mtype, arg=int(msg.get("id") or 0), peer=str(msg.get("src", "")))

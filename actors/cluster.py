@@ -26,6 +26,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from actors import pdeath
 from actors.boot import boot_kernel
 from actors.kernel import fork as forkops
 from actors.kernel import sysfs
@@ -35,10 +36,10 @@ from actors.kernel.schedule import PlanSpec, check_points
 from actors.kernel.variants import Variants
 from actors.log import EventLog
 from actors.registry import KERNEL_ACTORS
-from protocol import codec, endpoints
+from protocol import auth, codec, endpoints
 from protocol.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from protocol.codec import ProtocolError
-from shared_mem.layout import Geometry
+from shared_mem.layout import Geometry, check_fits
 from shared_mem.locks import find_hung
 from shared_mem.segment import sweep_stale
 
@@ -94,9 +95,39 @@ class ClusterOptions:
         return Geometry(nr_frames=self.frames, nr_nodes=self.nodes, max_tasks=self.max_tasks,
                         max_mms=self.max_mms, va_pages=self.va_pages, nr_swap_slots=self.swap_slots)
 
+    def check(self) -> Geometry:
+        """Every option checked before anything is created: ValueError (EINVAL) for a value
+        no run can have, OSError(ENOMEM) for a machine this host cannot hold."""
+        geo = self.geometry()
+        for name in ("hung_task_timeout", "boot_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        if not self.oom_reaper_delay >= 0:
+            raise ValueError(f"oom_reaper_delay must not be negative, not {self.oom_reaper_delay!r}")
+        bad = {p: v for p, v in self.delays.items() if not 0 <= v < float("inf")}
+        if bad:
+            raise ValueError(f"delays must be finite and not negative: {bad}")
+        Variants(self.variants)
+        check_points(self.delays)
+        PlanSpec(seed=0, strategy=self.sched, depth=self.depth)
+        check_fits(geo)
+        return geo
+
 
 def _errno_of(reply: dict) -> int:
     return int(reply.get("errno") or errno_mod.EIO)
+
+
+_STATE_NAMES = {"T": "stopped (SIGSTOP)", "t": "stopped by a tracer", "Z": "dead (zombie)", "X": "dead", "?": "gone"}
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, D, T, Z, ...), "?" if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
 
 
 class _Peer:
@@ -104,18 +135,21 @@ class _Peer:
 
     def __init__(self, cluster: Cluster, name: str, ep: str) -> None:
         self.name = name
-        self.sock = endpoints.connect_dealer(cluster.zctx, ep, b"supervisor-api")
+        self.seal = cluster.seal
+        self.sock = endpoints.connect_dealer(cluster.zctx, ep, auth.routing_id("supervisor", "api"))
         self.pending: dict[int, asyncio.Future] = {}
+        self.sent: dict[int, tuple[str, int]] = {}     # request id -> (type, monotonic ns sent)
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _read(self) -> None:
         while True:
             data = await self.sock.recv()
             try:
-                msg = codec.decode(data)
+                msg = self.seal.decode(data)
             except ProtocolError:
                 continue
             fut = self.pending.pop(msg["id"], None)
+            self.sent.pop(msg["id"], None)
             if fut is not None and not fut.done():
                 fut.set_result(msg)
 
@@ -124,6 +158,7 @@ class _Peer:
             if not fut.done():
                 fut.set_exception(exc)
         self.pending.clear()
+        self.sent.clear()
 
     def close(self) -> None:
         self.reader.cancel()
@@ -219,11 +254,11 @@ class Cluster:
 
     def __init__(self, **options: Any) -> None:
         opts = ClusterOptions(**options)
+        opts.check()
         if opts.seed is None:
             opts.seed = secrets.randbelow(1 << 31)
         self.opts = opts
         self.variants = Variants(opts.variants)
-        check_points(opts.delays)
         self.plan = PlanSpec(seed=opts.seed, strategy=opts.sched, depth=opts.depth)
         self.run_id = secrets.token_hex(4)
         self.reports: list[dict] = []
@@ -262,6 +297,10 @@ class Cluster:
         self.run_dir = os.path.abspath(opts.run_dir)
         os.makedirs(self.run_dir, mode=0o700, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
+        with contextlib.suppress(FileNotFoundError):      # a reused run folder: a new secret
+            os.unlink(os.path.join(self.run_dir, auth.SECRET_FILE))
+        self.secret_path = auth.new_secret(self.run_dir)
+        self.seal = auth.Seal.of_run(self.secret_path)
         self.sock_dir = endpoints.socket_dir(self.run_dir, self.run_id)
         self.ev = EventLog(self.run_dir, "supervisor", self.run_id, opts.seed)
         try:
@@ -284,7 +323,7 @@ class Cluster:
             "run_id": self.run_id, "run_dir": self.run_dir, "seed": opts.seed,
             "sock_dir": self.sock_dir, "km": self.km.descriptor(), "locks": self.locks.descriptor(),
             "variants": self.variants.mask, "delays": opts.delays, "trace_locks": opts.trace_locks,
-            "shadow": opts.shadow, "endpoints": self.endpoints,
+            "shadow": opts.shadow, "endpoints": self.endpoints, "secret": self.secret_path,
             "oom_reaper_delay": opts.oom_reaper_delay,
             "sched": self.plan.describe(), "options": self.describe(),
             "coverage": os.path.abspath(opts.coverage) if opts.coverage else None,
@@ -320,6 +359,7 @@ class Cluster:
         errf = open(os.path.join(self.run_dir, "logs", f"{name}.stderr"), "ab")  # noqa: SIM115
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
+        env[pdeath.SUPERVISOR_PID_ENV] = str(os.getpid())
         # actors.kcov is actors.main recording coverage (only those processes load coverage.py)
         entry = "actors.kcov" if self.opts.coverage else "actors.main"
         p = subprocess.Popen(
@@ -348,7 +388,7 @@ class Cluster:
             self.ev("cluster_stop", reports=len(self.reports))
         for peer in list(self.peers.values()):
             with contextlib.suppress(Exception):
-                peer.sock.send(codec.encode(codec.request("shutdown", 0, "supervisor")), zmq.NOBLOCK)
+                peer.sock.send(self.seal.encode(codec.request("shutdown", 0, "supervisor")), zmq.NOBLOCK)
         for t in self.tasks.values():
             if not t.exited.done() and t.name in self.procs:
                 with contextlib.suppress(Exception):
@@ -412,10 +452,15 @@ class Cluster:
                 continue
             peer, raw = frames
             try:
-                msg = codec.decode(raw)
+                msg = self.seal.decode(raw, peer)
             except ProtocolError as e:
-                self.ev("bad_message", error=str(e))
-                await self._reply(peer, codec.reply_err(e.envelope, "supervisor", e.errno, e.detail))
+                self.ev("bad_message", error=str(e), peer=peer.decode("latin-1"))
+                if e.name != "EACCES":      # a stranger gets no answer at all
+                    await self._reply(peer, codec.reply_err(e.envelope, "supervisor", e.errno, e.detail))
+                continue
+            if not auth.own_task_ok(msg["src"], msg, lambda h: forkops.pid_of_live_task(self.km, h)):
+                self.ev("bad_message", error=f"EPERM: {msg['src']} named another task in {msg['type']}")
+                await self._reply(peer, codec.reply_err(msg, "supervisor", "EPERM", "not your task"))
                 continue
             mtype = msg["type"]
             if mtype == "ping":
@@ -441,7 +486,7 @@ class Cluster:
         # ROUTER_MANDATORY: a peer that went away raises EHOSTUNREACH; that must not end
         # _serve (the supervisor would stop hearing actor_ready, report, task_exited).
         try:
-            await self.router.send_multipart([peer, codec.encode(reply)])
+            await self.router.send_multipart([peer, self.seal.encode(reply)])
         except zmq.ZMQError as e:
             self.ev("reply_undeliverable", peer=peer.decode("latin-1"), error=str(e))
 
@@ -516,7 +561,9 @@ class Cluster:
         while True:
             await asyncio.sleep(min(0.5, self.opts.hung_task_timeout / 4))
             try:
-                hung = find_hung(self.locks.contexts_snapshot(), threshold, time.monotonic_ns())
+                now = time.monotonic_ns()
+                hung = (find_hung(self.locks.contexts_snapshot(), threshold, now)
+                        or self._unanswered(2 * threshold, now))
                 # The counter tracks of a trace (ksmlab trace): KSM counters and free frames.
                 c = self.ksm_counters()
                 self.ev("ksm_counters", free_frames=self.nr_free_frames(),
@@ -529,6 +576,27 @@ class Cluster:
                     self._add_report(rep)
                 await self._crash(hung[0]["title"])
                 return
+
+    def _unanswered(self, threshold_ns: int, now: int) -> list[dict]:
+        """A request of the supervisor's that got no reply for threshold_ns: an actor that
+        stopped answering without waiting on a lock (stopped, spinning, lost a message),
+        which the lock watchdog cannot see. Twice the hung-task timeout, so that a lock
+        wait behind the request, the more precise report, comes first. The report names
+        every actor process that is stopped or dead."""
+        late = [(now - t0, peer.name, mtype, rid) for peer in self.peers.values()
+                for rid, (mtype, t0) in list(peer.sent.items()) if now - t0 > threshold_ns]
+        if not late or self.stopped:
+            return []
+        waited, actor, mtype, rid = max(late)
+        secs = int(self.opts.hung_task_timeout * 2)
+        title = f"INFO: task supervisor blocked for more than {secs} seconds."
+        lines = [title, f"      no reply from {actor} to {mtype} (request {rid}) for {waited / 1e9:.1f} s"]
+        states = {name: proc_state(p.pid) for name, p in self.procs.items()}
+        odd = {n: st for n, st in states.items() if st not in ("R", "S", "D")}
+        lines += [f"      {n} (pid {self.procs[n].pid}) is {_STATE_NAMES.get(st, st)}" for n, st in sorted(odd.items())]
+        return [{"kind": "hung_task", "title": title, "text": "\n".join(lines),
+                 "data": {"actor": "supervisor", "waiting_for": actor, "request": mtype, "id": rid,
+                          "blocked_ns": waited, "states": states}}]
 
     async def _crash(self, why: str) -> None:
         if self.crashed is not None:
@@ -571,12 +639,17 @@ class Cluster:
         rid = next(_ids)
         fut = asyncio.get_running_loop().create_future()
         peer.pending[rid] = fut
+        peer.sent[rid] = (mtype, time.monotonic_ns())
         try:
-            await peer.sock.send(codec.encode(codec.request(mtype, rid, "supervisor", **fields)))
+            await peer.sock.send(self.seal.encode(codec.request(mtype, rid, "supervisor", **fields)))
         except zmq.ZMQError as e:   # the peer went away meanwhile
             peer.pending.pop(rid, None)
+            peer.sent.pop(rid, None)
             raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: {actor}: {e}") from None
-        msg = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+        try:
+            msg = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+        finally:
+            peer.sent.pop(rid, None)
         if not msg["ok"]:
             raise SyscallFailed(_errno_of(msg), msg.get("error", ""))
         return msg.get("result")

@@ -10,14 +10,18 @@
 # files is ksmlab/kcov.py's.
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from typing import Any
+from actors import pdeath
 
-import coverage
+pdeath.die_with_parent()   # before coverage.py and the actor layer load (actors/pdeath.py)
 
-from actors import base
-from actors.main import actor_main
+import os  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import coverage  # noqa: E402
+
+from actors import base  # noqa: E402
+from actors.main import actor_main  # noqa: E402
 
 ACTIVE: Any = None   # this process's Coverage while it records
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel")

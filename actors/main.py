@@ -5,14 +5,17 @@
 # through actors/kcov.py instead, which calls actor_main() with a recorder.
 from __future__ import annotations
 
-import json
-import os
-import sys
-from collections.abc import Callable
-from typing import Any
+from actors import pdeath
 
-from actors.base import die_with_parent
-from actors.registry import ROLES
+pdeath.die_with_parent()   # before the imports below load numpy and zmq (actors/pdeath.py)
+
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+from actors.registry import ROLES  # noqa: E402
 
 Recorder = Callable[[dict[str, Any], str], Callable[[], None] | None]
 
@@ -23,7 +26,6 @@ def actor_main(argv: list[str] | None = None, record: Recorder | None = None) ->
     record(cfg, name), when given, starts recording before the actor is built and
     returns what to call once it has closed (actors/kcov.py: save the coverage data).
     """
-    die_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     cfg_path, role, name = argv[0], argv[1], argv[2]
     extra = argv[3:] if len(argv) > 3 else []

@@ -181,7 +181,7 @@ class Task(Actor):
         return _syscall(syscalls.sys_munlockall, self.k, self.mm)
 
     def _on_fork(self, m: dict) -> dict:
-        child = forkops.copy_process(self.k, self.task)
+        child = _syscall(forkops.copy_process, self.k, self.task)
         pid = forkops.task_pid_nr(self.k, child, "fork")
         self.shadow.save(shadow_path(self.cfg["run_dir"], pid))   # before the child starts
         self.call("supervisor", "spawn_task", task=child, parent=self.task, name=f"task-{pid}")

@@ -6,25 +6,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
+import signal
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import Any
 
-from actors.kernel.schedule import STRATEGIES, PlanSpec, UnknownPoint, check_points
-from actors.kernel.variants import Variants
+from actors.cluster import ClusterOptions
+from actors.kernel.schedule import STRATEGIES
 from ksmlab import kcov, live, logview, stress, trace
 from ksmlab.scenario import builtin_scenarios, load_scenario, run_scenario
 from ksmlab.sim import command as sim_command
 from shared_mem.segment import sweep_stale
 
+_CLUSTER_FIELDS = frozenset(f.name for f in fields(ClusterOptions))
+_TEARDOWN_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
 
 def _delay(s: str) -> tuple[str, float]:
     name, _, ms = s.partition("=")
-    if not name or not ms:
-        raise argparse.ArgumentTypeError("expected NAME=MS")
-    return name, float(ms) / 1000.0
+    try:
+        value = float(ms)
+    except ValueError:
+        value = -1.0
+    if not name or not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected POINT=MS with MS a number >= 0, not {s!r}")
+    return name, value / 1000.0
 
 
 def _run_options(a: argparse.Namespace) -> dict[str, Any]:
@@ -50,15 +59,14 @@ def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], qui
     """Run one scenario with these options; print the summary or the JSON; exit status."""
     try:
         spec = load_scenario(scenario)
-        check_points(opts.get("delays") or {})
-        Variants(opts.get("variants") or ())
-        PlanSpec(seed=0, strategy=opts.get("sched") or "pct",
-                 depth=3 if opts.get("depth") is None else opts["depth"])
-    except UnknownPoint as e:
-        print(f"ksmlab: {e}", file=sys.stderr)
-        return 2
+        # The options as the cluster will take them, checked before anything is created.
+        merged = {k: v for k, v in {**spec.options, **opts}.items() if v is not None and k in _CLUSTER_FIELDS}
+        ClusterOptions(**merged).check()
     except (KeyError, ValueError) as e:
         print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"ksmlab: {errno.errorcode.get(e.errno or 0, 'error')}: {e.strerror or e}", file=sys.stderr)
         return 2
     where = os.path.abspath(scenario) if os.path.exists(scenario) else scenario
     opts = {**opts, "scenario": {"name": where, "args": args}}
@@ -66,13 +74,22 @@ def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], qui
     log = (lambda s: None) if quiet else console.line
     peak: dict = {}
 
+    got: list[int] = []
+
     async def main() -> dict:
         booted: list = []
         task = asyncio.create_task(run_scenario(spec, log=log, args=args, on_boot=booted.append, **opts))
         status = None if quiet else asyncio.create_task(live.status_loop(booted, console, peak))
+        loop = asyncio.get_running_loop()
+        # SIGTERM and SIGHUP end a run as Ctrl-C does: the scenario is cancelled and the
+        # cluster torn down (processes, segments, sockets), not killed where it stands.
+        for sig in _TEARDOWN_SIGNALS:
+            loop.add_signal_handler(sig, lambda s=sig: (got.append(s), task.cancel()))
         try:
             return await task
         finally:
+            for sig in _TEARDOWN_SIGNALS:
+                loop.remove_signal_handler(sig)
             if status is not None:
                 status.cancel()
             console.done()
@@ -82,6 +99,11 @@ def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], qui
     except KeyboardInterrupt:
         print("ksmlab: interrupted; the run was torn down", file=sys.stderr)
         return 130
+    except asyncio.CancelledError:
+        if not got:
+            raise
+        print(f"ksmlab: {signal.Signals(got[0]).name}; the run was torn down", file=sys.stderr)
+        return 128 + got[0]
     if quiet:
         print(json.dumps(res, default=str))
     else:
@@ -92,11 +114,19 @@ def run_and_print(scenario: str, opts: dict[str, Any], args: dict[str, str], qui
 
 
 def _scenario_args(pairs: list[str]) -> dict[str, str]:
-    return dict(kv.split("=", 1) for kv in pairs if "=" in kv)
+    bad = [kv for kv in pairs if not kv.partition("=")[0] or "=" not in kv]
+    if bad:
+        raise ValueError(f"--arg takes KEY=VALUE, not {', '.join(map(repr, bad))}")
+    return dict(kv.split("=", 1) for kv in pairs)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    return run_and_print(a.scenario, _run_options(a), _scenario_args(a.arg), a.json)
+    try:
+        args = _scenario_args(a.arg)
+    except ValueError as e:
+        print(f"ksmlab: {e}", file=sys.stderr)
+        return 2
+    return run_and_print(a.scenario, _run_options(a), args, a.json)
 
 
 def cmd_replay(a: argparse.Namespace) -> int:
@@ -227,10 +257,13 @@ def cmd_ctl(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep(a: argparse.Namespace) -> int:
-    removed = sweep_stale(dry_run=a.dry_run)
-    removed += live.sweep_socket_dirs(dry_run=a.dry_run)
+    skipped: list[str] = []
+    removed = sweep_stale(dry_run=a.dry_run, skipped=skipped)
+    removed += live.sweep_socket_dirs(dry_run=a.dry_run, skipped=skipped)
     for name in removed:
         print(("would remove " if a.dry_run else "removed ") + name)
+    for why in skipped:
+        print(f"ksmlab: sweep: left alone {why}", file=sys.stderr)
     return 0
 
 

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from actors.kernel import sysfs
-from protocol import codec, endpoints
+from protocol import auth, codec, endpoints
 from shared_mem.layout import KernelMemory
-from shared_mem.segment import list_segments, pid_alive
+from shared_mem.segment import list_segments, owned_by_us, pid_alive
 
 
 class NoRun(Exception):
@@ -71,11 +71,12 @@ def sysfs_files(km: KernelMemory) -> dict[str, str]:
 def sysfs_write(cfg: dict, knob: str, value: str, timeout: float = 60.0) -> str:
     ctx = endpoints.make_context()
     try:
-        s = endpoints.connect_dealer(ctx, cfg["endpoints"]["ctl"], f"cli-{os.getpid()}".encode())
-        s.send(codec.encode(codec.request("sysfs_write", 1, "cli", knob=knob, value=str(value))))
+        seal = auth.Seal.of_run(cfg["secret"])
+        s = endpoints.connect_dealer(ctx, cfg["endpoints"]["ctl"], auth.routing_id("cli", str(os.getpid())))
+        s.send(seal.encode(codec.request("sysfs_write", 1, "cli", knob=knob, value=str(value))))
         if not s.poll(int(timeout * 1000)):
             raise TimeoutError("the ctl actor did not answer")
-        msg = codec.decode(s.recv())
+        msg = seal.decode(s.recv())
         return codec.unwrap_reply(msg)["value"]
     finally:
         ctx.destroy(linger=0)
@@ -146,7 +147,7 @@ async def status_loop(booted: list, console: Console | None = None, peak: dict |
 _RUN_ID = re.compile(r"^[0-9a-f]{8}$")
 
 
-def sweep_socket_dirs(dry_run: bool = False) -> list[str]:
+def sweep_socket_dirs(dry_run: bool = False, skipped: list[str] | None = None) -> list[str]:
     """Socket folders /tmp/ksmlab-<run id> of runs that have no segments left.
 
     Only folders named with a run id (8 hex digits) are considered, and only their
@@ -157,6 +158,10 @@ def sweep_socket_dirs(dry_run: bool = False) -> list[str]:
     for d in glob.glob(endpoints.FALLBACK_PREFIX + "*"):
         rid = d[len(endpoints.FALLBACK_PREFIX):]
         if not _RUN_ID.match(rid) or not os.path.isdir(d) or os.path.islink(d) or list_segments(rid):
+            continue
+        if not owned_by_us(d):
+            if skipped is not None:
+                skipped.append(f"{d}: owned by uid {os.lstat(d).st_uid}, not by us")
             continue
         if not dry_run:
             endpoints.cleanup(d)

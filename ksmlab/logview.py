@@ -133,6 +133,14 @@ class Timeline:
             since = max(since or 0, self.window_start(rep, ts))
         want_locks = a.locks or a.lock or a.around is not None
         out = [e for e in self.events if self._keep(e, a, since, until, ctxs)]
+        if a.around is not None:
+            # The report itself closes the window, even when its reporter (the supervisor's
+            # watchdog, for a hung task) is none of the contexts it is about.
+            rep_ev = next((e for e in self.events if e.get("event") == "report"
+                           and e.get("title") == rep.get("title")), None)
+            if rep_ev is not None and all(e is not rep_ev for e in out):
+                out.append(rep_ev)
+                out.sort(key=lambda e: (e.get("ts_ns", 0), e.get("pid", 0), e.get("seq", 0)))
         if want_locks and len(self.trace):
             out += self.trace.to_events(self._trace_rows(a, since, until, ctxs))
             out.sort(key=lambda e: (e.get("ts_ns", 0), e.get("pid", 0), e.get("seq", 0)))

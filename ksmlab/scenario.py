@@ -101,7 +101,12 @@ def load_scenario(name_or_path: str) -> ScenarioSpec:
         if spec is None or spec.loader is None:
             raise ValueError(f"cannot load scenario file {name_or_path}")
         mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        try:
+            spec.loader.exec_module(mod)
+        except SyntaxError as e:
+            raise ValueError(f"scenario file {name_or_path}:{e.lineno}: {e.msg}") from e
+        except Exception as e:     # the file's own code failed while loading
+            raise ValueError(f"scenario file {name_or_path}: {type(e).__name__}: {e}") from e
         return _from_module(mod)
     found = builtin_scenarios()
     if name_or_path not in found:

@@ -100,6 +100,36 @@ MESSAGES: dict[str, dict[str, Any]] = {
 }
 # fmt: on
 
+# Who may send each type, by role (protocol/auth.py): "task" is every task-PID actor, "cli"
+# the command line's ctl/stat against a live run. A kernel context that allocates memory
+# may end in reclaim or the OOM killer, and any actor may report or wake ksmd. The
+# supervisor, which boots the machine and drives it for the tests, may send anything.
+_KERNEL = ("supervisor", "task", "fault", "exit", "oom", "kswapd", "ksmd", "ctl")
+_ANY = (*_KERNEL, "cli")
+_SYSCALLS = ("mmap", "munmap", "mprotect", "madvise", "prctl", "memset", "write", "read", "fork",
+             "execve", "mlockall", "munlockall", "exit", "verify", "ksm_stat", "pagemap")
+SENDERS: dict[str, frozenset[str]] = {t: frozenset({"supervisor", *roles}) for t, roles in {
+    "ping": _ANY,
+    "shutdown": ("supervisor",),
+    "reply": _ANY,
+    **{t: ("supervisor",) for t in _SYSCALLS},      # the user program drives its task
+    "signal": ("supervisor", "oom"),                # kill(2), and the OOM killer's SIGKILL
+    "fault": ("task",),
+    "do_exit": ("task", "supervisor"),
+    "out_of_memory": _KERNEL,
+    "wakeup": _KERNEL,
+    "reclaim": _KERNEL,
+    "sysfs_write": ("supervisor", "cli", "task"),
+    "sysfs_read": ("supervisor", "cli", "task"),
+    "actor_ready": _KERNEL,
+    "report": _KERNEL,
+    "spawn_task": ("task",),
+    "task_exited": ("exit", "oom", "supervisor"),
+}.items()}
+# From a task, these fields must name the sending task itself (a task exits itself, and
+# faults and forks as itself).
+OWN_TASK: dict[str, str] = {"do_exit": "task", "fault": "task", "spawn_task": "parent"}
+
 
 # ----------------------------------------------------------------------------------------------
 # Compiled form (what the codec uses)

@@ -204,6 +204,17 @@ class Arena:
         i = h & 0xFFFFFFFF
         return h > 0 and i < self.capacity and self._gq[i * self._gw] == h >> 32
 
+    def peek(self, h: int, field: str) -> int | None:
+        """One field of the record h names, or None if h is stale: for observers outside
+        the kernel paths (debug checks, the watchdog) reading records another process may
+        free at any moment. The generation is checked before and after the read, as a
+        seqlock reader does, so a value from a record freed meanwhile is never returned
+        and a stale handle is never a use-after-free report."""
+        if not self.valid(h):
+            return None
+        v = int(self.rec[field][h & 0xFFFFFFFF])
+        return v if self.valid(h) else None
+
     def live_indices(self) -> np.ndarray:
         return np.flatnonzero(self.gen & 1)
 

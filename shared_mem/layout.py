@@ -9,14 +9,16 @@
 # PTRS_PER_PTE int64 ptes, so exit_mmap's free_pgtables really frees something.
 from __future__ import annotations
 
+import errno
 import gc
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from shared_mem.arena import PROVENANCE, Arena
-from shared_mem.segment import Segment, segment_name
+from shared_mem.segment import SHM_DIR, Segment, segment_name
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -107,8 +109,12 @@ class Geometry:
             raise ValueError("nr_frames must be >= 16")
         if not 1 <= self.nr_nodes <= MAX_NUMNODES:
             raise ValueError(f"nr_nodes must be in 1..{MAX_NUMNODES}")
-        if self.va_pages % PTRS_PER_PTE:
-            raise ValueError("va_pages must be a multiple of 512")
+        if self.va_pages % PTRS_PER_PTE or self.va_pages < PTRS_PER_PTE:
+            raise ValueError("va_pages must be a positive multiple of 512")
+        if self.max_tasks < 1 or self.max_mms < 1:
+            raise ValueError("max_tasks and max_mms must be at least 1")
+        if self.nr_swap_slots < 0:
+            raise ValueError("nr_swap_slots must not be negative")
         if not self.max_ptables:
             self.max_ptables = min(self.max_mms * (self.va_pages // PTRS_PER_PTE),
                                    2 * (self.nr_frames // PTRS_PER_PTE + 1) * 8 + 4 * self.max_mms)
@@ -264,6 +270,41 @@ def _meta_dtype() -> np.dtype:
     return np.dtype(PROVENANCE)
 
 
+# What a run costs besides its segments: the kernel actors' processes, about 35 MiB each
+# (bench/bench_capacity.py), with room for a few tasks.
+PROCESS_OVERHEAD = 12 * (40 << 20)
+
+
+def shared_bytes(geo: Geometry) -> int:
+    """The bytes of shared memory a run of this geometry maps: records, frames, swap."""
+    return _plan(geo).off + (geo.nr_frames + geo.nr_swap_slots) * PAGE_SIZE
+
+
+def _mem_available(meminfo: str) -> int:
+    with open(meminfo, encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise OSError(errno.ENOENT, f"{meminfo} has no MemAvailable line")
+
+
+def check_fits(geo: Geometry, shm_dir: str = SHM_DIR, meminfo: str = "/proc/meminfo") -> None:
+    """Refuse up front (ENOMEM) a machine this machine cannot hold: the segments are sparse
+    files, so a too large one would boot and fail only once its frames are touched, with
+    the host swapping or its OOM killer choosing. Every frame is counted as if used."""
+    need = shared_bytes(geo)
+    st = os.statvfs(shm_dir)
+    shm_free = st.f_bavail * st.f_frsize
+    if need > shm_free:
+        raise OSError(errno.ENOMEM, f"{geo.nr_frames} frames and {geo.nr_swap_slots} swap slots need "
+                      f"{need / 2**30:.2f} GiB of {shm_dir}, which has {shm_free / 2**30:.2f} GiB free")
+    avail = _mem_available(meminfo)
+    if need + PROCESS_OVERHEAD > avail:
+        raise OSError(errno.ENOMEM, f"{geo.nr_frames} frames and {geo.nr_swap_slots} swap slots need "
+                      f"{(need + PROCESS_OVERHEAD) / 2**30:.2f} GiB of memory with the actors' processes; "
+                      f"{avail / 2**30:.2f} GiB is available")
+
+
 def _plan(geo: Geometry) -> _Carver:
     c = _Carver()
     c.add("ksm", KSM_DT, (1,))
@@ -301,6 +342,7 @@ class KernelMemory:
     # -- lifetime ----------------------------------------------------------------------
     @classmethod
     def create(cls, geo: Geometry, run_id: str) -> KernelMemory:
+        check_fits(geo)
         km = cls(geo, run_id, owner=True)
         plan = _plan(geo)
         try:

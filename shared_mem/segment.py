@@ -87,11 +87,22 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale(run_id: str | None = None, dry_run: bool = False) -> list[str]:
+def owned_by_us(path: str) -> bool:
+    """Is path (not followed if a link) ours? Sweeps leave anything else alone."""
+    try:
+        return os.lstat(path).st_uid == os.geteuid()
+    except FileNotFoundError:
+        return False
+
+
+def sweep_stale(run_id: str | None = None, dry_run: bool = False,
+                skipped: list[str] | None = None) -> list[str]:
     """Remove segments whose supervisor is dead (or all of one run id).
 
     Returns the names removed. A live supervisor's segments are never touched
-    unless its run id is named explicitly.
+    unless its run id is named explicitly, and neither is a file another user owns,
+    even one named like ours (root could remove it; a sweep must not): its name goes
+    to `skipped`, with the reason.
     """
     removed = []
     try:
@@ -104,9 +115,20 @@ def sweep_stale(run_id: str | None = None, dry_run: bool = False) -> list[str]:
             continue
         pid, rid = int(m.group(1)), m.group(2)
         if (run_id is not None and rid == run_id) or (run_id is None and not pid_alive(pid)):
+            path = os.path.join(SHM_DIR, name)
+            if not owned_by_us(path):
+                if skipped is not None and os.path.lexists(path):
+                    skipped.append(f"{path}: owned by uid {os.lstat(path).st_uid}, not by us")
+                continue
             if not dry_run:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(SHM_DIR, name))
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                except PermissionError as e:
+                    if skipped is not None:
+                        skipped.append(f"{path}: {e.strerror}")
+                    continue
             removed.append(name)
     return removed
 

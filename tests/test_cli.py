@@ -274,3 +274,107 @@ def test_stat_and_ctl_without_a_live_run_fail(tmp_path):
     for args in (["stat"], ["ctl", "get", "run"], ["ctl", "set", "run", "1"]):
         r = ksmlab(*args, "--run", str(tmp_path), cwd=tmp_path)
         assert r.returncode == 2 and "no running cluster" in r.stderr, (args, r.stderr)
+
+
+BAD_RUNS = [
+    (["--frames", "0"], "nr_frames must be >= 16"),
+    (["--nodes", "0"], "nr_nodes must be in 1..8"),
+    (["--variant", "nosuch"], "unknown variant 'nosuch'"),
+    (["--arg", "noequals"], "--arg takes KEY=VALUE"),
+    (["--arg", "=5"], "--arg takes KEY=VALUE"),
+    (["--delay-at", "scan_get_next_rmap_item.before_spin_unlock=-1"], "MS a number >= 0"),
+    (["--delay-at", "scan_get_next_rmap_item.before_spin_unlock=soon"], "MS a number >= 0"),
+    (["--delay-at", "nosuch=1"], "unknown schedule point"),
+    (["--frames", str(10**12)], "ENOMEM:"),
+    (["--depth", "0"], "depth"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra,message", BAD_RUNS, ids=[" ".join(e) for e, _m in BAD_RUNS])
+def test_bad_run_options_exit_2_before_anything_is_created(tmp_path, extra, message):
+    """Each is refused with the reason and exit 2, with no traceback, no run folder and no
+    segment: the check comes before the boot (issue 11, "Command line" and "Limits")."""
+    p = subprocess.Popen([sys.executable, "-m", "ksmlab.cli", "run", "default", "--run-dir",
+                          str(tmp_path / "run"), *extra], cwd=tmp_path, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2, (p.returncode, out[-500:], err[-500:])
+    assert message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+    assert not [s for s in list_segments() if s.startswith(f"ksmlab_{p.pid}_")]
+
+
+@pytest.mark.timeout(30)
+def test_a_scenario_file_that_does_not_compile_exits_2_with_its_line(tmp_path):
+    bad = tmp_path / "broken.py"
+    bad.write_text("async def scenario(c, ctx):\n    return (\n")
+    r = ksmlab("run", str(bad), cwd=tmp_path)
+    assert r.returncode == 2 and f"scenario file {bad}:" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_tear_the_run_down_like_ctrl_c(tmp_path, sig):
+    """A run told to stop by SIGTERM (kill, systemd, a CI timeout) or SIGHUP (the terminal
+    went away) ends as Ctrl-C does: a message, reports.json, and no process, segment or
+    socket left (issue 11, "Not every hang ends")."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "KSMLAB_IDLE_SECONDS": "120"}
+    p = subprocess.Popen([sys.executable, "-m", "ksmlab.cli", "run", "idle", "--json",
+                          "--run-dir", str(run_dir)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    with run_guard(run_dir):
+        try:
+            deadline = time.monotonic() + 45
+            while not (run_dir / "cluster.json").exists():
+                assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.poll() else ""
+                time.sleep(0.1)
+            run_id = json.loads((run_dir / "cluster.json").read_text())["run_id"]
+            while not list(run_dir.glob("logs/task-*.jsonl")):      # the scenario is running
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            p.send_signal(sig)
+            err = p.communicate(timeout=40)[1]
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+        assert p.returncode == 128 + sig, err[-2000:]
+        assert f"{signal.Signals(sig).name}; the run was torn down" in err
+        assert (run_dir / "reports.json").exists()
+        assert list_segments(run_id) == []
+        assert _actor_procs(str(run_dir / "cluster.json")) == []
+        assert not [f for f in run_dir.rglob("*") if f.is_socket()]
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.skipif(os.geteuid() != 0, reason="planting another user's files needs root (chown)")
+def test_sweep_leaves_another_users_files_alone_with_a_warning(tmp_path):
+    """A segment and a socket folder named like a dead run's but owned by someone else:
+    sweep (and every run's boot, which sweeps) must neither fail on them nor remove them."""
+    rid = "deadbeef"
+    seg = f"/dev/shm/ksmlab_{_dead_pid()}_{rid}_kernel"
+    sock = "/tmp/ksmlab-deadbee0"      # another run id: one with no segment left
+    try:
+        Path(seg).write_bytes(b"x")
+        os.makedirs(sock, exist_ok=True)
+        for p in (seg, sock):
+            os.chown(p, 65534, 65534)
+        r = ksmlab("sweep", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert f"left alone {seg}: owned by uid 65534" in r.stderr
+        assert f"left alone {sock}: owned by uid 65534" in r.stderr
+        assert os.path.exists(seg) and os.path.isdir(sock)
+        assert seg.rsplit("/", 1)[1] not in r.stdout
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(seg)
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(sock)

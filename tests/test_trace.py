@@ -8,7 +8,6 @@
 # spans must show ksmd holding mmap_lock while the exit path frees the mm.
 from __future__ import annotations
 
-import argparse
 import asyncio
 import io
 import json
@@ -27,6 +26,7 @@ from ksmlab.scenario import load_scenario, run_scenario
 from ksmlab.sim.scenarios import SCENARIOS
 from ksmlab.sim.search import minimize, replay, search
 from ksmlab.sim.world import World
+from tests.helpers import log_args
 
 pytestmark = [pytest.mark.timeout(180)]
 
@@ -102,14 +102,6 @@ def test_trace_export_follows_the_format(run_dir, tmp_path):
     assert phases["b"] > 100 and phases["s"] > 0 and phases["C"] > 0 and phases["i"] > 0
     names = {e["args"]["name"] for e in doc["traceEvents"] if e["ph"] == "M" and e["name"] == "thread_name"}
     assert "ksmd" in names and any(n.startswith("fault:") for n in names)
-
-
-def log_args(**kw) -> argparse.Namespace:
-    base = {"run": None, "event": None, "actor": None, "pid": None, "mm": None, "pfn": None, "lock": None,
-            "since": None, "until": None, "around": None, "locks": False, "columns": False, "grep": None,
-            "json": False, "summary": False, "limit": 0}
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def test_log_prints_trace_cmd_lines_and_filters(run_dir, capsys):

@@ -414,8 +414,8 @@ def check_unmerged(k: Kernel) -> list[dict]:
         try:
             if (int(flags[pfn]) & (PG_KSM | PG_FREE)) != PG_KSM:
                 continue
-            live = [(mm, a, pte) for mm, a, pte in mappers_of(k, pfn)
-                    if km.mm.atomic("users").read(km.mm.idx(mm, "check_unmerged")) > 0]
+            # An mm may be freed by its exit while this looks (nothing here pins it).
+            live = [(mm, a, pte) for mm, a, pte in mappers_of(k, pfn) if (km.mm.peek(mm, "users") or 0) > 0]
             t = int(km.page["ksm_swpin_ns"][pfn])
         finally:
             lock.unlock()

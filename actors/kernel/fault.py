@@ -204,6 +204,9 @@ def access_user(k: Kernel, mm: int, addr: int, length: int, write: bool,
         progress(0)
     if length < 0:
         raise UserAccessError("EINVAL", "negative length")
+    if not mmops.access_ok(k, addr, length):
+        # Before any page table is indexed: a negative address must not wrap into one.
+        raise UserAccessError("EFAULT", f"[{addr:#x}, +{length:#x}) is outside the user address space")
     if fault is None:
         fault = _direct(k, mm)
     dst = None if write else np.empty(length, dtype=np.uint8)

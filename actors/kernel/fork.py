@@ -24,6 +24,8 @@ from actors.kernel import debug, ksm_mm, swap
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
 from actors.kernel.memory import is_ksm_zero_pte
+from actors.kernel.syscalls import SyscallError
+from shared_mem.arena import OutOfObjects
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     PAGE_SHIFT,
@@ -35,6 +37,7 @@ from shared_mem.layout import (
     TASK_RUNNING,
     VM_LOCKED,
     VM_SHARED,
+    KernelMemory,
 )
 
 TASK_COMM_LEN = 16
@@ -58,11 +61,22 @@ def task_pid_nr(k: Kernel, task: int, site: str = "task_pid_nr") -> int:
     return int(k.km.task.pid[k.km.task.idx(task, site)])
 
 
+def pid_of_live_task(km: KernelMemory, task: int) -> int | None:
+    """The pid in the task record `task` names, or None if it names no live task: for
+    handles that came from outside, which must not make a use-after-free report."""
+    return int(km.task.pid[km.task.idx(task, "pid_of_live_task")]) if km.task.valid(task) else None
+
+
 def copy_process(k: Kernel, parent: int) -> int:
-    """fork(): a copy of the parent task with a copy of its mm; returns the child's handle."""
+    """fork(): a copy of the parent task with a copy of its mm; returns the child's handle.
+    A full task table is EAGAIN (the kernel's max_threads), no mm record left ENOMEM; both
+    are refused before anything is changed."""
     t = k.km.task
     pi = t.idx(parent, "fork")
-    child = alloc_task(k, t.comm[pi], int(t.nid[pi]), parent)
+    try:
+        child = alloc_task(k, t.comm[pi], int(t.nid[pi]), parent)
+    except OutOfObjects:
+        raise SyscallError("EAGAIN", f"fork: task table full (max_tasks {k.km.geo.max_tasks})") from None
     ci = t.idx(child, "copy_process")
     t.oom_score_adj[ci] = t.oom_score_adj[pi]
     try:
@@ -89,7 +103,10 @@ def dup_mmap(k: Kernel, oldmm: int, owner: int) -> int:
     """Create the child's mm as a copy of oldmm; returns the new mm handle."""
     km = k.km
     oi = km.mm.idx(oldmm, "dup_mmap")
-    mm = mmops.mm_alloc(k, owner, int(km.mm.nid[oi]))
+    try:
+        mm = mmops.mm_alloc(k, owner, int(km.mm.nid[oi]))
+    except OutOfObjects:
+        raise SyscallError("ENOMEM", f"fork: no free mm_struct (max_mms {km.geo.max_mms})") from None
     mi = km.mm.idx(mm, "dup_mmap")
     # MMF_INIT_MASK: merge-any survives fork; the rest is per-mm.
     km.mm.flags[mi] = int(km.mm.flags[oi]) & MMF_VM_MERGE_ANY

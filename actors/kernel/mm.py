@@ -24,6 +24,17 @@ if TYPE_CHECKING:
     from actors.kernel.context import Kernel
 
 MMAP_MIN_ADDR = 0x10000
+
+
+def task_size(k: Kernel) -> int:
+    """TASK_SIZE: the top of every mm's user address space."""
+    return k.km.geo.va_pages * PAGE_SIZE
+
+
+def access_ok(k: Kernel, addr: int, length: int) -> bool:
+    """access_ok(): [addr, addr + length) lies inside the user address space. A negative
+    address is a huge unsigned one, so it is never inside."""
+    return addr >= 0 and length >= 0 and addr + length <= task_size(k)
 MMAP_BASE = 0x1000000
 
 

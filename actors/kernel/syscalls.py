@@ -74,10 +74,15 @@ def prot_to_vm(prot: int) -> int:
     return f
 
 
-def _check_range(addr: int, length: int) -> int:
+def _check_range(k: Kernel, addr: int, length: int, outside: str) -> int:
+    """The end of [addr, addr + length) page-aligned; EINVAL for a misaligned start or a
+    negative length, `outside` (the call's own errno) for a range past TASK_SIZE."""
     if addr & (PAGE_SIZE - 1) or length < 0:
         raise SyscallError("EINVAL", "address not page aligned or negative length")
-    return addr + _page_align(length)
+    end = addr + _page_align(length)
+    if not mmops.access_ok(k, addr, end - addr):
+        raise SyscallError(outside, f"[{addr:#x}, {end:#x}) is outside the user address space")
+    return end
 
 
 def sys_mmap(k: Kernel, mm: int, length: int, prot: int, flags: int, addr: int = 0, nid: int = -1) -> int:
@@ -130,7 +135,7 @@ def _munmap_locked(k: Kernel, mm: int, start: int, end: int) -> None:
 def sys_munmap(k: Kernel, mm: int, addr: int, length: int) -> int:
     if length <= 0:
         raise SyscallError("EINVAL", "length must be > 0")
-    end = _check_range(addr, length)
+    end = _check_range(k, addr, length, "EINVAL")   # do_vmi_munmap: start > TASK_SIZE - len
     lock = k.mmap_lock(mm, "sys_munmap")
     lock.down_write(site="sys_munmap")
     try:
@@ -142,7 +147,7 @@ def sys_munmap(k: Kernel, mm: int, addr: int, length: int) -> int:
 
 
 def sys_mprotect(k: Kernel, mm: int, addr: int, length: int, prot: int) -> int:
-    end = _check_range(addr, length)
+    end = _check_range(k, addr, length, "ENOMEM")   # no vma there
     if prot & ~(PROT_READ | PROT_WRITE | PROT_EXEC):
         raise SyscallError("EINVAL", "unknown prot bits")
     lock = k.mmap_lock(mm, "sys_mprotect")
@@ -176,11 +181,14 @@ _MADV_KNOWN = {MADV_NORMAL, MADV_DONTNEED, MADV_MERGEABLE, MADV_UNMERGEABLE, MAD
 def sys_madvise(k: Kernel, mm: int, addr: int, length: int, advice: int) -> int:
     if advice not in _MADV_KNOWN:
         raise SyscallError("EINVAL", f"advice {advice} not supported")
-    if addr & (PAGE_SIZE - 1) or length < 0:
-        raise SyscallError("EINVAL", "start not page aligned or negative length")
+    if addr & (PAGE_SIZE - 1) or length < 0 or addr < 0:
+        # A negative start is a huge unsigned one: start + len wraps (EINVAL).
+        raise SyscallError("EINVAL", "start not page aligned, negative, or negative length")
     end = addr + _page_align(length)
     if end == addr:
         return 0
+    if not mmops.access_ok(k, addr, end - addr):
+        raise SyscallError("ENOMEM", f"[{addr:#x}, {end:#x}) is outside the user address space")
     write = advice in (MADV_MERGEABLE, MADV_UNMERGEABLE, MADV_HUGEPAGE, MADV_NOHUGEPAGE)
     lock = k.mmap_lock(mm, "sys_madvise")
     lock.down_write(site="sys_madvise") if write else lock.down_read(site="sys_madvise")

@@ -5,6 +5,7 @@ import pytest
 
 from actors.log import read_events
 from ksmlab.scenario import load_scenario, run_scenario
+from tests.helpers import assert_around_shows
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -46,3 +47,4 @@ async def test_mmput_race_variant_is_a_use_after_free(tmp_path):
     assert rep["title"] == "BUG: KASAN: use-after-free in up_read"
     assert rep["data"]["cache"] == "mm" and rep["data"]["actor"] == "ksmd"
     assert rep["data"]["free"]["actor"].startswith("exit")
+    assert_around_shows(res["run_dir"], "KASAN: use-after-free in up_read", "ksmd", "exit")

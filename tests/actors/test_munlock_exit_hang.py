@@ -12,6 +12,7 @@ from actors.log import read_events
 from ksmlab.scenario import load_scenario, run_scenario
 from shared_mem.lockdep import find_hung
 from shared_mem.locks import MUTEX, LockSpace
+from tests.helpers import assert_around_shows
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -91,6 +92,7 @@ async def test_munlock_exit_hang_variant_is_a_hung_task_report(tmp_path):
     assert rep["data"]["trace"][:3] == ["__get_user_pages", "__mlock_vma_pages_range",
                                         "munlock_vma_pages_all"]
     assert rep["data"]["no_progress"]["retries"] > 0
+    assert_around_shows(res["run_dir"], "INFO: task exit", "exit")
     # Bounded: reported soon after the threshold, not at some far-off deadline.
     threshold = spec.options["hung_task_timeout"]
     assert rep["data"]["blocked_ns"] < (threshold + 3) * 1e9

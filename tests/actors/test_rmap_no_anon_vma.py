@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from ksmlab.scenario import load_scenario, run_scenario
+from tests.helpers import assert_around_shows
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(150)]
 
@@ -30,3 +31,4 @@ async def test_variant_walk_misses_the_forked_ptes_and_the_detector_says_so(tmp_
     assert bad, [r["title"] for r in res["reports"]]
     assert bad[0]["title"].startswith("BUG: Bad page map in process kswapd")
     assert "the rmap walk of this KSM page missed" in bad[0]["text"]
+    assert_around_shows(res["run_dir"], "Bad page map in process kswapd", "kswapd", "task-")

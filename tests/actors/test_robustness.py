@@ -22,6 +22,7 @@ from actors.cluster import ClusterCrashed
 from actors.registry import KERNEL_ACTORS
 from protocol import codec, endpoints
 from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
+from protocol.auth import Seal, routing_id
 from protocol.codec import ProtocolError
 from protocol.messages import VERSION, errno_name, errno_number
 from shared_mem.segment import list_segments, sweep_stale
@@ -29,9 +30,14 @@ from tests.helpers import wait_for
 
 # --- malformed messages -------------------------------------------------------------------------
 
+# The fuzzer is a member of the run gone bad: it seals what it sends with the run's secret
+# and speaks as the supervisor (which may send every type), so each malformed message gets
+# past protocol/auth.py to the codec and the handlers. Strangers are tests/actors/test_trust.py's.
+FUZZ_SRC = "supervisor"
+
 def _env(mtype: str, mid: int, **fields: Any) -> bytes:
     """A hand-packed message (the codec's encode would refuse the bad ones)."""
-    return msgpack.packb({"v": VERSION, "type": mtype, "id": mid, "src": "fuzz", **fields},
+    return msgpack.packb({"v": VERSION, "type": mtype, "id": mid, "src": FUZZ_SRC, **fields},
                          use_bin_type=True)
 
 
@@ -57,7 +63,7 @@ _GENERIC = ({"type": "signal"}, {"type": "signal", "sig": True})
 def _malformed(target: str, rng: random.Random) -> list[tuple[str, bytes, str, int]]:
     """(what, payload, errno name the codec gives it, id the error reply must carry)."""
     missing, boolint = _BAD_BODY.get(target.split("-")[0], _GENERIC)
-    ping = codec.encode(codec.request("ping", 5, "fuzz"))
+    ping = codec.encode(codec.request("ping", 5, FUZZ_SRC))
     return [
         ("random bytes", rng.randbytes(64), "EBADMSG", 0),
         ("truncated msgpack", ping[:-4], "EBADMSG", 0),
@@ -65,9 +71,9 @@ def _malformed(target: str, rng: random.Random) -> list[tuple[str, bytes, str, i
         ("msgpack list, not a map", msgpack.packb([1, "two", 3.0]), "EBADMSG", 0),
         ("msgpack int, not a map", msgpack.packb(7), "EBADMSG", 0),
         ("unknown message type", _env("frobnicate", 11), "EPROTO", 11),
-        ("wrong protocol version", msgpack.packb({"v": 99, "type": "ping", "id": 12, "src": "f"}),
+        ("wrong protocol version", msgpack.packb({"v": 99, "type": "ping", "id": 12, "src": FUZZ_SRC}),
          "EPROTO", 12),
-        ("id is a bool", msgpack.packb({"v": VERSION, "type": "ping", "id": True, "src": "f"}),
+        ("id is a bool", msgpack.packb({"v": VERSION, "type": "ping", "id": True, "src": FUZZ_SRC}),
          "EPROTO", 0),
         ("missing field", _env(missing["type"], 13, **{k: v for k, v in missing.items()
                                                      if k != "type"}), "EINVAL", 13),
@@ -80,12 +86,12 @@ def _malformed(target: str, rng: random.Random) -> list[tuple[str, bytes, str, i
     ]
 
 
-async def _recv_reply(sock: zmq.asyncio.Socket, who: str, what: str) -> dict:
+async def _recv_reply(sock: zmq.asyncio.Socket, who: str, what: str, seal: Seal) -> dict:
     try:
         data = await asyncio.wait_for(sock.recv(), 10)
     except TimeoutError:
         raise AssertionError(f"{who} gave no reply to {what}") from None
-    return codec.decode(data)
+    return seal.decode(data)
 
 
 def _send_and_vanish(c: Any, n: int = 3) -> None:
@@ -102,9 +108,9 @@ def _send_and_vanish(c: Any, n: int = 3) -> None:
     try:
         for i in range(n):
             gone_ctx = zmq.Context()
-            s = endpoints.connect_dealer(gone_ctx, c.endpoints["supervisor"], b"gone-%d" % i)
+            s = endpoints.connect_dealer(gone_ctx, c.endpoints["supervisor"], routing_id(FUZZ_SRC, f"gone{i}"))
             s.setsockopt(zmq.LINGER, 5000)
-            s.send(b"\xc1 garbage")
+            s.send(c.seal.seal_bytes(b"\xc1 garbage"))   # a member's garbage: it gets an error reply
             s.close()
             gone_ctx.term()  # returns once the message is flushed to the socket
             assert mon.poll(10_000), "the supervisor's ROUTER never saw the sender go"
@@ -138,26 +144,26 @@ async def test_malformed_messages_get_error_replies_and_every_actor_keeps_servin
     zctx = zmq.asyncio.Context()
     try:
         for name, ep in targets.items():
-            sock = endpoints.connect_dealer(zctx, ep, f"fuzz-{name}".encode())
+            sock = endpoints.connect_dealer(zctx, ep, routing_id(FUZZ_SRC, f"fuzz{name}"))
             try:
                 for what, payload, ename, rid in _malformed(name, rng):
                     if ename != "EOPNOTSUPP":  # the codec itself rejects it, with this errno
                         with pytest.raises(ProtocolError) as pe:
                             codec.decode(payload)
                         assert pe.value.name == ename, f"{what}: codec says {pe.value}"
-                    await sock.send(payload)
-                    r = await _recv_reply(sock, name, what)
+                    await sock.send(c.seal.seal_bytes(payload))
+                    r = await _recv_reply(sock, name, what, c.seal)
                     assert (r["type"], r["ok"], r["src"]) == ("reply", False, name), (name, what, r)
                     assert r["errno"] == errno_number(ename), f"{name} / {what}: {r}"
                     assert r["error"].startswith(errno_name(ename) + ":"), f"{name} / {what}: {r}"
                     assert r["id"] == rid, f"{name} / {what}: reply id {r['id']}"
                 # Three frames instead of one: the envelope cannot even be found.
                 await sock.send_multipart([b"one", b"two"])
-                r = await _recv_reply(sock, name, "two frames")
+                r = await _recv_reply(sock, name, "two frames", c.seal)
                 assert (r["ok"], r["errno"]) == (False, errno_number("EBADMSG")), (name, r)
                 # Still serving: a ping answers.
-                await sock.send(codec.encode(codec.request("ping", 99, "fuzz")))
-                r = await _recv_reply(sock, name, "ping")
+                await sock.send(c.seal.encode(codec.request("ping", 99, FUZZ_SRC)))
+                r = await _recv_reply(sock, name, "ping", c.seal)
                 assert (r["ok"], r["id"], r["result"]) == (True, 99, {"pong": name}), (name, r)
             finally:
                 sock.close(linger=0)

@@ -5,6 +5,7 @@ import pytest
 
 from actors.log import read_events
 from ksmlab.scenario import load_scenario, run_scenario
+from tests.helpers import assert_around_shows
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -42,6 +43,7 @@ async def test_variant_child_keeps_ksm_pages_after_unmerge(tmp_path):
     # The run=2 completion check (actors/kernel/debug.py) reports it by itself.
     titles = [r["title"] for r in res["reports"] if r["kind"] == "bad_page"]
     assert titles and "survives KSM_RUN_UNMERGE (mapped by task-" in titles[0], titles
+    assert_around_shows(res["run_dir"], "survives KSM_RUN_UNMERGE", "ctl", "task-")
 
 
 # -- causes 1 and 3: KSM pages in the swap cache under run=2 ------------------------------------------

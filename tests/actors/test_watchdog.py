@@ -1,9 +1,17 @@
-# The hung-task watchdog ends a deadlocked run with a kernel-style report (seed 000).
+# The hung-task watchdog ends a deadlocked run with a kernel-style report (seed 000), and
+# a run whose actor stops answering without holding a lock ends with one too.
 from __future__ import annotations
+
+import asyncio
+import os
+import signal
 
 import pytest
 
+from actors.cluster import ClusterCrashed
 from ksmlab.scenario import load_scenario, run_scenario
+from protocol.abi import PAGE_SIZE
+from tests.helpers import assert_around_shows
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
 
@@ -32,3 +40,27 @@ async def test_oom_deadlock_variant_is_reported_as_hung_task(tmp_path):
     text = hung[0]["text"]
     assert "blocked for more than" in text and "ksm_thread_mutex" in text
     assert hung[0]["title"].startswith("INFO: task exit")
+    assert_around_shows(res["run_dir"], "INFO: task exit", "exit", "ctl")
+
+
+@pytest.mark.timeout(60)
+async def test_an_actor_that_stops_answering_ends_the_run_with_a_report(cluster_factory):
+    """The fault handler is SIGSTOPped for good: it holds no lock, so the lock watchdog
+    sees nothing, but the task's store waits on it and the supervisor waits on the task.
+    After twice the hung-task timeout the run ends with a hung-task report that names the
+    request and the stopped process (issue 11, "Not every hang ends")."""
+    c = await cluster_factory(frames=256, hung_task_timeout=1.5)
+    t = await c.spawn_task()
+    a = await t.mmap(4 * PAGE_SIZE)
+    fault = c.procs["fault"].pid
+    os.kill(fault, signal.SIGSTOP)
+    try:
+        with pytest.raises(ClusterCrashed):
+            await asyncio.wait_for(t.write(a, b"never stored"), 30)
+    finally:
+        os.kill(fault, signal.SIGCONT)
+    rep = next(r for r in c.reports if r["kind"] == "hung_task")
+    assert rep["title"] == "INFO: task supervisor blocked for more than 3 seconds."
+    assert f"no reply from {t.name} to write" in rep["text"]
+    assert f"fault (pid {fault}) is stopped (SIGSTOP)" in rep["text"]
+    assert rep["data"]["states"]["fault"] == "T" and rep["data"]["blocked_ns"] > 3e9

@@ -19,10 +19,13 @@ import pytest
 
 from actors.kernel import exec as execops
 from actors.kernel import ksm_mm, mm_slot
-from actors.kernel.fork import new_task
+from actors.kernel import mm as mmops
+from actors.kernel.fork import copy_process, new_task
 from actors.kernel.memory import is_ksm_zero_pte
+from actors.kernel.syscalls import SyscallError
 from actors.kernel.sysfs import ksm_stat
-from shared_mem.layout import MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, PAGE_SIZE
+from shared_mem.layout import MMF_VM_MERGE_ANY, MMF_VM_MERGEABLE, PAGE_SIZE, Geometry
+from tests.kernel.conftest import SMALL
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -136,3 +139,20 @@ def test_with_the_proposed_fix_the_child_counts_the_zero_ptes_it_was_given(kerne
     assert ksm_stat(h.k, child)["ksm_zero_pages"] == 2
     assert h.counters("ksm_zero_pages")["ksm_zero_pages"] == 4
     h.check()
+
+
+@pytest.mark.parametrize("limit,err", [({"max_tasks": 2}, "EAGAIN"), ({"max_mms": 2}, "ENOMEM")])
+def test_fork_past_a_table_is_refused_and_changes_nothing(kernel_factory, limit, err):
+    """copy_process() with every task record in use is EAGAIN (the kernel's max_threads
+    check); with every mm_struct in use, ENOMEM. No half-made child, the parent untouched
+    (issue 11, "Limits")."""
+    h = kernel_factory(geo=Geometry(**{**SMALL, **limit}))
+    parent = new_task(h.k, "parent")
+    new_task(h.k, "filler")
+    mm = int(h.k.km.task.mm[h.k.km.task.idx(parent, "test")])
+    h.mmap(mm, 2)
+    before = (h.k.km.task.nr_live(), h.k.km.mm.nr_live(), list(mmops.vmas(h.k, mm)))
+    with pytest.raises(SyscallError) as e:
+        copy_process(h.k, parent)
+    assert e.value.errno_name == err
+    assert (h.k.km.task.nr_live(), h.k.km.mm.nr_live(), list(mmops.vmas(h.k, mm))) == before
