@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from actors.kernel.context import Kernel, SchedPoints
-from actors.kernel.fork import pid_of_live_task
+from actors.kernel.fork import live_task
 from actors.kernel.schedule import PlanSpec, SchedPlan
 from actors.kernel.variants import Variants
 from actors.log import EventLog
@@ -295,7 +295,7 @@ class Actor:
             if e.name != "EACCES":          # a stranger gets no answer at all (protocol/auth.py)
                 self._reply(peer, codec.reply_err(e.envelope, self.name, e.errno, e.detail))
             return
-        if not auth.own_task_ok(msg["src"], msg, lambda h: pid_of_live_task(self.km, h)):
+        if not auth.own_task_ok(msg["src"], msg, lambda h: live_task(self.km, h)):
             self.ev("bad_message", error=f"EPERM: {msg['src']} named another task in {msg['type']}")
             if msg["id"]:
                 self._reply(peer, codec.reply_err(msg, self.name, "EPERM", "not your task"))

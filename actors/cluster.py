@@ -15,6 +15,7 @@ import contextlib
 import errno as errno_mod
 import json
 import os
+import random
 import secrets
 import signal
 import subprocess
@@ -90,6 +91,8 @@ class ClusterOptions:
     stop_on_report: bool = False       # end the run at its first report (stress campaigns)
     scenario: dict[str, Any] = field(default_factory=dict)  # name and args, for replay
     coverage: str | None = None        # folder for kernel-path coverage data (ksmlab.kcov)
+    time_limit: float | None = None    # the scenario's deadline in seconds (None: its default)
+    chaos: float = 0.0                 # chaos events a second: SIGSTOP an actor, SIGKILL an idle task
 
     def geometry(self) -> Geometry:
         return Geometry(nr_frames=self.frames, nr_nodes=self.nodes, max_tasks=self.max_tasks,
@@ -102,6 +105,10 @@ class ClusterOptions:
         for name in ("hung_task_timeout", "boot_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)!r}")
+        if self.time_limit is not None and not 0 < self.time_limit < float("inf"):
+            raise ValueError(f"time_limit must be a positive number of seconds, not {self.time_limit!r}")
+        if not 0 <= self.chaos <= 100:
+            raise ValueError(f"chaos must be 0..100 events per second, not {self.chaos!r}")
         if not self.oom_reaper_delay >= 0:
             raise ValueError(f"oom_reaper_delay must not be negative, not {self.oom_reaper_delay!r}")
         bad = {p: v for p, v in self.delays.items() if not 0 <= v < float("inf")}
@@ -128,6 +135,9 @@ def proc_state(pid: int) -> str:
             return f.read().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return "?"
+
+
+CHAOS_KILL_SHARE = 0.1
 
 
 class _Peer:
@@ -261,6 +271,8 @@ class Cluster:
         self.variants = Variants(opts.variants)
         self.plan = PlanSpec(seed=opts.seed, strategy=opts.sched, depth=opts.depth)
         self.run_id = secrets.token_hex(4)
+        self.chaos_counts = {"stops": 0, "kills": 0}
+        self._chaos_killed: set[int] = set()          # os pids of tasks chaos SIGKILLed
         self.reports: list[dict] = []
         self.procs: dict[str, subprocess.Popen] = {}
         self.peers: dict[str, _Peer] = {}
@@ -344,7 +356,68 @@ class Cluster:
         for name in KERNEL_ACTORS:
             self.peers[name] = _Peer(self, name, self.endpoints[name])
         self._bg.append(loop.create_task(self._watchdog()))
+        if opts.chaos:
+            self._bg.append(loop.create_task(self._chaos()))
         self.ev("cluster_up", actors={n: p.pid for n, p in self.procs.items()})
+
+    async def _exit_killed_task(self, t: Task) -> None:
+        """A task chaos SIGKILLed between requests: what is left of it in the kernel goes
+        the way of any killed task, through the exit path (do_exit, code 137)."""
+        if t.name in self.peers:
+            peer = self.peers.pop(t.name)
+            peer.fail_all(SyscallFailed(errno_mod.ESRCH, f"ESRCH: {t.name} was killed"))
+            peer.close()
+        try:
+            await self.request("exit", "do_exit", timeout=60, task=t.handle, code=128 + 9, reason="killed")
+        except (SyscallFailed, ClusterError, TimeoutError) as e:
+            self.ev("chaos_exit_failed", task=t.name, error=str(e))
+        asyncio.get_running_loop().call_later(1.0, _settle_exit, t)
+
+    # -- chaos ----------------------------------------------------------------------------------------
+    async def _chaos(self) -> None:
+        """rr's chaos mode turned on the machine itself: at seeded random times an actor
+        process is stopped (SIGSTOP) for 10 ms to 1 s and continued, or, one time in ten,
+        a task between two requests is SIGKILLed. A stop must change nothing but timing (a
+        stop past the hung-task timeout is reported as one, naming the actor); a killed
+        task is an exit, as a SIGKILL from outside is in the kernel, and the run goes on.
+        Counts go to self.chaos_counts and the log (chaos_stop, chaos_kill)."""
+        rng = random.Random(f"chaos:{self.opts.seed}")
+        stopped: int | None = None
+        try:
+            while not self.stopped and self.crashed is None:
+                await asyncio.sleep(rng.expovariate(self.opts.chaos))
+                live = sorted(n for n, p in self.procs.items() if p.poll() is None)
+                if not live or self.stopped or self.crashed is not None:
+                    return
+                idle = [n for n in live if n in self.tasks and n in self.peers and self.ready[n].done()
+                        and not self.peers[n].sent]
+                if idle and rng.random() < CHAOS_KILL_SHARE:
+                    # Only a task between requests: in user mode, as the kernel would see a
+                    # SIGKILL from outside; its exit is then run for it (_watch).
+                    name = rng.choice(idle)
+                    pid = self.procs[name].pid
+                    self.chaos_counts["kills"] += 1
+                    self._chaos_killed.add(pid)
+                    self.ev("chaos_kill", actor=name, os_pid=pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    continue
+                name = rng.choice(live)
+                pid = self.procs[name].pid
+                pause = rng.uniform(0.01, 1.0)
+                self.chaos_counts["stops"] += 1
+                self.ev("chaos_stop", actor=name, os_pid=pid, seconds=round(pause, 3))
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGSTOP)
+                    stopped = pid
+                await asyncio.sleep(pause)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+                stopped = None
+        finally:
+            if stopped is not None:          # never leave an actor stopped behind us
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(stopped, signal.SIGCONT)
 
     def describe(self) -> dict:
         """The full option set of the run (printed and logged so a run can be replayed)."""
@@ -458,9 +531,10 @@ class Cluster:
                 if e.name != "EACCES":      # a stranger gets no answer at all
                     await self._reply(peer, codec.reply_err(e.envelope, "supervisor", e.errno, e.detail))
                 continue
-            if not auth.own_task_ok(msg["src"], msg, lambda h: forkops.pid_of_live_task(self.km, h)):
+            if not auth.own_task_ok(msg["src"], msg, lambda h: forkops.live_task(self.km, h)):
                 self.ev("bad_message", error=f"EPERM: {msg['src']} named another task in {msg['type']}")
-                await self._reply(peer, codec.reply_err(msg, "supervisor", "EPERM", "not your task"))
+                if msg["id"]:
+                    await self._reply(peer, codec.reply_err(msg, "supervisor", "EPERM", "not your task"))
                 continue
             mtype = msg["type"]
             if mtype == "ping":
@@ -533,6 +607,9 @@ class Cluster:
                 if self.stopped or self.crashed is not None:
                     continue  # torn down by us: the run already ended with its report
                 t = self.tasks.get(name)
+                if t is not None and rc == -signal.SIGKILL and p.pid in self._chaos_killed:
+                    asyncio.get_running_loop().create_task(self._exit_killed_task(t))
+                    continue
                 if t is not None and rc == 0:
                     # The task ended through the exit path: requests still queued to it
                     # can never be answered (a killed task's mailbox dies with it).
@@ -577,6 +654,27 @@ class Cluster:
                 await self._crash(hung[0]["title"])
                 return
 
+    def deadline_report(self, what: str, seconds: float) -> dict:
+        """`what` (the scenario) ran past its deadline: a hung-task report naming what the
+        supervisor still waits for and any actor process that is stopped or dead."""
+        now = time.monotonic_ns()
+        title = f"INFO: {what} did not finish within {seconds:g} seconds"
+        waits = sorted((now - t0, peer.name, mtype, rid) for peer in self.peers.values()
+                       for rid, (mtype, t0) in list(peer.sent.items()))
+        lines = [title] + [f"      waiting {w / 1e9:.1f} s for {a}'s reply to {m} (request {r})"
+                           for w, a, m, r in reversed(waits)]
+        lines += self._odd_processes()
+        rep = {"kind": "hung_task", "title": title, "text": "\n".join(lines),
+               "data": {"actor": "supervisor", "deadline_s": seconds,
+                        "waiting_for": [[a, m, r] for _w, a, m, r in waits]}}
+        self._add_report(rep)
+        return rep
+
+    def _odd_processes(self) -> list[str]:
+        states = {name: proc_state(p.pid) for name, p in self.procs.items()}
+        return [f"      {n} (pid {self.procs[n].pid}) is {_STATE_NAMES.get(st, st)}"
+                for n, st in sorted(states.items()) if st not in ("R", "S", "D")]
+
     def _unanswered(self, threshold_ns: int, now: int) -> list[dict]:
         """A request of the supervisor's that got no reply for threshold_ns: an actor that
         stopped answering without waiting on a lock (stopped, spinning, lost a message),
@@ -592,8 +690,7 @@ class Cluster:
         title = f"INFO: task supervisor blocked for more than {secs} seconds."
         lines = [title, f"      no reply from {actor} to {mtype} (request {rid}) for {waited / 1e9:.1f} s"]
         states = {name: proc_state(p.pid) for name, p in self.procs.items()}
-        odd = {n: st for n, st in states.items() if st not in ("R", "S", "D")}
-        lines += [f"      {n} (pid {self.procs[n].pid}) is {_STATE_NAMES.get(st, st)}" for n, st in sorted(odd.items())]
+        lines += self._odd_processes()
         return [{"kind": "hung_task", "title": title, "text": "\n".join(lines),
                  "data": {"actor": "supervisor", "waiting_for": actor, "request": mtype, "id": rid,
                           "blocked_ns": waited, "states": states}}]

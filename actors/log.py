@@ -20,12 +20,32 @@ import structlog
 
 from actors.tracebuf import Trace, read_trace
 
+# A log file's budget: a long run (a 10-minute soak, `run idle` for an hour) must not fill
+# the disk. Past it, a process keeps only the events a reader needs to know what became of
+# the run, and says once how many it dropped.
+LOG_CAP_BYTES = 64 << 20
+KEPT_WHEN_CAPPED = frozenset({"report", "actor_stop", "cluster_crashed", "boot", "log_capped",
+                              "oom_kill", "task_exit", "bad_message"})
+
+
+class _CountingWriter(structlog.WriteLogger):
+    """structlog's WriteLogger (a lock, a write and a flush per line), counting the bytes."""
+
+    written = 0
+
+    def msg(self, message: str) -> None:
+        super().msg(message)
+        self.written += len(message) + 1
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = failure = msg
+
 
 class EventLog:
-    """The per-process event sink: ev(event, **fields) writes one JSON line."""
+    """The per-process event sink: ev(event, **fields) writes one JSON line, until the
+    file holds cap_bytes; then only KEPT_WHEN_CAPPED events, with one log_capped line."""
 
     def __init__(self, run_dir: str, actor: str, run_id: str, seed: int, flush_every: int = 1,
-                 label: Callable[[], str] | None = None) -> None:
+                 label: Callable[[], str] | None = None, cap_bytes: int = LOG_CAP_BYTES) -> None:
         self.actor = actor
         self.pid = os.getpid()
         logs = os.path.join(run_dir, "logs")
@@ -49,14 +69,23 @@ class EventLog:
                     ev["ctx"] = ctx
             return ev
 
+        self.cap_bytes = cap_bytes
+        self.dropped = 0
+        self._writer = _CountingWriter(self._file)
         self._logger = structlog.wrap_logger(
-            structlog.WriteLogger(self._file),
+            self._writer,
             processors=[stamp, structlog.processors.JSONRenderer(serializer=_dumps)],
             wrapper_class=structlog.BoundLogger,
             cache_logger_on_first_use=True,
         )
 
     def __call__(self, event: str, **fields: Any) -> None:
+        if self._writer.written >= self.cap_bytes and event not in KEPT_WHEN_CAPPED:
+            self.dropped += 1
+            if self.dropped == 1:
+                self._logger.msg("log_capped", cap_bytes=self.cap_bytes,
+                                 why="the log file reached its budget; only reports and ends are kept")
+            return
         self._logger.msg(event, **fields)
         self._n += 1
         if self._n % self.flush_every == 0:
@@ -72,6 +101,8 @@ class EventLog:
             pass
 
     def close(self) -> None:
+        if self.dropped:
+            self._logger.msg("log_capped", dropped=self.dropped, cap_bytes=self.cap_bytes)
         self.flush()
         try:
             self._file.close()

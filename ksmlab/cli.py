@@ -52,6 +52,10 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
         opts["stop_on_report"] = True
     if a.coverage:
         opts["coverage"] = a.coverage
+    if getattr(a, "time_limit", None) is not None:
+        opts["time_limit"] = a.time_limit
+    if getattr(a, "chaos", None):
+        opts["chaos"] = a.chaos
     return opts
 
 
@@ -145,7 +149,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
         return 2
     keep = ("seed", "frames", "nodes", "variants", "delays", "sched", "depth", "stop_on_report",
             "trace_locks", "hung_task_timeout", "swap_slots", "max_tasks", "max_mms", "va_pages",
-            "oom_reaper_delay")
+            "oom_reaper_delay", "time_limit", "chaos")
     opts = {k: old[k] for k in keep if k in old}
     opts["variants"] = tuple(opts.get("variants") or ())
     opts["run_dir"] = a.run_dir
@@ -296,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--frames", type=int, help="physical page frames (4 KiB each)")
     r.add_argument("--nodes", type=int, help="simulated NUMA nodes")
     r.add_argument("--run-dir", help="run folder (default: runs/<time>-<run id>)")
+    r.add_argument("--chaos", type=float, metavar="RATE",
+                   help="chaos events per second: an actor SIGSTOPped for up to 1 s, or a task "
+                        "between requests SIGKILLed (its exit then runs)")
+    r.add_argument("--time-limit", type=float, metavar="S",
+                   help="end the scenario with a hung-task report after S seconds (default: twice "
+                        "its seconds argument plus 120, else 300)")
     r.add_argument("--variant", action="append", metavar="NAME", help="revert a seed fix (repeatable)")
     r.add_argument("--delay-at", action="append", type=_delay, metavar="POINT=MS",
                    help="force a delay at a schedule point (repeatable)")

@@ -322,9 +322,14 @@ class _Children:
         self.images = images
         self.pids: list[int] = []
         self.ready_fds: dict[int, int] = {}  # fd -> child index
+        self.ready_seen: set[int] = set()     # ready fds already waited on
         self.done_w: int | None = None
 
-    def start(self) -> None:
+    def start(self, deadline: float | None = None) -> None:
+        """Fork the workers. With a deadline, each must be ready (its area advised
+        MERGEABLE) before the next is forked: the kernel's mm list, which is ksmd's scan
+        order, is then the workers' order, as it is in the model, so that which copies a
+        chain's dups pair up is the same on both sides."""
         done_r, done_w = os.pipe()
         self.done_w = done_w
         try:
@@ -337,11 +342,14 @@ class _Children:
                 os.close(ready_w)
                 self.pids.append(pid)
                 self.ready_fds[ready_r] = i
+                if deadline is not None:
+                    self.wait_ready(deadline)
         finally:
             os.close(done_r)
 
     def wait_ready(self, deadline: float) -> None:
-        pending = dict(self.ready_fds)
+        pending = {fd: i for fd, i in self.ready_fds.items() if fd not in self.ready_seen}
+        self.ready_seen.update(pending)
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -410,6 +418,9 @@ class KernelRun:
     #: The global ksm_zero_pages left after run=2 emptied KSM before the run: zero pages the
     #: kernel's fork race has leaked into the counter for good (docs/bugs/zero-pages-fork.md).
     zero_page_residue: int = 0
+    #: The counters after the first run=2, before any page of this run was scanned: the
+    #: cumulative ones (pages_scanned, full_scans) of this run are the difference.
+    start_counters: dict[str, int] = field(default_factory=dict)
 
 
 def without_zero_page_residue(counters: dict[str, int], residue: int) -> dict[str, int]:
@@ -490,7 +501,7 @@ def run_workload_report(
         kids = _Children(images)
         try:
             with _sigint_blocked():  # no Ctrl-C between a fork and recording its pid
-                kids.start()
+                kids.start(deadline)
             kids.wait_ready(deadline)
             start = int((root / "full_scans").read_text())
             knobs.set("run", 1)
@@ -533,6 +544,7 @@ def run_workload_report(
         workload=w.name,
         counters=without_zero_page_residue(cur, c0.get("ksm_zero_pages", 0)),
         zero_page_residue=c0.get("ksm_zero_pages", 0),
+        start_counters=c0,
         knobs=used,
         proc_stats=stats,
         converge_scans=cur["full_scans"],

@@ -7,6 +7,7 @@
 # the test's last assertion" rather than after clean-up.
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.util
 import json
@@ -114,6 +115,20 @@ def load_scenario(name_or_path: str) -> ScenarioSpec:
     return found[name_or_path]
 
 
+DEFAULT_TIME_LIMIT = 300.0
+
+
+def default_time_limit(args: dict[str, Any]) -> float:
+    """A scenario's deadline when the run names none and the scenario module has no
+    time_limit(args) of its own: twice its `seconds` argument (the race loops) plus two
+    minutes for boot and teardown, else five minutes. A scenario past it ends with a
+    hung-task report, not never."""
+    try:
+        return 2 * float(args["seconds"]) + 120
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_TIME_LIMIT
+
+
 async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s: None,
                        args: dict[str, Any] | None = None,
                        on_boot: Callable[[Cluster], Any] | None = None, **options: Any) -> dict[str, Any]:
@@ -139,8 +154,18 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
         log(f"run {c.run_id}: scenario {spec.name}, seed {c.opts.seed}, run folder {c.run_dir}")
         log("options: " + json.dumps({k: v for k, v in c.describe().items() if k not in ("run_dir",)},
                                      sort_keys=True))
+        hook = getattr(spec.module, "time_limit", None)
+        limit = c.opts.time_limit or (hook(args or {}) if hook else default_time_limit(args or {}))
         try:
-            value = await spec.fn(c, ctx)
+            deadline = asyncio.timeout(limit)
+            try:
+                async with deadline:
+                    value = await spec.fn(c, ctx)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise                      # the scenario's own timeout, not the deadline
+                rep = c.deadline_report(f"scenario {spec.name}", limit)
+                raise ExpectationFailed(rep["title"]) from None
             result["ok"] = True
             result["result"] = value
         except Skipped as e:
@@ -155,6 +180,8 @@ async def run_scenario(spec: ScenarioSpec, log: Callable[[str], None] = lambda s
         result["ksm_final"] = c.ksm_counters() if c.km is not None and not c.stopped else {}
         result["knobs"] = c.ksm_knobs() if c.km is not None and not c.stopped else {}
         result["checks"] = ctx.checks
+        if c.opts.chaos:
+            result["chaos"] = dict(c.chaos_counts)
     finally:
         await c.stop()
         result.setdefault("run_dir", c.opts.run_dir)

@@ -76,17 +76,20 @@ def read_secret(path: str) -> bytes:
     return key
 
 
-def own_task_ok(src: str, msg: dict[str, Any], pid_of_task: Any) -> bool:
-    """From a task, every OWN_TASK field of msg must be the handle of that very task:
-    pid_of_task(handle) is the pid in that task record (or None if it is no task)."""
+def own_task_ok(src: str, msg: dict[str, Any], task_of: Any) -> bool:
+    """From a task, the OWN_TASK fields of msg must be that very task's handle (and its
+    mm's): task_of(handle) is (pid, mm) of that task record, or None if it is no task."""
     if role_of(src) != "task":
         return True
-    field = OWN_TASK.get(msg["type"])
-    if field is None:
+    fields = OWN_TASK.get(msg["type"])
+    if fields is None:
         return True
+    task_field, mm_field = fields
     try:
-        return pid_of_task(int(msg[field])) == int(src.split("-", 1)[1])
-    except (ValueError, IndexError, LookupError):
+        found = task_of(int(msg[task_field]))
+        return (found is not None and found[0] == int(src.split("-", 1)[1])
+                and (mm_field is None or found[1] == int(msg[mm_field])))
+    except (ValueError, IndexError, LookupError, TypeError):
         return False
 
 

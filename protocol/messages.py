@@ -126,9 +126,10 @@ SENDERS: dict[str, frozenset[str]] = {t: frozenset({"supervisor", *roles}) for t
     "spawn_task": ("task",),
     "task_exited": ("exit", "oom", "supervisor"),
 }.items()}
-# From a task, these fields must name the sending task itself (a task exits itself, and
-# faults and forks as itself).
-OWN_TASK: dict[str, str] = {"do_exit": "task", "fault": "task", "spawn_task": "parent"}
+# From a task, these fields must name the sending task itself, and its own mm where the
+# message names one (a task exits itself, forks as itself, faults in its own mm).
+OWN_TASK: dict[str, tuple[str, str | None]] = {"do_exit": ("task", None), "fault": ("task", "mm"),
+                                               "spawn_task": ("parent", None)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -155,10 +155,13 @@ class Arena:
             self.hdr[1] += 1
             self.hdr[2] += 1
             g = int(self.gen[i]) + 1
-            self.gen[i] = g
         finally:
             if lock is not None:
                 lock.unlock()
+        # Popped, so ours alone, but not live until the generation says so: it is made
+        # (zeroed, its provenance written) first, so that an observer walking the live
+        # records (an invariant check, a watchdog, peek()) never sees the free poison of
+        # its last life as values.
         if zero:
             self._bytes[i] = 0
         m = self._m
@@ -166,6 +169,7 @@ class Arena:
         m["alloc_ns"][i] = self.clock_ns()
         m["alloc_actor"][i] = self.actor.encode()[:16]
         m["alloc_site"][i] = site.encode()[:32]
+        self.gen[i] = g
         return pack(g, i)
 
     def free(self, h: int, site: str = "") -> None:
@@ -178,12 +182,15 @@ class Arena:
         m["free_ns"][i] = self.clock_ns()
         m["free_actor"][i] = self.actor.encode()[:16]
         m["free_site"][i] = site.encode()[:32]
+        # Dead first, poisoned next, reusable last: an observer that read the generation
+        # live and then the fields re-checks the generation (peek) and so never takes the
+        # poison for values, and no allocator can have the record while it is poisoned.
+        self.gen[i] = h_gen(h) + 1
         self._bytes[i] = POISON_FREE
         lock = self.lock
         if lock is not None:
             lock.lock()
         try:
-            self.gen[i] = h_gen(h) + 1
             top = int(self.hdr[0])
             self.free_stack[top] = i
             self.hdr[0] = top + 1

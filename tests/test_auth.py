@@ -53,14 +53,16 @@ def test_every_message_type_says_who_may_send_it():
     assert set(SENDERS) == set(MESSAGES)
 
 
-def test_a_task_may_name_only_itself():
-    pid_of = {11: 100, 12: 101}.get
+def test_a_task_may_name_only_itself_and_its_own_mm():
+    task_of = {11: (100, 7), 12: (101, 8)}.get
     mine = {"type": "do_exit", "task": 11}
     theirs = {"type": "do_exit", "task": 12}
-    assert own_task_ok("task-100", mine, pid_of) and not own_task_ok("task-100", theirs, pid_of)
-    assert not own_task_ok("task-100", {"type": "do_exit", "task": 99}, pid_of)   # no such task
-    assert own_task_ok("supervisor", theirs, pid_of)          # the user's program may
-    assert own_task_ok("task-100", {"type": "ping"}, pid_of)
+    assert own_task_ok("task-100", mine, task_of) and not own_task_ok("task-100", theirs, task_of)
+    assert not own_task_ok("task-100", {"type": "do_exit", "task": 99}, task_of)   # no such task
+    assert own_task_ok("supervisor", theirs, task_of)          # the user's program may
+    assert own_task_ok("task-100", {"type": "ping"}, task_of)
+    assert own_task_ok("task-100", {"type": "fault", "task": 11, "mm": 7}, task_of)
+    assert not own_task_ok("task-100", {"type": "fault", "task": 11, "mm": 8}, task_of)  # another's mm
 
 
 def test_the_secret_file_is_the_owners_alone(tmp_path):

@@ -378,3 +378,29 @@ def test_sweep_leaves_another_users_files_alone_with_a_warning(tmp_path):
             os.unlink(seg)
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(sock)
+
+
+@pytest.mark.timeout(90)
+def test_a_scenario_that_never_returns_ends_at_its_deadline_with_a_report(tmp_path):
+    """No run waits for ever: past --time-limit (or the scenario's default deadline) the run
+    ends with a hung-task report naming what it waited for, and is torn down."""
+    f = tmp_path / "forever.py"
+    f.write_text(textwrap.dedent("""
+        import asyncio
+        NAME = "forever"
+        async def scenario(c, ctx):
+            t = await c.spawn_task()
+            await t.mmap(4096)
+            await asyncio.sleep(3600)
+    """))
+    run_dir = tmp_path / "run"
+    with run_guard(run_dir):
+        t0 = time.monotonic()
+        r = ksmlab("run", str(f), "--json", "--time-limit", "3", "--run-dir", str(run_dir), cwd=tmp_path)
+        assert time.monotonic() - t0 < 60
+    assert r.returncode == 2, r.stderr[-2000:]
+    res = json.loads(r.stdout.splitlines()[-1])
+    assert [x["title"] for x in res["reports"]] == ["INFO: scenario forever did not finish within 3 seconds"]
+    assert res["reports"][0]["kind"] == "hung_task" and not res["ok"]
+    _assert_run_cleaned(res)
+    assert ksmlab("run", "default", "--time-limit", "0", cwd=tmp_path).returncode == 2

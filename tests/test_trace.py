@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 from collections import Counter, defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +229,19 @@ def test_a_variant_that_reproduces_its_bug_is_an_expected_failure():
     assert cli.expected_failure(other) is None                 # not the bug it reverts
     today = {"options": {"variants": []}, "reports": [{"kind": "kasan", "title": "BUG: KASAN"}]}
     assert cli.expected_failure(today) is None
+
+
+def test_a_log_past_its_budget_keeps_reports_and_says_what_it_dropped(tmp_path):
+    """A long run cannot fill the disk: past cap_bytes a process's log keeps only the
+    events that say what became of the run (a report among them), and says how many it
+    dropped, once when it starts dropping and again at the end."""
+    ev = EventLog(str(tmp_path), "ksmd", "r1", 1, cap_bytes=2000)
+    for i in range(500):
+        ev("ksm_merge_one_page", pfn=i, pages=3)
+    ev("report", kind="kasan", title="BUG: KASAN: use-after-free in up_read")
+    ev.close()
+    lines = [json.loads(x) for x in Path(ev.path).read_text().splitlines()]
+    assert Path(ev.path).stat().st_size < 3000
+    capped = [e for e in lines if e["event"] == "log_capped"]
+    assert len(capped) == 2 and capped[-1]["dropped"] == 500 - sum(e["event"] == "ksm_merge_one_page" for e in lines)
+    assert lines[-2]["event"] == "report" and lines[-2]["title"].endswith("in up_read")

@@ -456,9 +456,11 @@ def check_unmerged(k: Kernel) -> list[dict]:
         data["counters"] = counters
     zero = {}
     for mi in km.mm.live_indices():
-        mi = int(mi)
-        if int(km.mm.ksm_zero_pages[mi]) and int(km.mm.users[mi]) > 0:
-            zero[_task_of_mm(k, km.mm.handle_of(mi))] = int(km.mm.ksm_zero_pages[mi])
+        # peek(): an mm being forked or freed right now is skipped, never read half-made.
+        h = km.mm.handle_of(int(mi))
+        n, users = km.mm.peek(h, "ksm_zero_pages"), km.mm.peek(h, "users")
+        if n and users is not None and users > 0:
+            zero[_task_of_mm(k, h)] = n
     if zero:
         lines.append("KSM zero pages still mapped: " + ", ".join(f"{t}:{n}" for t, n in zero.items()))
         data["ksm_zero_pages"] = zero

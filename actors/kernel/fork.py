@@ -61,10 +61,11 @@ def task_pid_nr(k: Kernel, task: int, site: str = "task_pid_nr") -> int:
     return int(k.km.task.pid[k.km.task.idx(task, site)])
 
 
-def pid_of_live_task(km: KernelMemory, task: int) -> int | None:
-    """The pid in the task record `task` names, or None if it names no live task: for
+def live_task(km: KernelMemory, task: int) -> tuple[int, int] | None:
+    """(pid, mm) of the task record `task` names, or None if it names no live task: for
     handles that came from outside, which must not make a use-after-free report."""
-    return int(km.task.pid[km.task.idx(task, "pid_of_live_task")]) if km.task.valid(task) else None
+    pid, mm = km.task.peek(task, "pid"), km.task.peek(task, "mm")
+    return None if pid is None or mm is None else (pid, mm)
 
 
 def copy_process(k: Kernel, parent: int) -> int:

@@ -45,6 +45,10 @@ def idle_seconds(args: dict[str, Any]) -> float:
     return seconds
 
 
+def time_limit(args: dict[str, Any]) -> float:
+    return idle_seconds(args) + 120
+
+
 def _unique_page(task: int, n: int) -> bytes:
     return (b"idle-%d-%d|" % (task, n)).ljust(PAGE_SIZE, b"\xa5")
 

@@ -6,7 +6,8 @@
 # and anonymous pages out and faults bring them back, or the OOM killer kills.
 # Rarely, the shapes the kernel's reproducers use: LTP ksm05's short-lived task with
 # an empty mergeable area, an mlockall task with a PROT_NONE guard area, and a drain
-# in which every task exits and the mm list goes empty under ksmd.
+# in which every task exits and the mm list goes empty under ksmd (at half the
+# checkpoints, with the workers parked, followed by a burst of short-lived tasks).
 # ksmd runs flat out and run is toggled through 0, 1 and now and then 2. At
 # quiescent points every live task verifies it reads back exactly what it wrote,
 # and the invariants of DESIGN.md are checked; at the end every task exits, ksmd
@@ -168,8 +169,10 @@ class Soak:
         await self.call(t, t.mmap(self.rng.choice([1, 4]) * PAGE_SIZE, prot=PROT_NONE))
         self.count("mlocked")
 
-    async def drain(self) -> None:
-        """Every task exits, then short-lived tasks: the mm list goes empty under ksmd."""
+    async def drain(self, burst: int = 2) -> None:
+        """Every task exits, then `burst` short-lived tasks one after another: the mm list
+        goes empty under ksmd again and again (LTP ksm05's loop; CVE-2011-2183's last mm
+        exiting while ksmd looks at the list)."""
         # Take the whole list at once: while one exit is awaited, another worker may pick,
         # exit or drop any task still listed.
         victims = self.tasks[:]
@@ -179,7 +182,7 @@ class Soak:
                 await self.call(t, t.exit())
             except _Gone:
                 pass
-        for _ in range(2):
+        for _ in range(burst):
             await self.short_lived()
         self.count("drain")
 
@@ -300,12 +303,25 @@ class Soak:
             found = self.c.check_invariants()
             self.ctx.expect(f"{when}: invariants", [r["title"] for r in found], [])
             self.count("checkpoint")
+            # With every worker parked, now and then the whole machine drains: only here
+            # can the mm list really go empty (a worker's own drain races the others).
+            if self.rng.random() < 0.5:
+                await self.drain(burst=self.rng.choice([4, 8, 16]))
         finally:
             self.running.set()
 
 
+def soak_seconds(args: dict[str, Any]) -> float:
+    return float(args.get("seconds", os.environ.get("KSMLAB_SOAK_SECONDS", 60)))
+
+
+def time_limit(args: dict[str, Any]) -> float:
+    """The run's deadline: the load, then checkpoints and a teardown that may take minutes."""
+    return 2 * soak_seconds(args) + 180
+
+
 async def scenario(c: Cluster, ctx: ScenarioContext) -> dict:
-    seconds = float(ctx.args.get("seconds", os.environ.get("KSMLAB_SOAK_SECONDS", 60)))
+    seconds = soak_seconds(ctx.args)
     max_ops = int(ctx.args.get("ops", 100_000))
     s = Soak(c, ctx, c.opts.seed, seconds, max_ops)
     knobs = draw_knobs(knob_seed(c.opts.seed, ctx.args), c.opts.nodes)

@@ -64,3 +64,25 @@ async def test_an_actor_that_stops_answering_ends_the_run_with_a_report(cluster_
     assert f"no reply from {t.name} to write" in rep["text"]
     assert f"fault (pid {fault}) is stopped (SIGSTOP)" in rep["text"]
     assert rep["data"]["states"]["fault"] == "T" and rep["data"]["blocked_ns"] > 3e9
+
+
+@pytest.mark.timeout(60)
+async def test_a_task_killed_from_outside_between_requests_is_an_exit(cluster_factory):
+    """What chaos does to an idle task (Cluster(chaos=...)), done by hand: the task's
+    process is SIGKILLed between requests. As a SIGKILL from outside is to the kernel, it
+    is an exit (code 137, "killed"): its mm is torn down, the run goes on, nothing is
+    reported."""
+    c = await cluster_factory(frames=256)
+    t = await c.spawn_task()
+    other = await c.spawn_task()
+    a = await t.mmap(4 * PAGE_SIZE)
+    await t.write(a, b"gone soon")
+    pid = c.procs[t.name].pid
+    c._chaos_killed.add(pid)
+    os.kill(pid, signal.SIGKILL)
+    assert await t.wait_exit(20) == {"code": 137, "reason": "killed"}
+    assert c.km.mm.nr_live() == 1                      # only the other task's mm is left
+    b = await other.mmap(PAGE_SIZE)
+    await other.write(b, b"still here")
+    assert await other.read(b, 10) == b"still here"
+    assert c.reports == [] and c.crashed is None

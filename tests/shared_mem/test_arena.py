@@ -74,6 +74,32 @@ def test_alloc_gives_live_zeroed_record_with_provenance(km):
                                                                          os.getpid())
 
 
+def test_a_record_is_zeroed_before_it_becomes_live(km):
+    """Another process walking the live records (an invariant check) must never see a
+    record that is live but still holds the free poison of its last life: alloc() zeroes
+    the record and writes its provenance before it publishes the generation. A stress
+    campaign's run=2 check once read ksm_zero_pages 0x6b6b6b6b6b6b6b6b of an mm that a
+    fork was allocating."""
+    mm = km.mm
+    old = mm.alloc(site="first")
+    mm.free(old, site="first")                 # its slot is poisoned and back on the free stack
+    seen: list[tuple[list[int], bytes]] = []
+    real = mm.pid_of
+
+    def pid_of() -> int:                        # called while the new record is being made
+        seen.append((list(mm.live_indices()), _record_bytes(mm, h_index(old))))
+        return real()
+
+    mm.pid_of = pid_of
+    h = mm.alloc(site="second")
+    mm.pid_of = real
+    assert h_index(h) == h_index(old)
+    live_then, bytes_then = seen[0]
+    assert h_index(h) not in live_then, "the record was live before it was made"
+    assert bytes_then == bytes(mm.rec.dtype.itemsize)
+    assert mm.valid(h) and list(mm.live_indices()) == [h_index(h)]
+
+
 def test_use_after_free_is_reported_like_kasan(km):
     """Dereferencing a freed handle raises UseAfterFree with a KASAN-shaped report naming the
     cache, the handle as index#generation, and who allocated and who freed the object; the
