@@ -7,7 +7,6 @@ import pytest
 
 from actors.kernel.debug import UNMERGE_WARNING
 from ksmlab.scenario import load_scenario, run_scenario
-from shared_mem.segment import list_segments
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(240)]
 
