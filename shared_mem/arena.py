@@ -211,6 +211,16 @@ class Arena:
         i = h & 0xFFFFFFFF
         return h > 0 and i < self.capacity and self._gq[i * self._gw] == h >> 32
 
+    def typesafe_idx(self, h: int) -> int:
+        """The slot h names, live or freed: SLAB_TYPESAFE_BY_RCU. A stale pointer to such
+        a record still points at a record of the same type, so its embedded lock may be
+        taken; the caller must then check that the record is the one it wanted
+        (folio_lock_anon_vma_read). Never for reading or writing the record's fields."""
+        i = h_index(h)
+        if h <= 0 or i >= self.capacity:
+            raise UseAfterFree(self._report(h, "null-ptr-deref" if h == NULL else "use-after-free", "typesafe_idx"))
+        return i
+
     def peek(self, h: int, field: str) -> int | None:
         """One field of the record h names, or None if h is stale: for observers outside
         the kernel paths (debug checks, the watchdog) reading records another process may

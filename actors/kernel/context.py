@@ -210,6 +210,12 @@ class Kernel:
     def anon_vma_lock(self, av: int) -> RWSemaphore:
         return self.locks.get("anon_vma_lock", self.km.anon_vma.idx(av, "anon_vma_lock"))
 
+    def anon_vma_lock_typesafe(self, av: int) -> RWSemaphore:
+        """The lock of the anon_vma slot av names, even if that anon_vma was freed: the
+        kernel's anon_vma cache is SLAB_TYPESAFE_BY_RCU, so a page's stale ->mapping still
+        leads to an anon_vma's lock. Whoever takes it rechecks (folio_lock_anon_vma_read)."""
+        return self.locks.get("anon_vma_lock", self.km.anon_vma.typesafe_idx(av))
+
     # -- signals -------------------------------------------------------------------------
     def fatal_signal_pending(self) -> bool:
         t = self.current_task

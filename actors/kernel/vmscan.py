@@ -31,6 +31,7 @@ from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
 from actors.kernel.hlist import items_of_node
 from actors.kernel.memory import put_page
+from shared_mem.arena import NULL
 from shared_mem.layout import (
     PAGE_MASK,
     PAGE_SHIFT,
@@ -69,13 +70,36 @@ def _vmas_of_anon_vma(k: Kernel, av: int) -> list[int]:
     return out
 
 
-def rmap_walk_anon(k: Kernel, pfn: int, visit: Visitor) -> None:
+def folio_lock_anon_vma_read(k: Kernel, pfn: int) -> int:
+    """The anon_vma of a mapped anonymous page, read-locked; NULL if it has none.
+
+    Reclaim holds a reference to the page, not to its anon_vma: the page's last mapper
+    may exit meanwhile, zap its pte and free the anon_vma (the page keeps a stale
+    ->mapping until it is freed). As mm/rmap.c does, read ->mapping only while the page
+    is mapped, take the lock of whatever anon_vma that slot holds now (typesafe by RCU),
+    and check again under the lock: a page still mapped with the same ->mapping has a
+    vma on that anon_vma's list, and unlinking the last vma needs the write lock we now
+    keep out, so the anon_vma lives until we unlock. Found as a KASAN report in a soak
+    (kswapd against exits); `ksmlab sim reclaim-exit` is its interleaving."""
     km = k.km
     av = int(km.page["mapping"][pfn])
-    if not av or not km.anon_vma.valid(av):
+    if not av or not km.page["mapcount"][pfn]:
+        return NULL
+    lock = k.anon_vma_lock_typesafe(av)
+    lock.down_read(site="folio_lock_anon_vma_read")
+    if km.page["mapcount"][pfn] and int(km.page["mapping"][pfn]) == av and km.anon_vma.valid(av):
+        return av
+    lock.up_read()
+    return NULL
+
+
+def rmap_walk_anon(k: Kernel, pfn: int, visit: Visitor) -> None:
+    km = k.km
+    av = folio_lock_anon_vma_read(k, pfn)
+    if not av:
         return
-    index = int(km.page["index"][pfn])
-    with k.anon_vma_lock(av).read():
+    try:
+        index = int(km.page["index"][pfn])
         for vma in _vmas_of_anon_vma(k, av):
             vi = km.vma.idx(vma, "rmap_walk_anon")
             addr = int(km.vma.start[vi]) + ((index - int(km.vma.pgoff[vi])) << PAGE_SHIFT)
@@ -83,6 +107,8 @@ def rmap_walk_anon(k: Kernel, pfn: int, visit: Visitor) -> None:
                 continue
             if not visit(vma, int(km.vma.mm[vi]), addr):
                 return
+    finally:
+        k.anon_vma_lock(av).up_read()
 
 
 def rmap_walk_ksm(k: Kernel, pfn: int, visit: Visitor) -> None:

@@ -6,7 +6,8 @@
 # and anonymous pages out and faults bring them back, or the OOM killer kills.
 # Rarely, the shapes the kernel's reproducers use: LTP ksm05's short-lived task with
 # an empty mergeable area, an mlockall task with a PROT_NONE guard area, and a drain
-# in which every task exits and the mm list goes empty under ksmd.
+# in which every task exits and the mm list goes empty under ksmd (at half the
+# checkpoints, with the workers parked, followed by a burst of short-lived tasks).
 # ksmd runs flat out and run is toggled through 0, 1 and now and then 2. At
 # quiescent points every live task verifies it reads back exactly what it wrote,
 # and the invariants of DESIGN.md are checked; at the end every task exits, ksmd
@@ -302,6 +303,10 @@ class Soak:
             found = self.c.check_invariants()
             self.ctx.expect(f"{when}: invariants", [r["title"] for r in found], [])
             self.count("checkpoint")
+            # With every worker parked, now and then the whole machine drains: only here
+            # can the mm list really go empty (a worker's own drain races the others).
+            if self.rng.random() < 0.5:
+                await self.drain(burst=self.rng.choice([4, 8, 16]))
         finally:
             self.running.set()
 

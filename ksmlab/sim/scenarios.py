@@ -221,6 +221,21 @@ def _mix_contexts(w: World) -> list[Context]:
             Context("b:write", lambda k: w.access(k, w.task_mm(b), addr, 1, True, 0x22), task=b)]
 
 
+# -- no seed: reclaim unmaps a task's anonymous page while the task exits ---------------------------
+def _reclaim_exit_setup(w: World, k: Kernel) -> None:
+    t = w.new_task(k, "t")
+    a = w.mmap(k, t, 2, RW, ANON)
+    w.write_pages(k, t, a, [0x41, 0x42])
+    w.addrs["t"] = a
+
+
+def _reclaim_exit_contexts(w: World) -> list[Context]:
+    t = w.tasks["t"]
+    pfn = _pfn_at(w, t, w.addrs["t"])
+    return [Context("kswapd", lambda k: w.reclaim_pfn(k, pfn) and None),
+            Context("exit:t", lambda k: w.exit(k, t), task=t)]
+
+
 # -- found in today's kernel: a fork while a KSM zero pte is broken (docs/bugs/zero-pages-fork.md) -----
 def _zero_fork_setup(w: World, k: Kernel) -> None:
     _knobs(k, sleep_millisecs=0, pages_to_scan=16, use_zero_pages=1)
@@ -271,6 +286,9 @@ SCENARIOS: dict[str, SimScenario] = {s.name: s for s in (
     SimScenario("stale-stable-nodes-old-nodes", "stale-stable-nodes:old-nodes",
                 "seed 002 cause 1: run=2 leaves the stable node of a swap-cached KSM page",
                 _swapcache_setup, _old_nodes_contexts, swap_slots=16),
+    SimScenario("reclaim-exit", "",
+                "no seed: kswapd's anon rmap walk while the page's last mapper exits and frees the anon_vma",
+                _reclaim_exit_setup, _reclaim_exit_contexts, swap_slots=16),
     SimScenario("zero-pages-fork", "",
                 "found in today's kernel: a thread breaks a KSM zero pte while another forks",
                 _zero_fork_setup, _zero_fork_contexts,

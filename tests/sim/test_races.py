@@ -153,3 +153,33 @@ def test_the_same_seed_gives_the_same_events_twice():
     assert a.events and a.events == b.events and a.trace == b.trace
     assert (a.failure or {}).get("title") == (b.failure or {}).get("title")
     assert c.trace != a.trace          # another seed is another schedule
+
+
+def test_reclaim_against_exit_rechecks_the_anon_vma_under_its_lock():
+    """A model race the soak found (KASAN in anon_vma_walk), kept as a scenario:
+
+        CPU0: kswapd (shrink_page -> try_to_unmap)   CPU1: exit of the page's only mapper
+        page locked, in the swap cache, mapped
+        page->mapping -> anon_vma A
+        down_read(A's lock)  -- preempted --
+                                                     exit_mmap: zap the pte (mapcount 0)
+                                                     unlink the vma; A has no vmas: free A
+        (took A's slot lock) walk A's vma list: use-after-free, before the fix
+
+    folio_lock_anon_vma_read() takes the lock of the slot (typesafe by RCU) and checks
+    under it that the page is still mapped: here it is not, so kswapd walks nothing.
+    """
+    w = world_of("reclaim-exit", [])
+    try:
+        res = replay(w, "v1:7>1")
+    finally:
+        w.close()
+    assert res.failure is None, res.failure
+    kswapd = _ops(res, "kswapd")
+    assert "down_read(anon_vma_lock[0])" in kswapd
+    down = next(s for s, t, wh, _d in res.trace if t == 0 and wh == "down_read")
+    exit_steps = [s for s, t, _w, _d in res.trace if t == 1]
+    # The whole exit, the mm's (and so the anon_vma's) free included, ran inside
+    # kswapd's window, before it had the lock.
+    assert exit_steps and min(exit_steps) > down
+    assert "mm_free" in [e for _s, _t, ctx, e, _f in res.events if ctx == "exit:t"]
