@@ -670,8 +670,11 @@ class Cluster:
         self._add_report(rep)
         return rep
 
-    def _odd_processes(self) -> list[str]:
-        states = {name: proc_state(p.pid) for name, p in self.procs.items()}
+    def _proc_states(self) -> dict[str, str]:
+        return {name: proc_state(p.pid) for name, p in self.procs.items()}
+
+    def _odd_processes(self, states: dict[str, str] | None = None) -> list[str]:
+        states = self._proc_states() if states is None else states
         return [f"      {n} (pid {self.procs[n].pid}) is {_STATE_NAMES.get(st, st)}"
                 for n, st in sorted(states.items()) if st not in ("R", "S", "D")]
 
@@ -689,8 +692,8 @@ class Cluster:
         secs = int(self.opts.hung_task_timeout * 2)
         title = f"INFO: task supervisor blocked for more than {secs} seconds."
         lines = [title, f"      no reply from {actor} to {mtype} (request {rid}) for {waited / 1e9:.1f} s"]
-        states = {name: proc_state(p.pid) for name, p in self.procs.items()}
-        lines += self._odd_processes()
+        states = self._proc_states()
+        lines += self._odd_processes(states)
         return [{"kind": "hung_task", "title": title, "text": "\n".join(lines),
                  "data": {"actor": "supervisor", "waiting_for": actor, "request": mtype, "id": rid,
                           "blocked_ns": waited, "states": states}}]

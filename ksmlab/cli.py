@@ -166,10 +166,13 @@ def cmd_cover(a: argparse.Namespace) -> int:
     except FileNotFoundError as e:
         print(f"ksmlab: {e}", file=sys.stderr)
         return 2
+    ksm_c = kcov.ksm_c_table(rows)
     if a.json:
-        print(json.dumps([asdict(r) for r in rows]))
+        print(json.dumps({"functions": [asdict(r) for r in rows], "mm_ksm_c": [asdict(r) for r in ksm_c]}))
     else:
         print(kcov.format_table(rows, only_missing=a.missing))
+        print()
+        print(kcov.format_ksm_c_table(ksm_c, only_missing=a.missing))
     return 0
 
 

@@ -9,7 +9,9 @@
 # functions (by their def ranges), so a campaign can say which functions of our
 # mm/ksm.c model it reached, how much of each, and name the ones it never reached.
 # coverage.py counts no hits, only reached or not; a count of runs that reached a
-# function comes from the per-run data files instead.
+# function comes from the per-run data files instead. The second table reads the
+# same data through docs/ksm-functions.md: which functions of the kernel's mm/ksm.c
+# (by the kernel's names) the campaign ran, and which it never reached.
 from __future__ import annotations
 
 import ast
@@ -23,6 +25,7 @@ from coverage.data import CoverageData
 from coverage.python import PythonFileReporter
 
 from actors.kcov import KERNEL_DIR
+from ksmlab import ksm_functions
 
 
 @dataclass
@@ -132,4 +135,47 @@ def format_table(rows: list[FuncCov], only_missing: bool = False) -> str:
     never = [f"{r.module}.{r.name}" for r in rows if not r.reached]
     if never:
         lines.append("never reached: " + ", ".join(never))
+    return "\n".join(lines)
+
+
+@dataclass
+class KsmCov:
+    kernel: str                 # the mm/ksm.c function(s) of the table's row
+    ours: str                   # the kernel-path functions that do its work
+    status: str                 # "reached", "never reached", "not traced" (outside actors/kernel)
+    files_hit: int
+
+
+def ksm_c_table(funcs: list[FuncCov], table: list[ksm_functions.Row] | None = None) -> list[KsmCov]:
+    """Per modelled row of docs/ksm-functions.md: did the data reach any of our functions
+    that do that mm/ksm.c function's work? A row whose functions all live outside the
+    kernel paths (the ksmd actor's loop, the arenas) is "not traced": coverage records
+    actors/kernel only."""
+    by_name: dict[tuple[str, str], list[FuncCov]] = {}
+    for f in funcs:
+        by_name.setdefault((f.module, f.name), []).append(f)
+    out = []
+    for row in ksm_functions.load() if table is None else table:
+        if not row.modelled:
+            continue
+        traced = [(m, a) for m, a in row.refs if "." not in m]
+        hits = [f for m, a in traced for f in by_name.get((m, a.split(".")[-1]), [])]
+        status = "not traced" if not traced else "reached" if any(f.reached for f in hits) else "never reached"
+        out.append(KsmCov(", ".join(row.kernel), ", ".join(f"{m}.{a}" for m, a in traced) or "-", status,
+                          max((f.files_hit for f in hits), default=0)))
+    return out
+
+
+def format_ksm_c_table(rows: list[KsmCov], only_missing: bool = False) -> str:
+    lines = [f"{'mm/ksm.c function':40} {'ksmlab (actors/kernel)':52} {'':13} {'procs':>6}"]
+    for r in rows:
+        if only_missing and r.status != "never reached":
+            continue
+        lines.append(f"{r.kernel[:40]:40} {r.ours[:52]:52} {r.status:13} {r.files_hit:>6}")
+    traced = [r for r in rows if r.status != "not traced"]
+    reached = [r for r in traced if r.status == "reached"]
+    lines.append(f"mm/ksm.c: reached {len(reached)} of the {len(traced)} functions modelled in the kernel "
+                 f"paths ({len(rows) - len(traced)} more are modelled outside them and not traced)")
+    never = [r.kernel for r in traced if r.status == "never reached"]
+    lines.append("mm/ksm.c never reached: " + (", ".join(never) if never else "none"))
     return "\n".join(lines)

@@ -141,8 +141,12 @@ def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root:
     if coverage:
         cmd += ["--coverage", os.path.abspath(coverage)]
     t0 = time.monotonic()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
-                         start_new_session=True, text=True)
+    # The run's stderr and its result line stay in its folder: a run that failed a check
+    # or died without a result can be read afterwards, not only replayed.
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    with open(os.path.join(run_dir, "run.stderr"), "wb") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
+                             start_new_session=True, text=True)
     try:
         out, _ = p.communicate(timeout=time_limit + 60)
     except subprocess.TimeoutExpired:
@@ -158,7 +162,9 @@ def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root:
         res = json.loads(out.strip().splitlines()[-1])
     except (ValueError, IndexError):
         return RunResult(bug_name, seed, run_dir, secs, [], [], None, "crashed",
-                         f"exit {p.returncode}, no JSON result")
+                         f"exit {p.returncode}, no JSON result (see {run_dir}/run.stderr)")
+    with contextlib.suppress(OSError), open(os.path.join(run_dir, "result.json"), "w") as f:
+        f.write(out.strip().splitlines()[-1] + "\n")
     reps = res.get("reports") or []
     kinds = [report_kind(r) for r in reps]
     t_first = min((r.get("t_s") for r in reps if r.get("t_s") is not None), default=None)
@@ -206,7 +212,8 @@ class _Progress:
             tally = "  ".join(f"{b} {h}/{n}" for b, (h, n) in self.tally.items())
             what = ",".join(sorted(set(r.kinds))) or r.status
             when = f" at {r.t_first:.1f} s" if r.t_first is not None else ""
-            line = (f"[{bar}] {self.done}/{self.total}  {r.bug} seed {r.seed}: {what}{when} "
+            why = f" [{r.detail[:80]}]" if r.status in ("failed", "crashed", "timeout") and r.detail else ""
+            line = (f"[{bar}] {self.done}/{self.total}  {r.bug} seed {r.seed}: {what}{when}{why} "
                     f"({r.seconds:.1f} s)  | {tally}")
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
@@ -308,10 +315,14 @@ def main(a: argparse.Namespace) -> int:
                        a.coverage, a.scenario)
     if a.coverage:
         rows = kcov.table(a.coverage)
+        ksm_c = kcov.ksm_c_table(rows)
         out["coverage"] = {"reached": sum(r.reached for r in rows), "functions": len(rows),
-                           "never_reached": [f"{r.module}.{r.name}" for r in rows if not r.reached]}
+                           "never_reached": [f"{r.module}.{r.name}" for r in rows if not r.reached],
+                           "mm_ksm_c_never_reached": [r.kernel for r in ksm_c if r.status == "never reached"]}
         if not a.json:
             print(kcov.format_table(rows))
+            print()
+            print(kcov.format_ksm_c_table(ksm_c))
     # One page for the campaign: per bug the tally and its first failing run's picture.
     index = picture.write_campaign_index(out, a.runs_root)
     if index:

@@ -8,31 +8,17 @@
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 
 import pytest
 
+from ksmlab.ksm_functions import NAME, REF, TABLE, module_path, rows
+
 ROOT = Path(__file__).resolve().parents[1]
-TABLE = ROOT / "docs" / "ksm-functions.md"
-REF = re.compile(r"`([A-Za-z_][\w.]*):([A-Za-z_][\w.]*)`")
-NAME = re.compile(r"`([A-Za-z_]\w*)`")
-
-
-def rows(text: str) -> list[tuple[int, list[str]]]:
-    """(line number, cells) of every table body row (header and rule rows skipped)."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.startswith("|") or line.startswith("|---") or line.startswith("| kernel function"):
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        out.append((n, cells))
-    return out
 
 
 def resolve(module: str, attr: str) -> object:
-    mod = importlib.import_module(module if "." in module else f"actors.kernel.{module}")
-    obj: object = mod
+    obj: object = importlib.import_module(module_path(module))
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj

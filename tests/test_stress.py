@@ -78,12 +78,17 @@ def test_coverage_of_a_run_names_the_kernel_functions_it_reached(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     c = _ksmlab("cover", str(cov), "--json")
     assert c.returncode == 0, c.stderr
-    rows = {f"{x['module']}.{x['name']}": x for x in json.loads(c.stdout)}
+    out = json.loads(c.stdout)
+    rows = {f"{x['module']}.{x['name']}": x for x in out["functions"]}
     # ksmd's scan and the exit path ran in their own processes; their coverage is here.
     assert rows["ksm_scan.scan_get_next_rmap_item"]["lines_hit"] > 0
     assert rows["ksm_mm.__ksm_exit"]["lines_hit"] > 0
     # ... and what this workload never does is reported as not reached.
     assert rows["vmscan.shrink_page"]["lines_hit"] == 0
+    # The same data by mm/ksm.c's own names (docs/ksm-functions.md).
+    ksm_c = {x["kernel"]: x["status"] for x in out["mm_ksm_c"]}
+    assert ksm_c["scan_get_next_rmap_item"] == "reached"
+    assert ksm_c["rmap_walk_ksm"] == "never reached"
     assert _ksmlab("cover", str(tmp_path / "empty")).returncode == 2
 
 

@@ -2,7 +2,8 @@
 #
 # Workers drive tasks that map memory with a seeded mix of duplicated, unique and
 # zero pages, advise it mergeable (madvise or prctl), rewrite pages (COW on KSM
-# pages), fork, exit, and allocate past physical memory so that kswapd swaps KSM
+# pages), reshape areas (mprotect and madvise of part of an area split its vma;
+# prctl turns whole-process merging on and off), fork, exit, and allocate past physical memory so that kswapd swaps KSM
 # and anonymous pages out and faults bring them back, or the OOM killer kills.
 # Rarely, the shapes the kernel's reproducers use: LTP ksm05's short-lived task with
 # an empty mergeable area, an mlockall task with a PROT_NONE guard area, and a drain
@@ -37,7 +38,10 @@ from protocol.abi import (
     MCL_FUTURE,
     PAGE_SIZE,
     PR_SET_MEMORY_MERGE,
+    PROT_EXEC,
     PROT_NONE,
+    PROT_READ,
+    PROT_WRITE,
 )
 
 NAME = "soak"
@@ -237,12 +241,36 @@ class Soak:
             addr, npages = rng.choice(areas)
             await self.call(t, t.madvise(addr, npages * PAGE_SIZE, MADV_UNMERGEABLE))
             self.count("unmerge")
-        elif r < 0.92 and len(self.tasks) > 2:
+        elif r < 0.87:
+            await self.reshape(t, rng.choice(areas))
+        elif r < 0.93 and len(self.tasks) > 2:
             self.tasks.remove(t)
             await self.call(t, t.exit())
             self.count("exit")
         else:
             await self.knob()
+
+    async def reshape(self, t: Task, area: tuple[int, int]) -> None:
+        """Part of an area changes: its vma splits (mprotect adds PROT_EXEC and takes it
+        away again, so that another worker's write stays legal; or madvise of a
+        sub-range), or the whole process's merging is switched
+        (PR_SET_MEMORY_MERGE 0 unmerges every area: ksm_disable_merge_any)."""
+        addr, npages = area
+        first = self.rng.randrange(npages)
+        n = self.rng.randrange(1, npages - first + 1)
+        sub, length = addr + first * PAGE_SIZE, n * PAGE_SIZE
+        r = self.rng.random()
+        if r < 0.4:
+            await self.call(t, t.mprotect(sub, length, PROT_READ | PROT_WRITE | PROT_EXEC))
+            await self.call(t, t.mprotect(sub, length, PROT_READ | PROT_WRITE))
+            self.count("mprotect")
+        elif r < 0.8:
+            advice = MADV_MERGEABLE if self.rng.random() < 0.5 else MADV_UNMERGEABLE
+            await self.call(t, t.madvise(sub, length, advice))
+            self.count("madvise_part")
+        else:
+            await self.call(t, t.prctl(PR_SET_MEMORY_MERGE, int(self.rng.random() < 0.5)))
+            self.count("prctl")
 
     async def knob(self) -> None:
         r = self.rng.random()
