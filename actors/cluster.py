@@ -829,7 +829,15 @@ class Cluster:
         deadline = time.monotonic() + 5.0
         while ksm["reclaim_paused"] != 2 and time.monotonic() < deadline:
             time.sleep(0.002)
-        self.k.ksm_thread_mutex.lock()
+        # An exit the OOM killer started runs on in the exit actor; wait until no address
+        # space is half torn down, with ksmd held off (a batch of ksmd's may OOM-kill),
+        # but without keeping ksm_thread_mutex while waiting (the 2009 exit takes it).
+        while True:
+            self.k.ksm_thread_mutex.lock()
+            if ksm["mmput_in_flight"] == 0 or time.monotonic() > deadline:
+                break
+            self.k.ksm_thread_mutex.unlock()
+            time.sleep(0.002)
         try:
             found = check_invariants(self.k)
         finally:

@@ -331,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("stress", help="run a campaign of seeds against historical KSM bugs")
     st.add_argument("--bug", required=True, help="a bug (variant) name, or all")
-    st.add_argument("--fixed", action="store_true", help="today's kernel: the campaign must find nothing")
+    st.add_argument("--fixed", action="store_true", help="today's kernel: the campaign must find nothing "
+                    "but ksmlab's known findings (run with their proposed fixes, \"fix:\" variants)")
+    st.add_argument("--without-proposed-fixes", action="store_true",
+                    help="with --fixed: today's kernel exactly, without the \"fix:\" variants")
     st.add_argument("--runs", type=int, default=20, help="seeds per bug")
     st.add_argument("--scenario", help="run this scenario instead of the bug's own (e.g. soak: blind discovery)")
     st.add_argument("--jobs", type=int, default=1, help="runs at a time")

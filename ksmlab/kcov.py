@@ -149,8 +149,9 @@ class KsmCov:
 def ksm_c_table(funcs: list[FuncCov], table: list[ksm_functions.Row] | None = None) -> list[KsmCov]:
     """Per modelled row of docs/ksm-functions.md: did the data reach any of our functions
     that do that mm/ksm.c function's work? A row whose functions all live outside the
-    kernel paths (the ksmd actor's loop, the arenas) is "not traced": coverage records
-    actors/kernel only."""
+    kernel paths (the ksmd actor's loop, the arenas), or that is partly outside and was
+    not reached inside (ksm_init: the supervisor boots the kernel), is "not traced":
+    coverage records the actor processes' actors/kernel only."""
     by_name: dict[tuple[str, str], list[FuncCov]] = {}
     for f in funcs:
         by_name.setdefault((f.module, f.name), []).append(f)
@@ -160,7 +161,11 @@ def ksm_c_table(funcs: list[FuncCov], table: list[ksm_functions.Row] | None = No
             continue
         traced = [(m, a) for m, a in row.refs if "." not in m]
         hits = [f for m, a in traced for f in by_name.get((m, a.split(".")[-1]), [])]
-        status = "not traced" if not traced else "reached" if any(f.reached for f in hits) else "never reached"
+        reached = any(f.reached for f in hits)
+        # Work done outside the kernel paths (ksm_init is the supervisor's boot) is not
+        # traced: such a row is never "never reached" on the kernel paths' evidence alone.
+        outside = len(traced) < len(row.refs)
+        status = "reached" if reached else "not traced" if outside or not traced else "never reached"
         out.append(KsmCov(", ".join(row.kernel), ", ".join(f"{m}.{a}" for m, a in traced) or "-", status,
                           max((f.files_hit for f in hits), default=0)))
     return out

@@ -12,7 +12,10 @@
 # What counts. A run *detects* its bug when a report of one of the bug's expected
 # kinds is among its reports (the campaign kinds below, from the detectors' raw
 # kinds). With --fixed any report at all is a finding: today's kernel must survive
-# the same campaign with nothing to say.
+# the same campaign with nothing to say, except what ksmlab has already found in it
+# (docs/bugs/README.md, "Findings"). So that a known finding does not hide a new one,
+# --fixed runs today's kernel with ksmlab's proposed fixes ("fix:" variants) unless
+# --without-proposed-fixes, and a report of a known finding is counted apart (known).
 from __future__ import annotations
 
 import argparse
@@ -31,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.kernel.variants import proposed_fixes
 from ksmlab import kcov, live, picture
 from shared_mem.segment import sweep_stale
 
@@ -76,6 +80,19 @@ REPORT_KINDS: dict[str, str] = {
 }
 
 
+# What ksmlab found in today's kernel (docs/bugs/README.md, "Findings"), by the start
+# of the report titles the detectors give it; the finding's page says more.
+KNOWN_FINDINGS: dict[str, str] = {
+    "WARNING: mm/ksm.c: remove_stable_node: KSM page still mapped after KSM_RUN_UNMERGE":
+        "docs/bugs/README.md (a KSM page survives run=2 in a vma that is no longer VM_MERGEABLE)",
+    "ksm: ksm_zero_pages mismatch": "docs/bugs/zero-pages-fork.md",
+}
+
+
+def known_finding(title: str) -> str | None:
+    return next((doc for prefix, doc in KNOWN_FINDINGS.items() if title.startswith(prefix)), None)
+
+
 def bug_kinds(variant: str) -> tuple[str, ...]:
     """The report kinds that mean a run with this variant found its bug ((): unknown)."""
     b = BUGS.get(variant) or BUGS.get(variant.split(":")[0])
@@ -111,35 +128,51 @@ class RunResult:
     status: str                      # ok | reports | failed | timeout | crashed
     detail: str = ""
 
+    @property
+    def known(self) -> list[str]:
+        """Titles of reports that are ksmlab's known findings in today's kernel."""
+        return [t for t in self.titles if known_finding(t)]
+
     def detected(self, bug: Bug, fixed: bool) -> bool:
         if fixed:
-            return bool(self.kinds) or self.status in ("timeout", "crashed")
+            new = [t for t in self.titles if not known_finding(t)]
+            return bool(new) or self.status in ("timeout", "crashed") or bool(self.kinds and not self.titles)
         return any(k in bug.kinds for k in self.kinds)
 
 
-def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root: str,
-            sched: str | None, depth: int | None, coverage: str | None = None,
-            scenario: str | None = None, extra_args: dict[str, str] | None = None,
-            python: str = sys.executable) -> RunResult:
-    """One seeded run of a bug's scenario (or `scenario`: blind discovery by the soak)
-    in its own process group, bounded in time."""
+def run_command(bug_name: str, seed: int, fixed: bool, time_limit: float, run_dir: str,
+                sched: str | None, depth: int | None, coverage: str | None = None,
+                scenario: str | None = None, extra_args: dict[str, str] | None = None,
+                python: str = sys.executable, proposed: bool = True) -> list[str]:
+    """The `ksmlab run` command line of one campaign run."""
     bug = BUGS[bug_name]
-    tag = "fixed" if fixed else "variant"
-    scen = scenario or bug.scenario
-    label = bug_name if scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
-    run_dir = os.path.abspath(os.path.join(runs_root, f"{label.replace(':', '_')}-{tag}-{seed}"))
-    cmd = [python, "-m", "ksmlab.cli", "run", scen, "--json", "--stop-on-report",
+    cmd = [python, "-m", "ksmlab.cli", "run", scenario or bug.scenario, "--json", "--stop-on-report",
            "--seed", str(seed), "--run-dir", run_dir, "--arg", f"seconds={time_limit}"]
     for k, v in {**bug.args, **(extra_args or {})}.items():
         cmd += ["--arg", f"{k}={v}"]
-    if not fixed:
-        cmd += ["--variant", bug_name]
+    for v in [bug_name] if not fixed else proposed_fixes() if proposed else []:
+        cmd += ["--variant", v]
     if sched:
         cmd += ["--sched", sched]
     if depth:
         cmd += ["--depth", str(depth)]
     if coverage:
         cmd += ["--coverage", os.path.abspath(coverage)]
+    return cmd
+
+
+def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root: str,
+            sched: str | None, depth: int | None, coverage: str | None = None,
+            scenario: str | None = None, extra_args: dict[str, str] | None = None,
+            python: str = sys.executable, proposed: bool = True) -> RunResult:
+    """One seeded run of a bug's scenario (or `scenario`: blind discovery by the soak)
+    in its own process group, bounded in time."""
+    tag = "fixed" if fixed else "variant"
+    scen = scenario or BUGS[bug_name].scenario
+    label = bug_name if scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
+    run_dir = os.path.abspath(os.path.join(runs_root, f"{label.replace(':', '_')}-{tag}-{seed}"))
+    cmd = run_command(bug_name, seed, fixed, time_limit, run_dir, sched, depth, coverage, scenario,
+                      extra_args, python, proposed)
     t0 = time.monotonic()
     # The run's stderr and its result line stay in its folder: a run that failed a check
     # or died without a result can be read afterwards, not only replayed.
@@ -188,6 +221,7 @@ def summarize(bug_name: str, fixed: bool, results: list[RunResult]) -> dict[str,
         "run_dirs": [r.run_dir for r in sorted(results, key=lambda r: r.seed)],
         "failing_runs": [r.run_dir for r in hits],
         "not_ok": sorted({r.status for r in results if r.status not in ("ok", "reports")}),
+        "known_findings": sum(1 for r in results if r.known),
     }
 
 
@@ -221,7 +255,7 @@ class _Progress:
 
 def campaign(bugs: list[str], fixed: bool, runs: int, jobs: int, time_limit: float | None, seed: int,
              runs_root: str, sched: str | None, depth: int | None, coverage: str | None = None,
-             scenario: str | None = None) -> dict[str, Any]:
+             scenario: str | None = None, proposed: bool = True) -> dict[str, Any]:
     os.makedirs(runs_root, mode=0o700, exist_ok=True)
     work = [(b, seed + i) for b in bugs for i in range(runs)]
     prog = _Progress(len(work), fixed)
@@ -229,19 +263,19 @@ def campaign(bugs: list[str], fixed: bool, runs: int, jobs: int, time_limit: flo
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         futs = {pool.submit(run_one, b, s, fixed, time_limit or BUGS[b].time_limit, runs_root,
-                            sched, depth, coverage, scenario): b for b, s in work}
+                            sched, depth, coverage, scenario, proposed=proposed): b for b, s in work}
         for f in as_completed(futs):
             r = f.result()
             results[r.bug].append(r)
             prog.update(r, r.detected(BUGS[r.bug], fixed))
     return {"bugs": {b: summarize(b, fixed, rs) for b, rs in results.items()}, "scenario": scenario,
-            "seed": seed, "sched": sched or "pct", "depth": depth or 3,
+            "proposed_fixes": proposed_fixes() if fixed and proposed else [], "seed": seed, "sched": sched or "pct", "depth": depth or 3,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
 def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float | None, seed: int,
            runs_root: str, sched: str | None, depth: int | None, coverage: str, scenario: str | None,
-           p_mutate: float = 0.5) -> dict[str, Any]:
+           p_mutate: float = 0.5, proposed: bool = True) -> dict[str, Any]:
     """A coverage-guided campaign, syzkaller's way: a seed whose run reached a kernel-path
     arc no earlier run reached joins the corpus, and later runs mutate a corpus entry
     (same configuration, drawn from the parent's seed through `knob_seed`; new workload
@@ -264,7 +298,7 @@ def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float |
                 cdir = os.path.join(coverage, f"run-{s}")
                 wave.append((s, parent, cdir, pool.submit(
                     run_one, bug_name, s, fixed, time_limit or BUGS[bug_name].time_limit, runs_root,
-                    sched, depth, cdir, scenario, extra)))
+                    sched, depth, cdir, scenario, extra, proposed=proposed)))
                 i += 1
             for s, parent, cdir, fut in wave:
                 r = fut.result()
@@ -291,7 +325,9 @@ def main(a: argparse.Namespace) -> int:
         print("ksmlab: --runs, --jobs and --time-limit must be positive", file=sys.stderr)
         return 2
     seed = a.seed if a.seed is not None else secrets.randbelow(1 << 30)
-    sys.stderr.write(f"ksmlab stress: bugs {', '.join(bugs)}; {'fixed' if a.fixed else 'variant'}; "
+    fixes = proposed_fixes() if a.fixed and not a.without_proposed_fixes else []
+    what = "variant" if not a.fixed else "fixed" + (f" + proposed {', '.join(fixes)}" if fixes else "")
+    sys.stderr.write(f"ksmlab stress: bugs {', '.join(bugs)}; {what}; "
                      f"{a.runs} runs each from seed {seed}; sched {a.sched or 'pct'}/{a.depth or 3}; "
                      f"{a.jobs} at a time\n")
     if a.guided:
@@ -301,7 +337,7 @@ def main(a: argparse.Namespace) -> int:
         t0 = time.monotonic()
         os.makedirs(a.runs_root, mode=0o700, exist_ok=True)
         g = guided(bugs[0], a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
-                   a.coverage, a.scenario)
+                   a.coverage, a.scenario, proposed=not a.without_proposed_fixes)
         out = {"bugs": {bugs[0]: g["summary"]}, "scenario": a.scenario, "seed": seed,
                "sched": a.sched or "pct", "depth": a.depth or 3, "corpus": g["corpus"], "growth": g["growth"],
                "seconds": round(time.monotonic() - t0, 1)}
@@ -312,7 +348,7 @@ def main(a: argparse.Namespace) -> int:
             print(f"corpus: {g['corpus']}")
     else:
         out = campaign(bugs, a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
-                       a.coverage, a.scenario)
+                       a.coverage, a.scenario, proposed=not a.without_proposed_fixes)
     if a.coverage:
         rows = kcov.table(a.coverage)
         ksm_c = kcov.ksm_c_table(rows)
@@ -338,6 +374,9 @@ def main(a: argparse.Namespace) -> int:
                   f"{s['first_seed'] if s['first_seed'] is not None else '-':>10}  {','.join(s['report_kinds'])}")
             if s["failing_runs"]:
                 print(f"    replay: ksmlab replay {s['failing_runs'][0]}")
+            if s.get("known_findings"):
+                print(f"    {s['known_findings']} run(s) reported a known finding of today's kernel "
+                      "(docs/bugs/README.md), not counted")
         print(f"campaign: {out['seconds']} s")
         if index:
             print(f"index: {index}")

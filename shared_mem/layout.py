@@ -209,6 +209,7 @@ KSM_DT = np.dtype([
     ("swap_free", "<i8"), ("last_pid", "<i8"),
     ("reclaim_paused", "<i8"),   # debug: 1 = checker asks kswapd to park, 2 = parked
     ("unmerge_start_ns", "<i8"),  # debug: when the running/last run=2 began (debug.py)
+    ("mmput_in_flight", "<i8"),   # debug: __mmput()s running (the invariant checker waits them out)
 ])
 
 # Frame allocator: one free stack per NUMA node, under zone_lock[nid].

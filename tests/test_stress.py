@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from ksmlab.stress import BUGS, REPORT_KINDS, report_kind
+from actors.kernel.variants import proposed_fixes
+from ksmlab.stress import BUGS, KNOWN_FINDINGS, REPORT_KINDS, RunResult, report_kind, run_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CAMPAIGN_KINDS = {"lockdep", "hung_task", "kasan_uaf", "oops", "bad_page", "integrity", "leak", "warning"}
@@ -27,6 +28,32 @@ def test_report_kinds_map_onto_the_campaign_kinds():
     assert report_kind({"kind": "invariant", "title": "BUG: Bad page state"}) == "bad_page"
     assert report_kind({"kind": "invariant", "title": "BUG: leak after teardown"}) == "leak"
     assert report_kind({"kind": "kasan", "title": "BUG: KASAN: use-after-free in up_read"}) == "kasan_uaf"
+
+
+def _result(*titles: str, status: str = "reports") -> RunResult:
+    return RunResult("mmput-race", 1, "/r", 1.0, ["warning"] * len(titles), list(titles), 1.0 if titles else None,
+                     status)
+
+
+def test_a_fixed_campaign_counts_known_findings_apart_and_everything_else():
+    bug = BUGS["mmput-race"]
+    known = next(iter(KNOWN_FINDINGS)) + " (pfn:0x7f, in a vma without VM_MERGEABLE)"
+    assert not _result(known).detected(bug, fixed=True) and _result(known).known == [known]
+    assert _result(known, "BUG: KASAN: use-after-free in anon_vma_walk").detected(bug, fixed=True)
+    assert _result(status="crashed").detected(bug, fixed=True)
+    assert not _result(status="ok").detected(bug, fixed=True)
+    # With the variant on only the bug's own kinds count, known finding or not.
+    assert not _result(known).detected(bug, fixed=False)
+
+
+def test_fixed_runs_carry_the_proposed_fixes_unless_told_not_to():
+    def variants(cmd: list[str]) -> list[str]:
+        return [cmd[i + 1] for i, a in enumerate(cmd) if a == "--variant"]
+
+    assert proposed_fixes() and all(v.startswith("fix:") for v in proposed_fixes())
+    assert variants(run_command("mmput-race", 1, True, 5, "/r", None, None)) == proposed_fixes()
+    assert variants(run_command("mmput-race", 1, True, 5, "/r", None, None, proposed=False)) == []
+    assert variants(run_command("mmput-race", 1, False, 5, "/r", None, None)) == ["mmput-race"]
 
 
 def test_bad_campaign_arguments_exit_2():

@@ -174,10 +174,20 @@ def test_a_torn_trace_frame_is_dropped(tmp_path):
 def test_perfetto_loads_the_trace(run_dir, tmp_path):
     out = tmp_path / "t.json"
     out.write_text(json.dumps(trace.from_run(run_dir)))
-    q = "select count(*) from slice; select count(*) from flow;"
+    # Perfetto's own importer must find what the format checks above count: message
+    # slices with their flow arrows, lock spans, and one named thread per context.
+    q = ("select (select count(*) from slice) as slices, (select count(*) from flow) as flows, "
+         "(select count(*) from slice where name like 'msg%' or category = 'msg') as msgs, "
+         "(select count(distinct name) from thread where name is not null) as threads;")
     r = subprocess.run(["trace_processor_shell", "-q", "/dev/stdin", str(out)], input=q, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    last = [ln for ln in r.stdout.splitlines() if ln.strip()][-1]
+    slices, flows, msgs, threads = (int(x.strip().strip('"')) for x in last.split(","))
+    t = trace.from_run(run_dir)
+    want_flows = sum(1 for e in t["traceEvents"] if e.get("ph") == "s")
+    assert slices > 0 and msgs > 0 and threads >= 2, r.stdout
+    assert flows == want_flows, (flows, want_flows)
 
 
 def test_around_a_report_shows_both_sides_of_the_race(tmp_path, capsys):

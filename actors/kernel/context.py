@@ -142,7 +142,8 @@ class Kernel:
         self.page_mapping = km.page["mapping"]
         self.page_ref = AtomicField(km.page["refcount"])
         self.page_map = AtomicField(km.page["mapcount"])
-        self.ksm_atomic = {f: AtomicField(km.ksm[f]) for f in ("ksm_zero_pages", "cow_ksm", "ksm_swpin_copy", "last_pid")}
+        self.ksm_atomic = {f: AtomicField(km.ksm[f]) for f in ("ksm_zero_pages", "cow_ksm", "ksm_swpin_copy", "last_pid",
+                                                              "mmput_in_flight")}
         self.current_task = 0          # task handle this context acts for (faults, syscalls)
         self.oom_origin = False        # set_current_oom_origin() (run=2 writer)
         self.alloc_retry_s = 30.0      # how long an order-0 allocation keeps retrying

@@ -31,6 +31,11 @@ GROUPS: dict[str, tuple[str, ...]] = {
 }
 
 
+def proposed_fixes() -> list[str]:
+    """The "fix:" switches: ksmlab's proposed fixes for races it found in today's kernel."""
+    return [n for n in VARIANTS if n.startswith("fix:")]
+
+
 def known() -> list[str]:
     """Every name --variant accepts."""
     return [*VARIANTS, *GROUPS]

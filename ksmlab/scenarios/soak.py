@@ -243,6 +243,10 @@ class Soak:
             self.count("unmerge")
         elif r < 0.87:
             await self.reshape(t, rng.choice(areas))
+        elif r < 0.88:
+            # /proc/PID/ksm_stat, as ksm tools read it while the task runs.
+            await self.call(t, t.ksm_stat())
+            self.count("ksm_stat")
         elif r < 0.93 and len(self.tasks) > 2:
             self.tasks.remove(t)
             await self.call(t, t.exit())
@@ -272,7 +276,36 @@ class Soak:
             await self.call(t, t.prctl(PR_SET_MEMORY_MERGE, int(self.rng.random() < 0.5)))
             self.count("prctl")
 
+    async def tune(self) -> None:
+        """A knob that needs no empty KSM, written while ksmd runs: zero-page merging and
+        smart scan on or off, the chain prune interval, or the scan-time advisor switched
+        on with its limits and off again (which resets pages_to_scan, so the old rate is
+        written back)."""
+        rng, c = self.rng, self.c
+        r = rng.random()
+        if r < 0.3:
+            name = rng.choice(["use_zero_pages", "smart_scan"])
+            await c.sysfs_write(name, 1 - int(c.sysfs_read(name)))
+        elif r < 0.5:
+            name = "stable_node_chains_prune_millisecs"
+            await c.sysfs_write(name, rng.choice([0, 10, 2000]))
+        else:
+            name = "advisor_mode"
+            rate = int(c.sysfs_read("pages_to_scan"))
+            for knob, value in (("advisor_max_cpu", rng.choice([10, 70])),
+                                ("advisor_min_pages_to_scan", rate),
+                                ("advisor_max_pages_to_scan", max(rate, 30000)),
+                                ("advisor_target_scan_time", rng.choice([1, 200]))):
+                await c.sysfs_write(knob, value)
+            await c.sysfs_write("advisor_mode", "scan-time")
+            await c.sysfs_write("advisor_mode", "none")
+            await c.sysfs_write("pages_to_scan", rate)
+        self.count(f"tune_{name}")
+
     async def knob(self) -> None:
+        if self.rng.random() < 0.3:
+            await self.tune()
+            return
         r = self.rng.random()
         value = 2 if r < 0.15 else 0 if r < 0.35 else 1
         unmerged = False

@@ -145,6 +145,7 @@ def test_mmput_of_merged_mms_keeps_the_counters_consistent(kern):
 
     h.mmput(b_mm)                            # slow path: b's items still on the nodes
     assert h.counters(*full) == full
+    assert int(h.k.ksm["mmput_in_flight"]) == 0, "the invariant checker would wait for ever"
     assert [int(h.km.page["mapcount"][p]) for p in kpfns] == [1, 1]
     assert h.km.mm.valid(b_mm) and int(h.km.mm.users[_mi(h, b_mm)]) == 0
     assert int(h.km.mm.flags[_mi(h, b_mm)]) & MMF_VM_MERGEABLE, "cleared only by ksmd's reaping"
