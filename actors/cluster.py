@@ -458,6 +458,7 @@ class Cluster:
             return
         self.stopped = True
         with contextlib.suppress(Exception):
+            self._sample_counters()    # a run shorter than the watchdog's period has one too
             self.ev("cluster_stop", reports=len(self.reports))
         for peer in list(self.peers.values()):
             with contextlib.suppress(Exception):
@@ -641,10 +642,7 @@ class Cluster:
                 now = time.monotonic_ns()
                 hung = (find_hung(self.locks.contexts_snapshot(), threshold, now)
                         or self._unanswered(2 * threshold, now))
-                # The counter tracks of a trace (ksmlab trace): KSM counters and free frames.
-                c = self.ksm_counters()
-                self.ev("ksm_counters", free_frames=self.nr_free_frames(),
-                        **{n: c[n] for n in TRACED_COUNTERS if n in c})
+                self._sample_counters()
             except Exception as e:  # the snapshot must never take the supervisor down
                 self.ev("watchdog_error", error=str(e))
                 continue
@@ -653,6 +651,12 @@ class Cluster:
                     self._add_report(rep)
                 await self._crash(hung[0]["title"])
                 return
+
+    def _sample_counters(self) -> None:
+        """The counter tracks of a trace (ksmlab trace): KSM counters and free frames."""
+        c = self.ksm_counters()
+        self.ev("ksm_counters", free_frames=self.nr_free_frames(),
+                **{n: c[n] for n in TRACED_COUNTERS if n in c})
 
     def deadline_report(self, what: str, seconds: float) -> dict:
         """`what` (the scenario) ran past its deadline: a hung-task report naming what the
