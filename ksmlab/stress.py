@@ -34,6 +34,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.kernel.debug import UNMERGE_WARNING
+from actors.kernel.invariants import ZERO_PAGES_MISMATCH
 from actors.kernel.variants import proposed_fixes
 from ksmlab import kcov, live, picture
 from shared_mem.segment import sweep_stale
@@ -83,9 +85,8 @@ REPORT_KINDS: dict[str, str] = {
 # What ksmlab found in today's kernel (docs/bugs/README.md, "Findings"), by the start
 # of the report titles the detectors give it; the finding's page says more.
 KNOWN_FINDINGS: dict[str, str] = {
-    "WARNING: mm/ksm.c: remove_stable_node: KSM page still mapped after KSM_RUN_UNMERGE":
-        "docs/bugs/README.md (a KSM page survives run=2 in a vma that is no longer VM_MERGEABLE)",
-    "ksm: ksm_zero_pages mismatch": "docs/bugs/zero-pages-fork.md",
+    UNMERGE_WARNING: "docs/bugs/README.md (a KSM page survives run=2 in a vma that is no longer VM_MERGEABLE)",
+    ZERO_PAGES_MISMATCH: "docs/bugs/zero-pages-fork.md",
 }
 
 
@@ -136,7 +137,7 @@ class RunResult:
     def detected(self, bug: Bug, fixed: bool) -> bool:
         if fixed:
             new = [t for t in self.titles if not known_finding(t)]
-            return bool(new) or self.status in ("timeout", "crashed") or bool(self.kinds and not self.titles)
+            return bool(new) or self.status in ("timeout", "crashed")
         return any(k in bug.kinds for k in self.kinds)
 
 

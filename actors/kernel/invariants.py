@@ -35,6 +35,8 @@ from shared_mem.layout import (
     UNSTABLE_FLAG,
 )
 
+# The title of the per-mm ksm_zero_pages check (docs/bugs/zero-pages-fork.md).
+ZERO_PAGES_MISMATCH = "ksm: ksm_zero_pages mismatch"
 
 def _rep(title: str, lines: list[str], data: dict[str, Any]) -> dict:
     return {"kind": "invariant", "title": title, "text": "\n".join([title, *lines]) + "\n", "data": data}
@@ -78,7 +80,7 @@ def check_invariants(k: Kernel) -> list[dict]:
             out.append(_rep("BUG: Bad rss-counter state", [f"mm {mi}: rss_anon {int(km.mm.rss_anon[mi])}, ptes {rss}"],
                             {"mm": mi, "rss": int(km.mm.rss_anon[mi]), "ptes": rss}))
         if int(km.mm.ksm_zero_pages[mi]) != kz:
-            out.append(_rep("ksm: ksm_zero_pages mismatch", [f"mm {mi}: counter {int(km.mm.ksm_zero_pages[mi])}, ptes {kz}"],
+            out.append(_rep(ZERO_PAGES_MISMATCH, [f"mm {mi}: counter {int(km.mm.ksm_zero_pages[mi])}, ptes {kz}"],
                             {"mm": mi}))
 
     # -- struct page conservation ----------------------------------------------------------------

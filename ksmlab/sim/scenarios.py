@@ -21,6 +21,7 @@ from actors.kernel import mm as mmops
 from actors.kernel import sysfs
 from actors.kernel.context import Kernel
 from actors.kernel.fault import mm_populate
+from actors.kernel.invariants import ZERO_PAGES_MISMATCH
 from actors.kernel.syscalls import sys_mlockall
 from actors.kernel.vmscan import shrink_page
 from ksmlab.sim.world import Context, World, ksmd_body
@@ -292,7 +293,7 @@ SCENARIOS: dict[str, SimScenario] = {s.name: s for s in (
     SimScenario("zero-pages-fork", "",
                 "found in today's kernel: a thread breaks a KSM zero pte while another forks",
                 _zero_fork_setup, _zero_fork_contexts,
-                finding="ksm: ksm_zero_pages mismatch", fix="fix:zero-pages-fork"),
+                finding=ZERO_PAGES_MISMATCH, fix="fix:zero-pages-fork"),
 )}
 
 # The variant each race-lab bug name selects in `ksmlab sim NAME --variant NAME`.
