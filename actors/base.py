@@ -32,7 +32,7 @@ from protocol import auth, codec, endpoints
 from protocol.codec import ProtocolError
 from shared_mem.arena import BadFree, UseAfterFree
 from shared_mem.layout import KernelMemory
-from shared_mem.locks import LockSpace
+from shared_mem.locks import KWAIT_EVENT, LockSpace
 
 # Called, in order, when the actor gets SIGTERM, after it is marked stopping. A run that
 # records coverage installs one (actors/kcov.py): save the data now, whatever the actor
@@ -166,6 +166,21 @@ class Actor:
         rid = self.next_id()
         self.trace.record("msg_send", mtype, arg=rid, peer=target)
         s.send(self.seal.encode(codec.request(mtype, rid, self.name, **fields)))
+        # A kernel context that waits for a reply is in a wait_event() as far as the
+        # hung-task watchdog goes: a target that stops answering without holding a lock
+        # (SIGSTOPped, spinning, a lost message) then ends the run with a report naming
+        # the wait. Inside a retry loop's published wait, that wait already counts.
+        k = getattr(self.tls, "kernel", None)
+        watched = k is not None and k.no_progress_site is None
+        if watched:
+            self.locks.no_progress(f"wait_for_reply({target}:{mtype})", 0, KWAIT_EVENT)
+        try:
+            return self._await_reply(s, target, mtype, rid, timeout)
+        finally:
+            if watched:
+                self.locks.progress()
+
+    def _await_reply(self, s: zmq.Socket, target: str, mtype: str, rid: int, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self.stopping:

@@ -641,13 +641,20 @@ class Cluster:
             try:
                 now = time.monotonic_ns()
                 hung = (find_hung(self.locks.contexts_snapshot(), threshold, now)
-                        or self._unanswered(2 * threshold, now))
+                        or self._unanswered(3 * threshold, now))
                 self._sample_counters()
             except Exception as e:  # the snapshot must never take the supervisor down
                 self.ev("watchdog_error", error=str(e))
                 continue
             if hung:
+                states = None
                 for rep in hung:
+                    kw = rep["data"].get("no_progress")
+                    if kw and kw["kind"] == "wait_event":
+                        # Whoever does not answer: a stopped or dead process is named.
+                        states = states or self._proc_states()
+                        rep["text"] += "".join(f"\n{line}" for line in self._odd_processes(states))
+                        rep["data"]["states"] = states
                     self._add_report(rep)
                 await self._crash(hung[0]["title"])
                 return
@@ -685,15 +692,16 @@ class Cluster:
     def _unanswered(self, threshold_ns: int, now: int) -> list[dict]:
         """A request of the supervisor's that got no reply for threshold_ns: an actor that
         stopped answering without waiting on a lock (stopped, spinning, lost a message),
-        which the lock watchdog cannot see. Twice the hung-task timeout, so that a lock
-        wait behind the request, the more precise report, comes first. The report names
-        every actor process that is stopped or dead."""
+        which the lock watchdog cannot see. Three times the hung-task timeout, so that
+        what the request waits behind comes first, as the more precise report: a lock
+        wait, a retry loop (one timeout), a kernel context's wait for another actor's
+        reply (two). The report names every actor process that is stopped or dead."""
         late = [(now - t0, peer.name, mtype, rid) for peer in self.peers.values()
                 for rid, (mtype, t0) in list(peer.sent.items()) if now - t0 > threshold_ns]
         if not late or self.stopped:
             return []
         waited, actor, mtype, rid = max(late)
-        secs = int(self.opts.hung_task_timeout * 2)
+        secs = threshold_ns // 1_000_000_000
         title = f"INFO: task supervisor blocked for more than {secs} seconds."
         lines = [title, f"      no reply from {actor} to {mtype} (request {rid}) for {waited / 1e9:.1f} s"]
         states = self._proc_states()

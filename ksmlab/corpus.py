@@ -8,7 +8,10 @@
 # `python -m ksmlab.corpus record` runs each on this machine's kernel with
 # ksmlab.realkernel's convergence rule and writes the converged counters, every
 # process's /proc/PID/ksm_stat and how many pages ksmd had scanned by then to
-# tests/data/differential_corpus.json. The file is checked
+# tests/data/differential_corpus.json. It then runs the same workload again with a
+# pass cut into about four batches (step_pages) and stops ksmd after every batch to read
+# the counters: `steps` are the counters at every step, not only where they settled.
+# The file is checked
 # in; tests/kernel/test_corpus.py replays every entry on the model, in process, and
 # requires the same numbers. A workload is stored by its seed only, so the generator must
 # never change what a seed draws: a test pins the first draws.
@@ -19,6 +22,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -36,6 +40,7 @@ STAT_KEYS = ("ksm_rmap_items", "ksm_merging_pages", "ksm_zero_pages")
 # the cumulative counters): converged counters of a smart-scan run depend on the pass
 # (pages in a skip streak count as volatile), so the model is stopped at the same page.
 STEP_KEYS = ("pages_scanned", "full_scans")
+STEPS_MAX = 120    # snapshots kept per stepped recording (a smart-scan run settles slowly)
 
 
 def random_run(seed: int) -> tuple[Workload, dict[str, int]]:
@@ -48,6 +53,11 @@ def random_run(seed: int) -> tuple[Workload, dict[str, int]]:
     knobs = {"max_page_sharing": rng.choice([2, 3, 4, 8, 256]), "use_zero_pages": rng.choice([0, 1]),
              "smart_scan": rng.choice([0, 1])}
     return w, knobs
+
+
+def step_pages(w: Workload) -> int:
+    """pages_to_scan of the stepped recording: a pass takes about four batches."""
+    return max(4, (w.total_pages + 3) // 4)
 
 
 def record(seeds: list[int], out: Path = CORPUS, log: Any = print) -> dict[str, Any]:
@@ -63,15 +73,29 @@ def record(seeds: list[int], out: Path = CORPUS, log: Any = print) -> dict[str, 
                         **{k: int(r.counters[k]) - int(r.start_counters.get(k, 0)) for k in STEP_KEYS},
                         "kernel": {k: int(r.counters.get(k, 0)) for k in KEYS},
                         "ksm_stat": [{k: int(s.get(k, 0)) for k in STAT_KEYS} for s in r.proc_stats]})
+        # The same workload again in short batches, the counters read after every one.
+        batch = step_pages(w)
+        # ksmd sleeps between batches, so that run=0 is written before the next one.
+        r = run_workload_report(w, **knobs, pages_to_scan=batch, sleep_millisecs=20, timeout=120,
+                                steps=True, max_steps=STEPS_MAX)
+        entries[-1]["steps"] = {"pages_to_scan": batch, "columns": list(STEP_KEYS + KEYS),
+                                "at": [[s[k] for k in STEP_KEYS + KEYS] for s in r.steps]}
         log(f"seed {seed}: {w.n_procs} processes, {w.total_pages} pages, {knobs}: "
-            f"{entries[-1]['kernel']} ({time.monotonic() - t0:.1f} s)")
+            f"{entries[-1]['kernel']}, {len(r.steps)} steps of {batch} ({time.monotonic() - t0:.1f} s)")
     doc = {"kernel": platform.release(), "recorded": time.strftime("%Y-%m-%d"),
            "generator": "ksmlab.corpus.random_run", "entries": entries}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.write_text(_dumps(doc) + "\n")
     os.replace(tmp, out)
     return doc
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    """Indented JSON with every list of numbers on one line (a step is one row)."""
+    text = json.dumps(doc, indent=1)
+    return re.sub(r"\[\s*(-?\d+(?:,\s*-?\d+)*)\s*\]",
+                  lambda m: "[" + ",".join(x.strip() for x in m.group(1).split(",")) + "]", text)
 
 
 def load(path: Path = CORPUS) -> dict[str, Any]:
@@ -82,13 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ksmlab.corpus",
                                  description="record the differential corpus on this machine's kernel")
     ap.add_argument("command", choices=["record"])
-    ap.add_argument("--n", type=int, default=60, help="number of workloads (seeds 1..N)")
+    ap.add_argument("--n", type=int, default=60, help="number of workloads (seeds FIRST..FIRST+N-1)")
+    ap.add_argument("--first", type=int, default=1, help="first seed (default 1: the checked-in corpus)")
     ap.add_argument("--out", type=Path, default=CORPUS)
     a = ap.parse_args(argv)
     if a.n < 1:
         print("python -m ksmlab.corpus: --n must be at least 1", file=sys.stderr)
         return 2
-    record(list(range(1, a.n + 1)), a.out)
+    if a.first < 0:
+        print("python -m ksmlab.corpus: --first must not be negative", file=sys.stderr)
+        return 2
+    record(list(range(a.first, a.first + a.n)), a.out)
     return 0
 
 

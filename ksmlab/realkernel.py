@@ -421,6 +421,9 @@ class KernelRun:
     #: The counters after the first run=2, before any page of this run was scanned: the
     #: cumulative ones (pages_scanned, full_scans) of this run are the difference.
     start_counters: dict[str, int] = field(default_factory=dict)
+    #: With ``steps=True``: the counters after every ksmd batch (read with run=0, so at a
+    #: batch boundary), pages_scanned and full_scans counted from start_counters.
+    steps: list[dict[str, int]] = field(default_factory=list)
 
 
 def without_zero_page_residue(counters: dict[str, int], residue: int) -> dict[str, int]:
@@ -435,6 +438,19 @@ def without_zero_page_residue(counters: dict[str, int], residue: int) -> dict[st
     if "general_profit" in out:
         out["general_profit"] -= residue * mmap.PAGESIZE
     return out
+
+
+def _wait_batch(root: Path, scanned: int, deadline: float, kids: _Children) -> None:
+    """Until ksmd has scanned a page past `scanned` (a batch has begun; run=0 then waits
+    for it to end, since run_store takes ksm_thread_mutex)."""
+    polls = 0
+    while int((root / "pages_scanned").read_text()) == scanned:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pages_scanned stuck at {scanned}")
+        polls += 1
+        if polls % 500 == 0:
+            kids.check_alive()
+        time.sleep(0.0002)
 
 
 def _wait_full_scans(root: Path, target: int, deadline: float, kids: _Children) -> int:
@@ -463,8 +479,15 @@ def run_workload_report(
     stable_scans: int = 2,
     timeout: float = 60.0,
     root: Path = KSM_SYSFS,
+    steps: bool = False,
+    max_steps: int = 400,
 ) -> KernelRun:
-    """Run ``w`` on the real kernel until the counters converge; see ``run_workload``."""
+    """Run ``w`` on the real kernel until the counters converge; see ``run_workload``.
+
+    steps: stop ksmd after every batch (run=1 until a batch begins, then run=0, which
+    waits for it to end) and keep every snapshot in ``KernelRun.steps``; the run ends when
+    the CONVERGENCE_KEYS have not moved for ``stable_scans`` full scans (and at least two
+    passes are done), or after ``max_steps`` snapshots."""
     t0 = time.monotonic()
     deadline = t0 + timeout
     if not ksm_available(root):
@@ -504,23 +527,39 @@ def run_workload_report(
                 kids.start(deadline)
             kids.wait_ready(deadline)
             start = int((root / "full_scans").read_text())
-            knobs.set("run", 1)
-            _wait_full_scans(root, start + 2, deadline, kids)
 
             def snapshot() -> dict[str, int]:
                 knobs.set("run", 0)  # the kernel's tests read with ksmd stopped
                 return read_counters(root)
 
-            prev = snapshot()
-            n_snap = 1
-            while True:
+            stepped: list[dict[str, int]] = []
+            if steps:
+                cur = ref = read_counters(root)
+                while len(stepped) < max_steps:
+                    knobs.set("run", 1)
+                    _wait_batch(root, cur["pages_scanned"], deadline, kids)
+                    cur = snapshot()
+                    step = {k: cur[k] - c0.get(k, 0) if k in ("pages_scanned", "full_scans") else cur[k]
+                            for k in cur}
+                    stepped.append(without_zero_page_residue(step, c0.get("ksm_zero_pages", 0)))
+                    if any(cur.get(k) != ref.get(k) for k in CONVERGENCE_KEYS):
+                        ref = cur
+                    elif cur["full_scans"] >= max(ref["full_scans"] + stable_scans, start + 2):
+                        break
+                n_snap = len(stepped)
+            else:
                 knobs.set("run", 1)
-                _wait_full_scans(root, prev["full_scans"] + stable_scans, deadline, kids)
-                cur = snapshot()
-                n_snap += 1
-                if all(cur.get(k) == prev.get(k) for k in CONVERGENCE_KEYS):
-                    break
-                prev = cur
+                _wait_full_scans(root, start + 2, deadline, kids)
+                prev = snapshot()
+                n_snap = 1
+                while True:
+                    knobs.set("run", 1)
+                    _wait_full_scans(root, prev["full_scans"] + stable_scans, deadline, kids)
+                    cur = snapshot()
+                    n_snap += 1
+                    if all(cur.get(k) == prev.get(k) for k in CONVERGENCE_KEYS):
+                        break
+                    prev = cur
             # still run=0: per-process view, and the foreign-memory cross-check
             mine = set(kids.live_pids())
             stats = [read_ksm_stat(pid) for pid in kids.live_pids()]
@@ -550,6 +589,7 @@ def run_workload_report(
         converge_scans=cur["full_scans"],
         snapshots=n_snap,
         wall_seconds=time.monotonic() - t0,
+        steps=stepped,
     )
 
 

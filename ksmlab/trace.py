@@ -207,7 +207,8 @@ def main(a: argparse.Namespace) -> int:
     doc = from_run(a.run)
     out = a.output or os.path.join(a.run, "trace.json")
     with open(out, "w", encoding="utf-8") as f:
-        json.dump(doc, f, separators=(",", ":"), default=str)
+        # dumps, not dump: json.dump streams through the pure-Python encoder, ten times slower.
+        f.write(json.dumps(doc, separators=(",", ":"), default=str))
     print(f"{out}: {len(doc['traceEvents'])} trace events; open it in https://ui.perfetto.dev")
     return 0
 

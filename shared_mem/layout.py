@@ -193,6 +193,9 @@ KSM_DT = np.dtype([
     ("smart_scan", "<i8"), ("stable_node_chains_prune_millisecs", "<i8"),
     ("advisor_mode", "<i8"), ("advisor_max_cpu", "<i8"), ("advisor_min_pages_to_scan", "<i8"),
     ("advisor_max_pages_to_scan", "<i8"), ("advisor_target_scan_time", "<i8"),
+    # struct advisor_ctx (actors/kernel/advisor.py): ns, s, percent, ns
+    ("advisor_start_scan", "<i8"), ("advisor_scan_time", "<i8"), ("advisor_change", "<i8"),
+    ("advisor_cpu_time", "<i8"),
     # counters
     ("pages_shared", "<i8"), ("pages_sharing", "<i8"), ("pages_unshared", "<i8"),
     ("rmap_items", "<i8"), ("pages_scanned", "<i8"), ("pages_skipped", "<i8"),

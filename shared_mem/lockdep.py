@@ -345,8 +345,9 @@ def _hung_no_progress(c: dict, threshold_ns: int, now_ns: int, all_locks: list[s
 
 def find_hung(snapshot: list[dict], threshold_ns: int, now_ns: int) -> list[dict]:
     """One hung_task report per context waiting longer than threshold_ns: for a lock,
-    or without one (a retry loop making no progress, a wait_event; the snapshot's
-    "kwait", published by LockSpace.no_progress()).
+    or without one (a retry loop making no progress; a wait_event, such as a wait for
+    another actor's reply, after twice threshold_ns; the snapshot's "kwait", published
+    by LockSpace.no_progress()).
 
     `snapshot` is LockSpace.contexts_snapshot(); `now_ns` is time.monotonic_ns() at (or
     after) the snapshot. Each report is {"kind": "hung_task", "title", "text", "data"}.
@@ -356,9 +357,12 @@ def find_hung(snapshot: list[dict], threshold_ns: int, now_ns: int) -> list[dict
     for c in sorted(snapshot, key=lambda c: c["ctx"]):
         w = c["waiting"]
         kw = c.get("kwait")
+        # A wait for an event (a reply from another actor) gets twice the time: what
+        # it waits behind (a lock wait, a retry loop over there) is reported first.
+        limit = threshold_ns * (2 if kw and kw["kind"] == "wait_event" else 1)
         if (not w or now_ns - w["since_ns"] <= threshold_ns) and kw and \
-                now_ns - kw["since_ns"] > threshold_ns:
-            reports.append(_hung_no_progress(c, threshold_ns, now_ns, all_locks))
+                now_ns - kw["since_ns"] > limit:
+            reports.append(_hung_no_progress(c, limit, now_ns, all_locks))
             continue
         if not w or now_ns - w["since_ns"] <= threshold_ns:
             continue
@@ -413,4 +417,11 @@ def find_hung(snapshot: list[dict], threshold_ns: int, now_ns: int) -> list[dict
         reports.append(
             {"kind": "hung_task", "title": title, "text": "\n".join(lines), "data": data}
         )
-    return reports
+    # The most precise report first: lock waits (they name the holder), then retry loops,
+    # then waits for an event (a reply), which are often only the far end of one of those.
+    return sorted(reports, key=_hung_rank)
+
+
+def _hung_rank(rep: dict) -> int:
+    kw = rep["data"].get("no_progress")
+    return 0 if kw is None else 1 if kw["kind"] == "retry" else 2

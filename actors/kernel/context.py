@@ -190,6 +190,11 @@ class Kernel:
         if pause > 0:
             self.clock.sleep(pause)
 
+    @property
+    def no_progress_site(self) -> str | None:
+        """The retry loop this context is in without progress, if any."""
+        return self._no_progress[0] if self._no_progress is not None else None
+
     def progress(self) -> None:
         """The retry loop got what it waited for (or gave up): clear the published wait."""
         st = self._no_progress

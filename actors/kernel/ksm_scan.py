@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
+from actors.kernel.advisor import advisor_start_scan, advisor_stop_scan
 from actors.kernel.context import Kernel
 from actors.kernel.memory import follow_page, next_present, put_page
 from actors.kernel.merge import (
@@ -104,6 +105,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     head = slots.head(k)
     slot = ks.scan_slot
     if slot == head:
+        advisor_start_scan(k)
         k.ev("ksm_start_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         for nid in range(km.geo.nr_nodes):
             ks.root_unstable[nid] = NULL
@@ -199,6 +201,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
             ks.scan_address = 0
             set_cursor_link(k, Link(slot, True))
             continue
+        advisor_stop_scan(k)
         k.ev("ksm_stop_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         ks.seqnr += 1
         return NULL, -1

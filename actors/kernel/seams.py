@@ -71,6 +71,7 @@ class Clock(Protocol):
 
     def monotonic(self) -> float: ...
     def monotonic_ns(self) -> int: ...
+    def cpu_time_ns(self) -> int: ...   # task_sched_runtime(current): this context's CPU time
     def sleep(self, seconds: float) -> None: ...
 
 
@@ -113,6 +114,9 @@ class SystemClock:
 
     def monotonic_ns(self) -> int:
         return time.monotonic_ns()
+
+    def cpu_time_ns(self) -> int:
+        return time.thread_time_ns()
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from actors.kernel import debug
 from actors.kernel import mm as mmops
+from actors.kernel.advisor import ULONG_KNOBS, set_advisor_defaults, ulong_knob
 from actors.kernel.context import Kernel
 from actors.kernel.ksm_mm import mm_flags, wake_ksmd
 from actors.kernel.ksm_scan import (
@@ -136,14 +137,8 @@ def counters(k: Kernel) -> dict[str, int]:
     }
 
 
-# unsigned long knobs: the int64 field holds the bit pattern, a read shows it unsigned.
-_ULONG_KNOBS = frozenset({"advisor_min_pages_to_scan", "advisor_max_pages_to_scan", "advisor_target_scan_time"})
-_U64 = (1 << 64) - 1
-
-
 def knob(k: Kernel, name: str) -> int:
-    v = int(k.ksm[name])
-    return v & _U64 if name in _ULONG_KNOBS else v
+    return ulong_knob(k, name) if name in ULONG_KNOBS else int(k.ksm[name])
 
 
 def knobs(k: Kernel) -> dict[str, int]:
@@ -294,8 +289,7 @@ def advisor_mode_store(k: Kernel, buf: str) -> None:
     mode = ADVISOR_MODES.index(s)
     if int(k.ksm["advisor_mode"]) != mode:
         k.ksm["advisor_mode"] = mode
-        # Switching the advisor resets the scan rate (init_advisor / set_advisor_defaults).
-        k.ksm["pages_to_scan"] = int(k.ksm["advisor_min_pages_to_scan"]) if mode else KNOB_DEFAULTS["pages_to_scan"]
+        set_advisor_defaults(k)
 
 
 def stable_node_chains_prune_millisecs_store(k: Kernel, buf: str) -> None:

@@ -3,8 +3,9 @@
 # Workers drive tasks that map memory with a seeded mix of duplicated, unique and
 # zero pages, advise it mergeable (madvise or prctl), rewrite pages (COW on KSM
 # pages), reshape areas (mprotect and madvise of part of an area split its vma;
-# prctl turns whole-process merging on and off), fork, exit, and allocate past physical memory so that kswapd swaps KSM
-# and anonymous pages out and faults bring them back, or the OOM killer kills.
+# prctl turns whole-process merging on and off), fork, exec, exit, and allocate past
+# physical memory so that kswapd swaps KSM and anonymous pages out and faults bring
+# them back, or the OOM killer kills.
 # Rarely, the shapes the kernel's reproducers use: LTP ksm05's short-lived task with
 # an empty mergeable area, an mlockall task with a PROT_NONE guard area, and a drain
 # in which every task exits and the mm list goes empty under ksmd (at half the
@@ -106,6 +107,7 @@ class Soak:
         self.running.set()
         self.busy = 0
         self.idle = asyncio.Event()
+        self.advisor_rate: int | None = None    # pages_to_scan before the advisor took over
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -190,13 +192,28 @@ class Soak:
             await self.short_lived()
         self.count("drain")
 
+    async def execve(self) -> None:
+        """A task execs: exec_mmap's mmput of the old mm runs __ksm_exit on it, and the
+        new mm is registered at once when merge-any came along (ksm_execve). Called only
+        when no other worker holds a task, since the old areas vanish under any worker that
+        still writes to them (EFAULT). The task then maps and fills a new area."""
+        t = self.rng.choice(self.tasks)
+        await self.call(t, t.execve())
+        self.areas[t.pid] = []
+        self.count("execve")
+        await self.map_and_fill(t)
+
     async def rare(self) -> None:
         r = self.rng.random()
         if r < 0.5:
             await self.short_lived()
-        elif r < 0.8 and len(self.tasks) < 12:
+        elif r < 0.75 and len(self.tasks) < 12:
             await self.mlocked()
-        elif self.busy == 1:           # only when no other worker holds a task
+        elif self.busy != 1:           # the rest only when no other worker holds a task
+            return
+        elif r < 0.87 and self.tasks:
+            await self.execve()
+        else:
             await self.drain()
 
     async def step(self) -> None:
@@ -279,8 +296,8 @@ class Soak:
     async def tune(self) -> None:
         """A knob that needs no empty KSM, written while ksmd runs: zero-page merging and
         smart scan on or off, the chain prune interval, or the scan-time advisor switched
-        on with its limits and off again (which resets pages_to_scan, so the old rate is
-        written back)."""
+        on with its limits (it then tunes pages_to_scan after each pass) or off again
+        (which resets pages_to_scan, so the seed's rate is written back)."""
         rng, c = self.rng, self.c
         r = rng.random()
         if r < 0.3:
@@ -289,17 +306,20 @@ class Soak:
         elif r < 0.5:
             name = "stable_node_chains_prune_millisecs"
             await c.sysfs_write(name, rng.choice([0, 10, 2000]))
-        else:
+        elif self.advisor_rate is None:
             name = "advisor_mode"
-            rate = int(c.sysfs_read("pages_to_scan"))
+            rate = self.advisor_rate = int(c.sysfs_read("pages_to_scan"))
             for knob, value in (("advisor_max_cpu", rng.choice([10, 70])),
                                 ("advisor_min_pages_to_scan", rate),
                                 ("advisor_max_pages_to_scan", max(rate, 30000)),
                                 ("advisor_target_scan_time", rng.choice([1, 200]))):
                 await c.sysfs_write(knob, value)
-            await c.sysfs_write("advisor_mode", "scan-time")
+            await c.sysfs_write("advisor_mode", "scan-time")     # on until the next such tune
+        else:
+            name = "advisor_mode_none"
             await c.sysfs_write("advisor_mode", "none")
-            await c.sysfs_write("pages_to_scan", rate)
+            await c.sysfs_write("pages_to_scan", self.advisor_rate)
+            self.advisor_rate = None
         self.count(f"tune_{name}")
 
     async def knob(self) -> None:

@@ -53,6 +53,10 @@ class SimClock:
     def monotonic_ns(self) -> int:
         return self.sched.now_ns if self.sched is not None else 0
 
+    def cpu_time_ns(self) -> int:
+        # Virtual time passes only while some context runs: all of it counts as CPU time.
+        return self.monotonic_ns()
+
     def sleep(self, seconds: float) -> None:
         if self.sched is not None:
             self.sched.sleep(seconds)

@@ -52,12 +52,16 @@ class FakeClock:
 
     def __init__(self, start_ns: int = 1_000_000_000) -> None:
         self.ns = start_ns
+        self.cpu_ns = 0          # ksmd's CPU time: set by the tests that need it
 
     def monotonic(self) -> float:
         return self.ns / 1e9
 
     def monotonic_ns(self) -> int:
         return self.ns
+
+    def cpu_time_ns(self) -> int:
+        return self.cpu_ns
 
     def sleep(self, seconds: float) -> None:
         self.ns += int(seconds * 1e9)
