@@ -344,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print one JSON object at the end")
     st.add_argument("--coverage", metavar="DIR", help="record kernel-path coverage of every run into DIR "
                     "and print the coverage table")
+    st.add_argument("--chaos", type=float, metavar="RATE",
+                    help="every run under chaos (run --chaos): actors SIGSTOPped, idle tasks SIGKILLed")
     st.add_argument("--guided", action="store_true",
                     help="coverage-guided: keep seeds that reach new branches and mutate them (needs --coverage)")
 

@@ -128,6 +128,7 @@ class RunResult:
     t_first: float | None            # seconds from boot to the first report
     status: str                      # ok | reports | failed | timeout | crashed
     detail: str = ""
+    chaos: dict[str, int] = field(default_factory=dict)   # stops and kills the run survived
 
     @property
     def known(self) -> list[str]:
@@ -141,39 +142,57 @@ class RunResult:
         return any(k in bug.kinds for k in self.kinds)
 
 
-def run_command(bug_name: str, seed: int, fixed: bool, time_limit: float, run_dir: str,
-                sched: str | None, depth: int | None, coverage: str | None = None,
-                scenario: str | None = None, extra_args: dict[str, str] | None = None,
-                python: str = sys.executable, proposed: bool = True) -> list[str]:
-    """The `ksmlab run` command line of one campaign run."""
+@dataclass(frozen=True)
+class RunSpec:
+    """What every run of a campaign shares: the options of its `ksmlab run` command."""
+
+    fixed: bool = False
+    time_limit: float | None = None     # None: the bug's own
+    runs_root: str = "runs/stress"
+    sched: str | None = None
+    depth: int | None = None
+    coverage: str | None = None         # a folder: each run records into it
+    scenario: str | None = None         # None: the bug's own (soak: blind discovery)
+    proposed: bool = True               # with --fixed: ksmlab's proposed fixes too
+    chaos: float = 0.0                  # chaos events per second (run --chaos)
+    python: str = sys.executable
+
+    def limit(self, bug_name: str) -> float:
+        return self.time_limit or BUGS[bug_name].time_limit
+
+
+def run_command(bug_name: str, seed: int, spec: RunSpec, run_dir: str,
+                extra_args: dict[str, str] | None = None, coverage: str | None = None) -> list[str]:
+    """The `ksmlab run` command line of one campaign run (coverage: this run's folder,
+    instead of spec.coverage)."""
     bug = BUGS[bug_name]
-    cmd = [python, "-m", "ksmlab.cli", "run", scenario or bug.scenario, "--json", "--stop-on-report",
-           "--seed", str(seed), "--run-dir", run_dir, "--arg", f"seconds={time_limit}"]
+    cmd = [spec.python, "-m", "ksmlab.cli", "run", spec.scenario or bug.scenario, "--json", "--stop-on-report",
+           "--seed", str(seed), "--run-dir", run_dir, "--arg", f"seconds={spec.limit(bug_name)}"]
     for k, v in {**bug.args, **(extra_args or {})}.items():
         cmd += ["--arg", f"{k}={v}"]
-    for v in [bug_name] if not fixed else proposed_fixes() if proposed else []:
+    for v in [bug_name] if not spec.fixed else proposed_fixes() if spec.proposed else []:
         cmd += ["--variant", v]
-    if sched:
-        cmd += ["--sched", sched]
-    if depth:
-        cmd += ["--depth", str(depth)]
-    if coverage:
-        cmd += ["--coverage", os.path.abspath(coverage)]
+    if spec.sched:
+        cmd += ["--sched", spec.sched]
+    if spec.depth:
+        cmd += ["--depth", str(spec.depth)]
+    if coverage or spec.coverage:
+        cmd += ["--coverage", os.path.abspath(coverage or spec.coverage or "")]
+    if spec.chaos:
+        cmd += ["--chaos", str(spec.chaos)]
     return cmd
 
 
-def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root: str,
-            sched: str | None, depth: int | None, coverage: str | None = None,
-            scenario: str | None = None, extra_args: dict[str, str] | None = None,
-            python: str = sys.executable, proposed: bool = True) -> RunResult:
-    """One seeded run of a bug's scenario (or `scenario`: blind discovery by the soak)
+def run_one(bug_name: str, seed: int, spec: RunSpec, extra_args: dict[str, str] | None = None,
+            coverage: str | None = None) -> RunResult:
+    """One seeded run of a bug's scenario (or spec.scenario: blind discovery by the soak)
     in its own process group, bounded in time."""
-    tag = "fixed" if fixed else "variant"
-    scen = scenario or BUGS[bug_name].scenario
-    label = bug_name if scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
-    run_dir = os.path.abspath(os.path.join(runs_root, f"{label.replace(':', '_')}-{tag}-{seed}"))
-    cmd = run_command(bug_name, seed, fixed, time_limit, run_dir, sched, depth, coverage, scenario,
-                      extra_args, python, proposed)
+    tag = "fixed" if spec.fixed else "variant"
+    scen = spec.scenario or BUGS[bug_name].scenario
+    label = bug_name if spec.scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
+    run_dir = os.path.abspath(os.path.join(spec.runs_root, f"{label.replace(':', '_')}-{tag}-{seed}"))
+    cmd = run_command(bug_name, seed, spec, run_dir, extra_args, coverage)
+    time_limit = spec.limit(bug_name)
     t0 = time.monotonic()
     # The run's stderr and its result line stay in its folder: a run that failed a check
     # or died without a result can be read afterwards, not only replayed.
@@ -204,7 +223,7 @@ def run_one(bug_name: str, seed: int, fixed: bool, time_limit: float, runs_root:
     t_first = min((r.get("t_s") for r in reps if r.get("t_s") is not None), default=None)
     status = "reports" if reps else ("ok" if res.get("ok") else "failed")
     return RunResult(bug_name, seed, run_dir, secs, kinds, [r.get("title", "") for r in reps], t_first,
-                     status, res.get("failed") or "")
+                     status, res.get("failed") or "", dict(res.get("chaos") or {}))
 
 
 def summarize(bug_name: str, fixed: bool, results: list[RunResult]) -> dict[str, Any]:
@@ -223,6 +242,8 @@ def summarize(bug_name: str, fixed: bool, results: list[RunResult]) -> dict[str,
         "failing_runs": [r.run_dir for r in hits],
         "not_ok": sorted({r.status for r in results if r.status not in ("ok", "reports")}),
         "known_findings": sum(1 for r in results if r.known),
+        **({"chaos": {k: sum(r.chaos.get(k, 0) for r in results) for k in ("stops", "kills")}}
+           if any(r.chaos for r in results) else {}),
     }
 
 
@@ -254,29 +275,26 @@ class _Progress:
             sys.stderr.flush()
 
 
-def campaign(bugs: list[str], fixed: bool, runs: int, jobs: int, time_limit: float | None, seed: int,
-             runs_root: str, sched: str | None, depth: int | None, coverage: str | None = None,
-             scenario: str | None = None, proposed: bool = True) -> dict[str, Any]:
-    os.makedirs(runs_root, mode=0o700, exist_ok=True)
+def campaign(bugs: list[str], spec: RunSpec, runs: int, jobs: int, seed: int) -> dict[str, Any]:
+    os.makedirs(spec.runs_root, mode=0o700, exist_ok=True)
     work = [(b, seed + i) for b in bugs for i in range(runs)]
-    prog = _Progress(len(work), fixed)
+    prog = _Progress(len(work), spec.fixed)
     results: dict[str, list[RunResult]] = {b: [] for b in bugs}
     t0 = time.monotonic()
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futs = {pool.submit(run_one, b, s, fixed, time_limit or BUGS[b].time_limit, runs_root,
-                            sched, depth, coverage, scenario, proposed=proposed): b for b, s in work}
+        futs = {pool.submit(run_one, b, s, spec): b for b, s in work}
         for f in as_completed(futs):
             r = f.result()
             results[r.bug].append(r)
-            prog.update(r, r.detected(BUGS[r.bug], fixed))
-    return {"bugs": {b: summarize(b, fixed, rs) for b, rs in results.items()}, "scenario": scenario,
-            "proposed_fixes": proposed_fixes() if fixed and proposed else [], "seed": seed, "sched": sched or "pct", "depth": depth or 3,
+            prog.update(r, r.detected(BUGS[r.bug], spec.fixed))
+    return {"bugs": {b: summarize(b, spec.fixed, rs) for b, rs in results.items()}, "scenario": spec.scenario,
+            "proposed_fixes": proposed_fixes() if spec.fixed and spec.proposed else [], "seed": seed,
+            "sched": spec.sched or "pct", "depth": spec.depth or 3, "chaos": spec.chaos,
             "seconds": round(time.monotonic() - t0, 1)}
 
 
-def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float | None, seed: int,
-           runs_root: str, sched: str | None, depth: int | None, coverage: str, scenario: str | None,
-           p_mutate: float = 0.5, proposed: bool = True) -> dict[str, Any]:
+def guided(bug_name: str, spec: RunSpec, runs: int, jobs: int, seed: int,
+           p_mutate: float = 0.5) -> dict[str, Any]:
     """A coverage-guided campaign, syzkaller's way: a seed whose run reached a kernel-path
     arc no earlier run reached joins the corpus, and later runs mutate a corpus entry
     (same configuration, drawn from the parent's seed through `knob_seed`; new workload
@@ -287,7 +305,9 @@ def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float |
     seen: set[tuple[str, int, int]] = set()
     growth: list[dict[str, Any]] = []
     results: list[RunResult] = []
-    prog = _Progress(runs, fixed)
+    assert spec.coverage, "a guided campaign needs a coverage folder"
+    coverage = spec.coverage
+    prog = _Progress(runs, spec.fixed)
     i = 0
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while i < runs:
@@ -297,21 +317,19 @@ def guided(bug_name: str, fixed: bool, runs: int, jobs: int, time_limit: float |
                 parent = rng.choice(corpus) if corpus and rng.random() < p_mutate else None
                 extra = {"knob_seed": str(parent)} if parent is not None else {}
                 cdir = os.path.join(coverage, f"run-{s}")
-                wave.append((s, parent, cdir, pool.submit(
-                    run_one, bug_name, s, fixed, time_limit or BUGS[bug_name].time_limit, runs_root,
-                    sched, depth, cdir, scenario, extra, proposed=proposed)))
+                wave.append((s, parent, cdir, pool.submit(run_one, bug_name, s, spec, extra, cdir)))
                 i += 1
             for s, parent, cdir, fut in wave:
                 r = fut.result()
                 results.append(r)
-                prog.update(r, r.detected(BUGS[bug_name], fixed))
+                prog.update(r, r.detected(BUGS[bug_name], spec.fixed))
                 arcs = kcov.arcs_reached(cdir) if os.path.isdir(cdir) else set()
                 new = arcs - seen
                 seen |= arcs
                 if new:
                     corpus.append(parent if parent is not None else s)
                 growth.append({"seed": s, "parent": parent, "new_arcs": len(new), "total_arcs": len(seen)})
-    return {"summary": summarize(bug_name, fixed, results), "corpus": corpus, "growth": growth}
+    return {"summary": summarize(bug_name, spec.fixed, results), "corpus": corpus, "growth": growth}
 
 
 def main(a: argparse.Namespace) -> int:
@@ -325,20 +343,27 @@ def main(a: argparse.Namespace) -> int:
     if a.runs < 1 or a.jobs < 1 or (a.time_limit is not None and a.time_limit <= 0):
         print("ksmlab: --runs, --jobs and --time-limit must be positive", file=sys.stderr)
         return 2
+    if a.chaos is not None and not 0 < a.chaos <= 100:
+        print(f"ksmlab: EINVAL: --chaos {a.chaos}: a rate in events per second, above 0 and at most 100",
+              file=sys.stderr)
+        return 2
+    spec = RunSpec(fixed=a.fixed, time_limit=a.time_limit, runs_root=a.runs_root, sched=a.sched,
+                   depth=a.depth, coverage=a.coverage, scenario=a.scenario,
+                   proposed=not a.without_proposed_fixes, chaos=a.chaos or 0.0)
     seed = a.seed if a.seed is not None else secrets.randbelow(1 << 30)
     fixes = proposed_fixes() if a.fixed and not a.without_proposed_fixes else []
     what = "variant" if not a.fixed else "fixed" + (f" + proposed {', '.join(fixes)}" if fixes else "")
     sys.stderr.write(f"ksmlab stress: bugs {', '.join(bugs)}; {what}; "
                      f"{a.runs} runs each from seed {seed}; sched {a.sched or 'pct'}/{a.depth or 3}; "
-                     f"{a.jobs} at a time\n")
+                     + (f"chaos {spec.chaos:g}/s; " if spec.chaos else "")
+                     + f"{a.jobs} at a time\n")
     if a.guided:
         if not a.coverage or len(bugs) != 1:
             print("ksmlab: --guided needs --coverage DIR and one --bug", file=sys.stderr)
             return 2
         t0 = time.monotonic()
         os.makedirs(a.runs_root, mode=0o700, exist_ok=True)
-        g = guided(bugs[0], a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
-                   a.coverage, a.scenario, proposed=not a.without_proposed_fixes)
+        g = guided(bugs[0], spec, a.runs, a.jobs, seed)
         out = {"bugs": {bugs[0]: g["summary"]}, "scenario": a.scenario, "seed": seed,
                "sched": a.sched or "pct", "depth": a.depth or 3, "corpus": g["corpus"], "growth": g["growth"],
                "seconds": round(time.monotonic() - t0, 1)}
@@ -348,8 +373,7 @@ def main(a: argparse.Namespace) -> int:
                       + f": {row['new_arcs']} new arcs, {row['total_arcs']} in all")
             print(f"corpus: {g['corpus']}")
     else:
-        out = campaign(bugs, a.fixed, a.runs, a.jobs, a.time_limit, seed, a.runs_root, a.sched, a.depth,
-                       a.coverage, a.scenario, proposed=not a.without_proposed_fixes)
+        out = campaign(bugs, spec, a.runs, a.jobs, seed)
     if a.coverage:
         rows = kcov.table(a.coverage)
         ksm_c = kcov.ksm_c_table(rows)
@@ -375,6 +399,8 @@ def main(a: argparse.Namespace) -> int:
                   f"{s['first_seed'] if s['first_seed'] is not None else '-':>10}  {','.join(s['report_kinds'])}")
             if s["failing_runs"]:
                 print(f"    replay: ksmlab replay {s['failing_runs'][0]}")
+            if s.get("chaos"):
+                print(f"    chaos: {s['chaos']['stops']} actor stops, {s['chaos']['kills']} task kills")
             if s.get("known_findings"):
                 print(f"    {s['known_findings']} run(s) reported a known finding of today's kernel "
                       "(docs/bugs/README.md), not counted")

@@ -10,7 +10,15 @@ import sys
 import pytest
 
 from actors.kernel.variants import proposed_fixes
-from ksmlab.stress import BUGS, KNOWN_FINDINGS, REPORT_KINDS, RunResult, report_kind, run_command
+from ksmlab.stress import (
+    BUGS,
+    KNOWN_FINDINGS,
+    REPORT_KINDS,
+    RunResult,
+    RunSpec,
+    report_kind,
+    run_command,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CAMPAIGN_KINDS = {"lockdep", "hung_task", "kasan_uaf", "oops", "bad_page", "integrity", "leak", "warning"}
@@ -51,14 +59,17 @@ def test_fixed_runs_carry_the_proposed_fixes_unless_told_not_to():
         return [cmd[i + 1] for i, a in enumerate(cmd) if a == "--variant"]
 
     assert proposed_fixes() and all(v.startswith("fix:") for v in proposed_fixes())
-    assert variants(run_command("mmput-race", 1, True, 5, "/r", None, None)) == proposed_fixes()
-    assert variants(run_command("mmput-race", 1, True, 5, "/r", None, None, proposed=False)) == []
-    assert variants(run_command("mmput-race", 1, False, 5, "/r", None, None)) == ["mmput-race"]
+    assert variants(run_command("mmput-race", 1, RunSpec(fixed=True, time_limit=5), "/r")) == proposed_fixes()
+    assert variants(run_command("mmput-race", 1, RunSpec(fixed=True, time_limit=5, proposed=False), "/r")) == []
+    assert variants(run_command("mmput-race", 1, RunSpec(time_limit=5), "/r")) == ["mmput-race"]
 
 
 def test_bad_campaign_arguments_exit_2():
     assert _ksmlab("stress", "--bug", "no-such-bug", "--runs", "1").returncode == 2
     assert _ksmlab("stress", "--bug", "mmput-race", "--runs", "0").returncode == 2
+    for rate in ("0", "-1", "101"):
+        r = _ksmlab("stress", "--bug", "mmput-race", "--runs", "1", "--chaos", rate)
+        assert r.returncode == 2 and "EINVAL: --chaos" in r.stderr, (rate, r.stderr)
     r = _ksmlab("replay", "/nonexistent/run")
     assert r.returncode == 2 and "not a run folder" in r.stderr
 
@@ -94,6 +105,22 @@ def test_fixed_campaign_reports_nothing(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     s = out["bugs"]["cve-2011-2183"]
     assert s["fixed"] is True and s["detected"] == 0 and s["report_kinds"] == [], s
+    assert r.returncode == 0
+
+
+@pytest.mark.timeout(200)
+def test_a_chaos_campaign_on_todays_kernel_survives_its_stops_and_kills(tmp_path):
+    """stress --chaos: every run under chaos (cluster.json records the rate), the stops
+    and kills counted per bug; today's kernel still reports nothing: a stopped actor only
+    changes timing, and a killed task is an exit."""
+    r = _ksmlab("stress", "--bug", "cve-2011-2183", "--fixed", "--chaos", "3", "--runs", "1", "--time-limit", "6",
+                "--seed", "610", "--runs-root", str(tmp_path / "runs"), "--json")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    s = out["bugs"]["cve-2011-2183"]
+    assert s["detected"] == 0 and s["report_kinds"] == [], s
+    assert out["chaos"] == 3.0 and s["chaos"]["stops"] + s["chaos"]["kills"] >= 1, s
+    cfg = json.loads((pathlib.Path(s["run_dirs"][0]) / "cluster.json").read_text())
+    assert cfg["options"]["chaos"] == 3.0
     assert r.returncode == 0
 
 
