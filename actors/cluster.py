@@ -184,6 +184,7 @@ class Task:
         self.handle = handle
         self.name = f"task-{pid}"
         self.exited: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.exiting = False          # exit() was called: no longer a target for chaos
 
     def __repr__(self) -> str:
         return f"<Task {self.pid}>"
@@ -237,6 +238,7 @@ class Task:
         await self._call("execve")
 
     async def exit(self, code: int = 0) -> None:
+        self.exiting = True
         await self._call("exit", code=code)
         await self.wait_exit()
 
@@ -362,11 +364,13 @@ class Cluster:
 
     async def _exit_killed_task(self, t: Task) -> None:
         """A task chaos SIGKILLed between requests: what is left of it in the kernel goes
-        the way of any killed task, through the exit path (do_exit, code 137)."""
+        the way of any killed task, through the exit path (do_exit, code 137), unless an
+        exit is already under way for it (the exit actor then answers ESRCH)."""
         if t.name in self.peers:
             peer = self.peers.pop(t.name)
             peer.fail_all(SyscallFailed(errno_mod.ESRCH, f"ESRCH: {t.name} was killed"))
             peer.close()
+        t.exiting = True
         try:
             await self.request("exit", "do_exit", timeout=60, task=t.handle, code=128 + 9, reason="killed")
         except (SyscallFailed, ClusterError, TimeoutError) as e:
@@ -389,8 +393,7 @@ class Cluster:
                 live = sorted(n for n, p in self.procs.items() if p.poll() is None)
                 if not live or self.stopped or self.crashed is not None:
                     return
-                idle = [n for n in live if n in self.tasks and n in self.peers and self.ready[n].done()
-                        and not self.peers[n].sent]
+                idle = [n for n in live if self._idle_task(n)]
                 if idle and rng.random() < CHAOS_KILL_SHARE:
                     # Only a task between requests: in user mode, as the kernel would see a
                     # SIGKILL from outside; its exit is then run for it (_watch).
@@ -418,6 +421,14 @@ class Cluster:
             if stopped is not None:          # never leave an actor stopped behind us
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(stopped, signal.SIGCONT)
+
+    def _idle_task(self, name: str) -> bool:
+        """A task chaos may SIGKILL: started, no request in flight, not exiting (by its
+        own exit() or an exit the kernel runs for it, as after an OOM kill); killing one
+        that is on its way out would run its exit twice."""
+        t = self.tasks.get(name)
+        return (t is not None and name in self.peers and self.ready[name].done() and not self.peers[name].sent
+                and not t.exiting and not t.exited.done() and forkops.task_running(self.km, t.handle))
 
     def describe(self) -> dict:
         """The full option set of the run (printed and logged so a run can be replayed)."""

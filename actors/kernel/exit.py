@@ -22,6 +22,8 @@
 # It returns the pid; telling the supervisor is the caller's business.
 from __future__ import annotations
 
+import errno
+
 from actors.kernel import ksm_mm
 from actors.kernel import mm as mmops
 from actors.kernel.context import Kernel
@@ -170,11 +172,14 @@ def mmget_not_zero(k: Kernel, mm: int) -> bool:
 
 def do_exit(k: Kernel, task: int, code: int, reason: str) -> int:
     """The task exits with `code` (reason: "exit", "killed", ...): its mm is put and its
-    record released. Returns its pid."""
+    record released. Returns its pid, or -ESRCH when the task is in do_exit already (a
+    second fatal signal to a dying task changes nothing)."""
     t = k.km.task
     ti = t.idx(task, "do_exit")
+    if t.atomic("flags").set_bits(ti, PF_EXITING) & PF_EXITING:
+        k.ev("do_exit_exiting", task=ti, pid=int(t.pid[ti]), reason=reason)
+        return -errno.ESRCH
     k.current_task = task
-    t.atomic("flags").set_bits(ti, PF_EXITING)
     t.state[ti] = TASK_EXITING
     pid = int(t.pid[ti])
     k.ev("sched_process_exit", task=ti, pid=pid, code=code, reason=reason)

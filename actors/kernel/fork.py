@@ -29,6 +29,7 @@ from shared_mem.arena import OutOfObjects
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     PAGE_SHIFT,
+    PF_EXITING,
     PTE_PFN_MASK,
     PTE_PRESENT,
     PTE_SPECIAL,
@@ -66,6 +67,13 @@ def live_task(km: KernelMemory, task: int) -> tuple[int, int] | None:
     handles that came from outside, which must not make a use-after-free report."""
     pid, mm = km.task.peek(task, "pid"), km.task.peek(task, "mm")
     return None if pid is None or mm is None else (pid, mm)
+
+
+def task_running(km: KernelMemory, task: int) -> bool:
+    """The task record `task` names is live and not in do_exit (read without a checked
+    access, as live_task: for the supervisor's view of tasks it does not run)."""
+    flags = km.task.peek(task, "flags")
+    return flags is not None and not int(flags) & PF_EXITING
 
 
 def copy_process(k: Kernel, parent: int) -> int:

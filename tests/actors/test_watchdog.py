@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 
 import pytest
 
-from actors.cluster import ClusterCrashed
+from actors.cluster import ClusterCrashed, SyscallFailed
 from ksmlab.scenario import load_scenario, run_scenario
 from protocol.abi import PAGE_SIZE
 from tests.helpers import assert_around_shows
@@ -87,4 +88,26 @@ async def test_a_task_killed_from_outside_between_requests_is_an_exit(cluster_fa
     b = await other.mmap(PAGE_SIZE)
     await other.write(b, b"still here")
     assert await other.read(b, 10) == b"still here"
+    assert c.reports == [] and c.crashed is None
+
+
+@pytest.mark.timeout(60)
+async def test_a_kill_after_the_task_exited_is_esrch_not_a_second_exit(cluster_factory):
+    """The race the chaos soak met (a KASAN use-after-free in do_exit): a task exits, and
+    between its reply and its process's end chaos takes it for idle and SIGKILLs it; the
+    supervisor then asked for a second do_exit of a task record already released and
+    reused. Chaos now skips tasks that are exiting, and a do_exit from the supervisor
+    for a handle that names no live task is ESRCH: nothing is reported."""
+    c = await cluster_factory(frames=256)
+    t = await c.spawn_task()
+    assert c._idle_task(t.name)
+    await t.exit()
+    assert not c._idle_task(t.name)
+    reuse = await c.spawn_task()                          # its slot may be taken again
+    with pytest.raises(SyscallFailed) as e:
+        await c.request("exit", "do_exit", timeout=20, task=t.handle, code=137, reason="killed")
+    assert e.value.errno == errno.ESRCH
+    b = await reuse.mmap(PAGE_SIZE)
+    await reuse.write(b, b"unharmed")
+    assert await reuse.read(b, 8) == b"unharmed"
     assert c.reports == [] and c.crashed is None

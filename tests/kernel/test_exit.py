@@ -16,10 +16,14 @@
 # with the exit becomes a stale node removed when met, and in the end nothing is left.
 from __future__ import annotations
 
+import errno
+
 import pytest
 
 from actors.kernel import mm_slot
-from shared_mem.layout import MMF_VM_MERGEABLE, PAGE_SIZE, PG_FREE
+from actors.kernel.exit import do_exit
+from actors.kernel.fork import new_task, task_running
+from shared_mem.layout import MMF_VM_MERGEABLE, PAGE_SIZE, PF_EXITING, PG_FREE
 
 pytestmark = [pytest.mark.timeout(30)]
 
@@ -170,3 +174,21 @@ def test_mmput_of_merged_mms_keeps_the_counters_consistent(kern):
     assert mm_slot.list_empty(h.k)
     h.check()
     h.check_no_leaks()
+
+
+def test_do_exit_of_a_task_already_in_do_exit_changes_nothing(kern):
+    """A second fatal signal to a dying task (chaos SIGKILLs a task whose exit is under
+    way): do_exit sees PF_EXITING already set, answers -ESRCH and leaves the task to the
+    exit that runs it; that exit then releases it once."""
+    t = new_task(kern.k, "victim")
+    assert task_running(kern.km, t)
+    ti = kern.km.task.idx(t)
+    kern.km.task.atomic("flags").set_bits(ti, PF_EXITING)      # the first exit has begun
+    mm = int(kern.km.task.mm[ti])
+    assert not task_running(kern.km, t)
+    assert do_exit(kern.k, t, 137, "killed") == -errno.ESRCH
+    assert int(kern.km.task.mm[ti]) == mm and kern.km.task.valid(t)     # untouched
+    assert kern.names()[-1] == "do_exit_exiting"
+    kern.km.task.atomic("flags").clear_bits(ti, PF_EXITING)
+    pid = int(kern.km.task.pid[ti])
+    assert do_exit(kern.k, t, 0, "exit") == pid and not kern.km.task.valid(t)
