@@ -252,18 +252,27 @@ def anon_vma_prepare(k: Kernel, vma: int) -> int:
 
 
 def vma_split(k: Kernel, mm: int, vma: int, addr: int) -> int:
-    """__split_vma(): split at addr; returns the new upper vma. Caller holds mmap write lock."""
+    """__split_vma(): split at addr; returns the new upper vma. Caller holds mmap write lock.
+
+    In the kernel's order: the new vma joins the anon_vma (anon_vma_clone) while the old
+    one still covers [addr, end), and only then, under the anon_vma's write lock
+    (vma_prepare), does the old one shrink. An rmap walk, which holds the anon_vma for
+    read, so finds every page of the range in one vma or the other (perhaps in both for
+    a moment), never in neither: reclaim would otherwise miss the ptes of [addr, end)."""
     km = k.km
     vi = km.vma.idx(vma, "split_vma")
     start, end = int(km.vma.start[vi]), int(km.vma.end[vi])
     if not start < addr < end:
         raise ValueError("split outside vma")
     pgoff = int(km.vma.pgoff[vi]) + ((addr - start) >> PAGE_SHIFT)
-    km.vma.end[vi] = addr
     new = vma_new(k, mm, addr, end, int(km.vma.flags[vi]), pgoff, int(km.vma.nid[vi]))
     av = int(km.vma.anon_vma[vi])
     if av:
         anon_vma_link(k, av, new)
+        with k.anon_vma_lock(av).write():
+            km.vma.end[vi] = addr
+    else:
+        km.vma.end[vi] = addr
     return new
 
 

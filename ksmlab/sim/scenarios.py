@@ -22,7 +22,7 @@ from actors.kernel import sysfs
 from actors.kernel.context import Kernel
 from actors.kernel.fault import mm_populate
 from actors.kernel.invariants import ZERO_PAGES_MISMATCH
-from actors.kernel.syscalls import sys_mlockall
+from actors.kernel.syscalls import sys_mlockall, sys_mprotect
 from actors.kernel.vmscan import shrink_page
 from ksmlab.sim.world import Context, World, ksmd_body
 from protocol.abi import (
@@ -237,6 +237,24 @@ def _reclaim_exit_contexts(w: World) -> list[Context]:
             Context("exit:t", lambda k: w.exit(k, t), task=t)]
 
 
+# -- no seed: reclaim unmaps a page of an area whose vma mprotect splits ----------------------------
+def _reclaim_split_setup(w: World, k: Kernel) -> None:
+    t = w.new_task(k, "t")
+    a = w.mmap(k, t, 3, RW, ANON)
+    w.write_pages(k, t, a, [0x51, 0x52, 0x53])
+    w.addrs["t"] = a
+
+
+def _reclaim_split_contexts(w: World) -> list[Context]:
+    t = w.tasks["t"]
+    a = w.addrs["t"]
+    pfn = _pfn_at(w, t, a + 2 * PAGE_SIZE)
+    # mprotect of the middle page splits the vma twice; the page reclaimed is in the top part.
+    return [Context("kswapd", lambda k: w.reclaim_pfn(k, pfn) and None),
+            Context("t:mprotect", lambda k: sys_mprotect(k, w.task_mm(t), a + PAGE_SIZE, PAGE_SIZE,
+                                                         PROT_READ) and None, task=t)]
+
+
 # -- found in today's kernel: a fork while a KSM zero pte is broken (docs/bugs/zero-pages-fork.md) -----
 def _zero_fork_setup(w: World, k: Kernel) -> None:
     _knobs(k, sleep_millisecs=0, pages_to_scan=16, use_zero_pages=1)
@@ -290,6 +308,9 @@ SCENARIOS: dict[str, SimScenario] = {s.name: s for s in (
     SimScenario("reclaim-exit", "",
                 "no seed: kswapd's anon rmap walk while the page's last mapper exits and frees the anon_vma",
                 _reclaim_exit_setup, _reclaim_exit_contexts, swap_slots=16),
+    SimScenario("reclaim-split", "",
+                "no seed: kswapd's anon rmap walk while mprotect splits the page's vma",
+                _reclaim_split_setup, _reclaim_split_contexts, swap_slots=16),
     SimScenario("zero-pages-fork", "",
                 "found in today's kernel: a thread breaks a KSM zero pte while another forks",
                 _zero_fork_setup, _zero_fork_contexts,
