@@ -260,26 +260,22 @@ def max_page_sharing_store(k: Kernel, buf: str) -> None:
     _store_busy_knob(k, "max_page_sharing", v)
 
 
-def _store_bool(name: str) -> Callable[[Kernel, str], None]:
-    def st(k: Kernel, buf: str) -> None:
-        k.ksm[name] = kstrtobool(buf)
-    return st
+def _store_bool(k: Kernel, name: str, buf: str) -> None:
+    k.ksm[name] = kstrtobool(buf)
 
 
-def _store_uint(name: str, minimum: int = 0, store_bits: int = 64) -> Callable[[Kernel, str], None]:
+def _store_uint(k: Kernel, name: str, buf: str, minimum: int = 0, store_bits: int = 64) -> None:
     """`err = kstrtoul(buf, 10, &value); if (err) return -EINVAL;` then a store into a
     variable of store_bits bits: an unsigned int knob keeps the low 32 bits of the value,
     as C's assignment does (advisor_max_cpu=4294967301 reads back 5 on the real kernel)."""
-    def st(k: Kernel, buf: str) -> None:
-        try:
-            v = kstrtoul(buf)
-        except SysfsError as e:
-            raise SysfsError("EINVAL", str(e)) from None
-        if v < minimum:
-            raise SysfsError("EINVAL", f"{name} must be >= {minimum}")
-        v &= (1 << store_bits) - 1
-        k.ksm[name] = v - (1 << 64) if v >= 1 << 63 else v     # the bit pattern (see knob())
-    return st
+    try:
+        v = kstrtoul(buf)
+    except SysfsError as e:
+        raise SysfsError("EINVAL", str(e)) from None
+    if v < minimum:
+        raise SysfsError("EINVAL", f"{name} must be >= {minimum}")
+    v &= (1 << store_bits) - 1
+    k.ksm[name] = v - (1 << 64) if v >= 1 << 63 else v     # the bit pattern (see knob())
 
 
 def advisor_mode_store(k: Kernel, buf: str) -> None:
@@ -296,13 +292,31 @@ def stable_node_chains_prune_millisecs_store(k: Kernel, buf: str) -> None:
     k.ksm["stable_node_chains_prune_millisecs"] = _uint(buf)
 
 
-# The kernel's other *_store() handlers, each one kstrtobool/kstrtoul and a store.
-use_zero_pages_store = _store_bool("use_zero_pages")
-smart_scan_store = _store_bool("smart_scan")
-advisor_max_cpu_store = _store_uint("advisor_max_cpu", store_bits=32)   # unsigned int
-advisor_min_pages_to_scan_store = _store_uint("advisor_min_pages_to_scan")
-advisor_max_pages_to_scan_store = _store_uint("advisor_max_pages_to_scan")
-advisor_target_scan_time_store = _store_uint("advisor_target_scan_time", 1)
+# The kernel's other *_store() handlers, each one kstrtobool/kstrtoul and a store (one
+# function per file, under the kernel's name, so that coverage names what ran).
+def use_zero_pages_store(k: Kernel, buf: str) -> None:
+    _store_bool(k, "use_zero_pages", buf)
+
+
+def smart_scan_store(k: Kernel, buf: str) -> None:
+    _store_bool(k, "smart_scan", buf)
+
+
+def advisor_max_cpu_store(k: Kernel, buf: str) -> None:
+    _store_uint(k, "advisor_max_cpu", buf, store_bits=32)   # an unsigned int
+
+
+def advisor_min_pages_to_scan_store(k: Kernel, buf: str) -> None:
+    _store_uint(k, "advisor_min_pages_to_scan", buf)
+
+
+def advisor_max_pages_to_scan_store(k: Kernel, buf: str) -> None:
+    _store_uint(k, "advisor_max_pages_to_scan", buf)
+
+
+def advisor_target_scan_time_store(k: Kernel, buf: str) -> None:
+    _store_uint(k, "advisor_target_scan_time", buf, 1)
+
 
 _STORES: dict[str, Callable[[Kernel, str], None]] = {
     "run": run_store,
