@@ -20,7 +20,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -440,31 +440,31 @@ def without_zero_page_residue(counters: dict[str, int], residue: int) -> dict[st
     return out
 
 
+def _wait_counter(root: Path, name: str, done: Callable[[int], bool], deadline: float,
+                  kids: _Children, what: str, poll_s: float = 0.001) -> int:
+    """Poll /sys/kernel/mm/ksm/NAME until done(value); returns the value. The workers are
+    checked now and then (one that died would leave us waiting on a scan for nothing)."""
+    polls = 0
+    while True:
+        v = int((root / name).read_text())
+        if done(v):
+            return v
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} stuck at {v} ({what})")
+        polls += 1
+        if polls % max(1, int(0.05 / poll_s)) == 0:
+            kids.check_alive()
+        time.sleep(poll_s)
+
+
 def _wait_batch(root: Path, scanned: int, deadline: float, kids: _Children) -> None:
     """Until ksmd has scanned a page past `scanned` (a batch has begun; run=0 then waits
     for it to end, since run_store takes ksm_thread_mutex)."""
-    polls = 0
-    while int((root / "pages_scanned").read_text()) == scanned:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"pages_scanned stuck at {scanned}")
-        polls += 1
-        if polls % 500 == 0:
-            kids.check_alive()
-        time.sleep(0.0002)
+    _wait_counter(root, "pages_scanned", lambda v: v != scanned, deadline, kids, "no batch ran", 0.0002)
 
 
 def _wait_full_scans(root: Path, target: int, deadline: float, kids: _Children) -> int:
-    polls = 0
-    while True:
-        fs = int((root / "full_scans").read_text())
-        if fs >= target:
-            return fs
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"full_scans stuck at {fs} < {target}")
-        polls += 1
-        if polls % 50 == 0:
-            kids.check_alive()
-        time.sleep(0.001)
+    return _wait_counter(root, "full_scans", lambda v: v >= target, deadline, kids, f"< {target}")
 
 
 def run_workload_report(

@@ -26,6 +26,15 @@ def world_of(name: str, variants: list[str]) -> World:
     return World(SCENARIOS[name], Variants(variants))
 
 
+def replayed(name: str, schedule: str, variants: list[str] | None = None):
+    """One schedule of a scenario replayed in a world of its own (closed afterwards)."""
+    w = world_of(name, variants or [])
+    try:
+        return replay(w, schedule)
+    finally:
+        w.close()
+
+
 def _expected_kinds(bug: str) -> tuple[str, ...]:
     b = BUGS.get(bug) or BUGS[bug.split(":")[0]]
     return b.kinds
@@ -169,11 +178,7 @@ def test_reclaim_against_exit_rechecks_the_anon_vma_under_its_lock():
     folio_lock_anon_vma_read() takes the lock of the slot (typesafe by RCU) and checks
     under it that the page is still mapped: here it is not, so kswapd walks nothing.
     """
-    w = world_of("reclaim-exit", [])
-    try:
-        res = replay(w, "v1:7>1")
-    finally:
-        w.close()
+    res = replayed("reclaim-exit", "v1:7>1")
     assert res.failure is None, res.failure
     kswapd = _ops(res, "kswapd")
     assert "down_read(anon_vma_lock[0])" in kswapd
@@ -201,11 +206,7 @@ def test_reclaim_against_a_vma_split_finds_the_page_in_one_half_or_the_other():
     schedule v1:7>1,11>0 missed the pte. Now, as __split_vma does, the new vma joins the
     anon_vma first and the old one shrinks under the anon_vma's write lock: the same
     schedule walks to the page."""
-    w = world_of("reclaim-split", [])
-    try:
-        res = replay(w, "v1:7>1,11>0")
-    finally:
-        w.close()
+    res = replayed("reclaim-split", "v1:7>1,11>0")
     assert res.failure is None, res.failure
     assert any(e == "try_to_unmap_one" for _s, _t, ctx, e, _f in res.events if ctx == "kswapd")
     # (No schedule within two preemptions reports: test_todays_code_has_no_report_within_the_bound.)
