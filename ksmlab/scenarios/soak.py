@@ -108,6 +108,8 @@ class Soak:
         self.busy = 0
         self.idle = asyncio.Event()
         self.advisor_rate: int | None = None    # pages_to_scan before the advisor took over
+        self.held: dict[int, int] = {}          # pid -> workers operating on that task now
+        self.gone: set[int] = set()             # pids of tasks killed under us
 
     def count(self, what: str) -> None:
         self.stats[what] = self.stats.get(what, 0) + 1
@@ -127,6 +129,7 @@ class Soak:
             raise
 
     def drop(self, t: Task) -> None:
+        self.gone.add(t.pid)
         if t in self.tasks:
             self.tasks.remove(t)
             self.count("killed_or_gone")
@@ -193,27 +196,36 @@ class Soak:
         self.count("drain")
 
     async def execve(self) -> None:
-        """A task execs: exec_mmap's mmput of the old mm runs __ksm_exit on it, and the
-        new mm is registered at once when merge-any came along (ksm_execve). Called only
-        when no other worker holds a task, since the old areas vanish under any worker that
-        still writes to them (EFAULT). The task then maps and fills a new area."""
-        t = self.rng.choice(self.tasks)
-        await self.call(t, t.execve())
+        """A task no other worker is using execs: exec_mmap's mmput of the old mm runs
+        __ksm_exit on it, and the new mm is registered at once when merge-any came along
+        (ksm_execve). The task is off the list meanwhile, since its old areas vanish under
+        any worker that would still write to them (EFAULT). It then maps and fills a new
+        area and is back on the list."""
+        free = [t for t in self.tasks if not self.held.get(t.pid)]
+        if not free:
+            return
+        t = self.rng.choice(free)
+        self.tasks.remove(t)
+        try:
+            await self.call(t, t.execve())
+        except _Gone:
+            if t.pid not in self.gone:       # ENOMEM: the exec failed, the old mm stays
+                self.tasks.append(t)
+            raise
         self.areas[t.pid] = []
         self.count("execve")
+        self.tasks.append(t)
         await self.map_and_fill(t)
 
     async def rare(self) -> None:
         r = self.rng.random()
-        if r < 0.5:
+        if r < 0.45:
             await self.short_lived()
-        elif r < 0.75 and len(self.tasks) < 12:
+        elif r < 0.65 and len(self.tasks) < 12:
             await self.mlocked()
-        elif self.busy != 1:           # the rest only when no other worker holds a task
-            return
-        elif r < 0.87 and self.tasks:
+        elif r < 0.85:
             await self.execve()
-        else:
+        elif self.busy == 1:           # only when no other worker holds a task
             await self.drain()
 
     async def step(self) -> None:
@@ -228,6 +240,14 @@ class Soak:
             await self.map_and_fill(t)
             return
         t = rng.choice(self.tasks)
+        self.held[t.pid] = self.held.get(t.pid, 0) + 1     # execve() leaves it alone
+        try:
+            await self.on_task(t)
+        finally:
+            self.held[t.pid] -= 1
+
+    async def on_task(self, t: Task) -> None:
+        rng = self.rng
         areas = self.areas.get(t.pid) or []
         r = rng.random()
         if r < 0.05:
