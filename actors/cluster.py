@@ -20,6 +20,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -386,41 +387,46 @@ class Cluster:
         task is an exit, as a SIGKILL from outside is in the kernel, and the run goes on.
         Counts go to self.chaos_counts and the log (chaos_stop, chaos_kill)."""
         rng = random.Random(f"chaos:{self.opts.seed}")
-        stopped: int | None = None
-        try:
-            while not self.stopped and self.crashed is None:
-                await asyncio.sleep(rng.expovariate(self.opts.chaos))
-                live = sorted(n for n, p in self.procs.items() if p.poll() is None)
-                if not live or self.stopped or self.crashed is not None:
-                    return
-                idle = [n for n in live if self._idle_task(n)]
-                if idle and rng.random() < CHAOS_KILL_SHARE:
-                    # Only a task between requests: in user mode, as the kernel would see a
-                    # SIGKILL from outside; its exit is then run for it (_watch).
-                    name = rng.choice(idle)
-                    pid = self.procs[name].pid
-                    self.chaos_counts["kills"] += 1
-                    self._chaos_killed.add(pid)
-                    self.ev("chaos_kill", actor=name, os_pid=pid)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                    continue
-                name = rng.choice(live)
+        while not self.stopped and self.crashed is None:
+            await asyncio.sleep(rng.expovariate(self.opts.chaos))
+            live = sorted(n for n, p in self.procs.items() if p.poll() is None)
+            if not live or self.stopped or self.crashed is not None:
+                return
+            idle = [n for n in live if self._idle_task(n)]
+            if idle and rng.random() < CHAOS_KILL_SHARE:
+                # Only a task between requests: in user mode, as the kernel would see a
+                # SIGKILL from outside; its exit is then run for it (_watch).
+                name = rng.choice(idle)
                 pid = self.procs[name].pid
-                pause = rng.uniform(0.01, 1.0)
-                self.chaos_counts["stops"] += 1
-                self.ev("chaos_stop", actor=name, os_pid=pid, seconds=round(pause, 3))
+                self.chaos_counts["kills"] += 1
+                self._chaos_killed.add(pid)
+                self.ev("chaos_kill", actor=name, os_pid=pid)
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGSTOP)
-                    stopped = pid
-                await asyncio.sleep(pause)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
-                stopped = None
-        finally:
-            if stopped is not None:          # never leave an actor stopped behind us
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(stopped, signal.SIGCONT)
+                    os.kill(pid, signal.SIGKILL)
+                continue
+            name = rng.choice(live)
+            await self._chaos_stop(name, rng.uniform(0.01, 1.0))
+
+    async def _chaos_stop(self, name: str, pause: float) -> None:
+        """SIGSTOP an actor for `pause` seconds. The SIGCONT comes from a timer thread, not
+        from this loop: the stopped actor may hold a kernel lock the supervisor's own
+        kernel context waits for (spawn_task allocates records), and a loop blocked on it
+        would never run the line that continues the actor (the 10-minute chaos soak hung
+        so, ksmd stopped for good)."""
+        pid = self.procs[name].pid
+        self.chaos_counts["stops"] += 1
+        self.ev("chaos_stop", actor=name, os_pid=pid, seconds=round(pause, 3))
+        resume = threading.Timer(pause, _sigcont, (pid,))
+        resume.daemon = True
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                resume.start()
+            await asyncio.sleep(pause)       # the timer fires on its own, now or a moment later
+        except BaseException:                # cancelled: never leave an actor stopped behind us
+            resume.cancel()
+            _sigcont(pid)
+            raise
 
     def _idle_task(self, name: str) -> bool:
         """A task chaos may SIGKILL: started, no request in flight, not exiting (by its
@@ -897,6 +903,11 @@ class Cluster:
 
 
 _ids = iter(range(1, 1 << 62))
+
+
+def _sigcont(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
 
 
 def _settle_exit(t: Task) -> None:

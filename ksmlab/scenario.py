@@ -25,12 +25,15 @@ from ksmlab import picture, scenarios
 
 
 class ExpectationFailed(AssertionError):
-    def __init__(self, what: str, got: Any, want: Any, ksm: dict[str, int]) -> None:
-        super().__init__(f"{what}: got {got!r}, expected {want!r}")
+    """A check of the scenario failed (got is not want), or, with only `what`, the run
+    failed as a whole (its deadline passed)."""
+
+    def __init__(self, what: str, got: Any = None, want: Any = None, ksm: dict[str, int] | None = None) -> None:
+        super().__init__(what if got is None and want is None else f"{what}: got {got!r}, expected {want!r}")
         self.what = what
         self.got = got
         self.want = want
-        self.ksm = ksm
+        self.ksm = ksm or {}
 
 
 class Skipped(Exception):

@@ -402,5 +402,6 @@ def test_a_scenario_that_never_returns_ends_at_its_deadline_with_a_report(tmp_pa
     res = json.loads(r.stdout.splitlines()[-1])
     assert [x["title"] for x in res["reports"]] == ["INFO: scenario forever did not finish within 3 seconds"]
     assert res["reports"][0]["kind"] == "hung_task" and not res["ok"]
+    assert res["failed"] == "INFO: scenario forever did not finish within 3 seconds", res["failed"]
     _assert_run_cleaned(res)
     assert ksmlab("run", "default", "--time-limit", "0", cwd=tmp_path).returncode == 2

@@ -6,10 +6,12 @@ import asyncio
 import errno
 import os
 import signal
+import threading
+import time
 
 import pytest
 
-from actors.cluster import ClusterCrashed, SyscallFailed
+from actors.cluster import ClusterCrashed, SyscallFailed, proc_state
 from ksmlab.scenario import load_scenario, run_scenario
 from protocol.abi import PAGE_SIZE
 from tests.helpers import assert_around_shows
@@ -111,3 +113,26 @@ async def test_a_kill_after_the_task_exited_is_esrch_not_a_second_exit(cluster_f
     await reuse.write(b, b"unharmed")
     assert await reuse.read(b, 8) == b"unharmed"
     assert c.reports == [] and c.crashed is None
+
+
+@pytest.mark.timeout(60)
+async def test_a_chaos_stop_ends_even_while_the_supervisor_loop_is_blocked(cluster_factory):
+    """The 10-minute chaos soak's hang: ksmd was SIGSTOPped while it held a kernel lock
+    the supervisor's own kernel context then waited for, synchronously, in its event
+    loop; the SIGCONT was the loop's next line, so it never came, and nothing (the
+    watchdog runs in the same loop) could say so. The stop now ends from a timer thread:
+    here the loop is blocked for a second, as behind that lock, and ksmd runs again
+    after its 0.3 s all the same."""
+    c = await cluster_factory(frames=256)
+    pid = c.procs["ksmd"].pid
+    stop = asyncio.get_running_loop().create_task(c._chaos_stop("ksmd", 0.3))
+    await asyncio.sleep(0.05)
+    assert proc_state(pid) == "T"
+    seen: list[str] = []
+    probe = threading.Timer(0.7, lambda: seen.append(proc_state(pid)))
+    probe.start()
+    time.sleep(1.0)           # the supervisor's loop blocked: no coroutine runs meanwhile
+    probe.join()
+    await stop
+    assert seen and seen[0] != "T", seen
+    assert c.chaos_counts["stops"] == 1 and c.crashed is None
