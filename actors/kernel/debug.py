@@ -24,7 +24,7 @@ import numpy as np
 
 from actors.kernel import mm as mmops
 from actors.kernel.hlist import items_of_node
-from shared_mem.arena import fmt_handle
+from shared_mem.arena import UseAfterFree, fmt_handle
 from shared_mem.atomic import AtomicField
 from shared_mem.layout import (
     PAGE_MASK,
@@ -486,17 +486,33 @@ def check_unmerged(k: Kernel) -> list[dict]:
 
 
 def vma_flags_at(k: Kernel, mm: int, addr: int) -> int | None:
-    """vm_flags of the vma at addr, read under mmap_read_trylock (the vma list is the
-    mm's to change); None when the mm is gone or its mmap_lock is busy (an exit or a
-    munmap in progress): the caller cannot tell, and must not guess."""
-    if not k.km.mm.valid(mm):
+    """vm_flags of the vma at addr (0: no vma there), or None when the caller cannot
+    tell: the mm is gone or being freed, or its mmap_lock is busy (an exit or a munmap
+    in progress). Nothing here pins the mm (mm_users may reach 0 and the exit free it
+    while this looks), so every field is read with the arena's seqlock-style peek: a
+    record freed meanwhile gives None, never a use-after-free report of the checker's own."""
+    km = k.km
+    try:
+        lock = k.mmap_lock(mm, "check_unmerged")
+    except UseAfterFree:          # freed already: the checker's race, not a kernel bug
         return None
-    lock = k.mmap_lock(mm, "check_unmerged")
     if not lock.down_read_trylock(site="check_unmerged"):
         return None
     try:
-        vma = mmops.vma_lookup(k, mm, addr)
-        return int(k.km.vma.flags[k.km.vma.idx(vma, "check_unmerged")]) if vma else 0
+        v = km.mm.peek(mm, "mmap")
+        for _ in range(km.geo.max_vmas):
+            if v is None:
+                return None
+            if not v:
+                return 0
+            start, end, flags = (km.vma.peek(v, f) for f in ("start", "end", "flags"))
+            nxt = km.vma.peek(v, "next")
+            if None in (start, end, flags, nxt) or km.mm.peek(mm, "users") is None:
+                return None
+            if end > addr:
+                return int(flags) if start <= addr else 0
+            v = nxt
+        return None
     finally:
         lock.up_read()
 
