@@ -371,7 +371,6 @@ class Cluster:
             peer = self.peers.pop(t.name)
             peer.fail_all(SyscallFailed(errno_mod.ESRCH, f"ESRCH: {t.name} was killed"))
             peer.close()
-        t.exiting = True
         try:
             await self.request("exit", "do_exit", timeout=60, task=t.handle, code=128 + 9, reason="killed")
         except (SyscallFailed, ClusterError, TimeoutError) as e:

@@ -505,9 +505,9 @@ def vma_flags_at(k: Kernel, mm: int, addr: int) -> int | None:
                 return None
             if not v:
                 return 0
-            start, end, flags = (km.vma.peek(v, f) for f in ("start", "end", "flags"))
-            nxt = km.vma.peek(v, "next")
-            if None in (start, end, flags, nxt) or km.mm.peek(mm, "users") is None:
+            # A freed vma (its mm's exit got there first) peeks as None; so does a reused slot.
+            start, end, flags, nxt = (km.vma.peek(v, f) for f in ("start", "end", "flags", "next"))
+            if None in (start, end, flags, nxt):
                 return None
             if end > addr:
                 return int(flags) if start <= addr else 0
