@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import os
 import threading
@@ -33,15 +34,18 @@ from typing import Any
 
 import msgpack
 
+from shared_mem.futex import cas32 as _cas32
 from shared_mem.lockcheck import _depth_overflow, _refs, _report_once
 from shared_mem.lockdep import MAX_LOCK_DEPTH, DepGraph, format_still_held
 from shared_mem.lockstate import (
     _ACTOR_LEN,
     _BUSY,
+    _C_GEN,
     _C_HELD,
     _C_HELDN,
     _C_KWAIT,
     _C_KWINFO,
+    _C_PEND,
     _C_PID,
     _C_STATE,
     _C_TID,
@@ -74,8 +78,17 @@ from shared_mem.lockstate import (
     _flock,
     _layout,
 )
-from shared_mem.ofdlocks import _KIND_CLASS, _Lock, _unbound
+from shared_mem.ofdlocks import _KIND_CLASS as _OFD_CLASSES
+from shared_mem.ofdlocks import _Lock, _unbound
 from shared_mem.segment import SHM_DIR, Segment, segment_name
+from shared_mem.wordlocks import _KIND_CLASS as _WORD_CLASSES
+from shared_mem.wordlocks import RW_QUEUED, RW_QUNIT, RW_READERS, RW_WRITER
+
+# What a lock instance is made of: a word in the state segment (the default: one atomic
+# when uncontended, wordlocks.py) or a byte of the lock file (ofdlocks.py, two syscalls a
+# lock; kept to measure against and as the reference the word locks were checked on).
+IMPLS = {"word": _WORD_CLASSES, "ofd": _OFD_CLASSES}
+_SLOT_BITS, _GEN_MASK = 11, 0x1F  # an owner id is (generation << 11) | (slot + 1): 16 bits
 
 _now = time.monotonic_ns
 
@@ -88,7 +101,10 @@ SchedHook = Callable[[str, str, str], Any]
 class _Ctx:
     """One kernel context (a thread acting as a task): its fd, slot and held stack."""
 
-    __slots__ = ("__weakref__", "actor", "base", "fd", "fin", "held", "id", "pid", "sbase", "tid")
+    __slots__ = (
+        "__weakref__", "actor", "base", "e", "fd", "fin", "held", "id", "me", "pe", "pid", "sbase",
+        "sites", "tid",
+    )
 
 
 def _reap_ctx(sp: LockSpace, slot: int, fd: int, pid: int) -> None:
@@ -138,8 +154,16 @@ class LockSpace:
         self._rwf = lay["rwf"]
         self._report_off = lay["report"]
         self._lock_off = lay["lock_off"]
+        self.impl: str = desc.get("impl", "word")
+        self._classes = IMPLS[self.impl]
+        self._word_off = lay["word_off"]
         self._mv = memoryview(seg.buf)
         self._q = self._mv.cast("q")
+        self._w32 = self._mv[lay["words"] : lay["size"]].cast("i")
+        anchor = ctypes.c_char.from_buffer(seg.buf)
+        self._words_addr = ctypes.addressof(anchor) + lay["words"]
+        del anchor  # an address, not an export: close() can still unmap
+        self.owners_died = 0
         self._graph = DepGraph(self._mv, lay["matrix"], lay["records"], n)
         self._matrix = self._graph.matrix
         self._locks: list[list[Any]] = [[None] * c for c in self._counts]
@@ -157,9 +181,17 @@ class LockSpace:
 
     @classmethod
     def create(
-        cls, run_id: str, classes: list[tuple[str, str, int]], max_contexts: int = 256
+        cls,
+        run_id: str,
+        classes: list[tuple[str, str, int]],
+        max_contexts: int = 256,
+        impl: str = "word",
     ) -> LockSpace:
         classes = [(str(c), str(k), int(n)) for c, k, n in classes]
+        if impl not in IMPLS:
+            raise ValueError(f"lock impl {impl!r}: not one of {sorted(IMPLS)}")
+        if not 1 <= max_contexts < (1 << _SLOT_BITS) - 1:
+            raise ValueError(f"max_contexts {max_contexts}: 1..{(1 << _SLOT_BITS) - 2}")
         names = [c[0] for c in classes]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate lock class in {names}")
@@ -191,6 +223,7 @@ class LockSpace:
             "classes": [list(c) for c in classes],
             "max_contexts": max_contexts,
             "owner_pid": os.getpid(),
+            "impl": impl,
         }
         return cls(desc, seg, owner=True)
 
@@ -226,6 +259,10 @@ class LockSpace:
         ctx.id, ctx.fd, ctx.actor, ctx.held = slot, fd, actor, []
         ctx.pid, ctx.tid = os.getpid(), threading.get_native_id()
         ctx.base = self._ctx_base + slot * _CTX_WORDS
+        ctx.me = ((self._q[ctx.base + _C_GEN] & _GEN_MASK) << _SLOT_BITS) | (slot + 1)
+        ctx.e = ctypes.c_int32(0)
+        ctx.pe = ctypes.byref(ctx.e)
+        ctx.sites = [None] * (1 + MAX_LOCK_DEPTH)
         ctx.sbase = self._cstr + slot * _CSTR_BYTES
         ctx.fin = weakref.finalize(ctx, _reap_ctx, self, slot, fd, ctx.pid)
         self._ctxs[slot] = ctx
@@ -253,6 +290,10 @@ class LockSpace:
                 q[base + _C_WAIT] = 0
                 q[base + _C_KWAIT] = 0
                 q[base + _C_HELDN] = 0
+                q[base + _C_PEND] = 0
+                # A new generation: word locks a dead owner of this slot still holds name
+                # the old one, so they read as the dead's, not as ours (wordlocks.py).
+                q[base + _C_GEN] = (q[base + _C_GEN] % _GEN_MASK) + 1
                 self._put_str(self._cstr + slot * _CSTR_BYTES, _ACTOR_LEN, actor)
                 q[base + _C_STATE] = 1
                 return slot
@@ -274,6 +315,11 @@ class LockSpace:
             text = format_still_held(ctx.actor, ctx.pid, held)
             title = f"WARNING: {ctx.actor}/{ctx.pid} still has locks held!"
             _report_once(self, ctx, "lockdep", title, text, {"actor": ctx.actor, "held": held})
+            # An OFD lock goes with the descriptor below; a word lock is let go here.
+            for h in reversed(ctx.held):
+                release = getattr(h[0], "_release_word", None)
+                if release is not None:
+                    release(h[1])
         del self._tls.ctx
         self._ctxs.pop(ctx.id, None)
         ctx.fin()  # clears the slot, then closes the fd: its OFD locks go with it
@@ -312,8 +358,11 @@ class LockSpace:
         except IndexError:
             raise IndexError(f"{cls}: instance {idx} out of range 0..{len(lst) - 1}") from None
         if lk is None:
-            lk = lst[idx] = _KIND_CLASS[self._kinds[cid]](self, cid, idx)
+            lk = lst[idx] = self._classes[self._kinds[cid]](self, cid, idx)
         return lk
+
+    def _word_index(self, cid: int, idx: int) -> int:
+        return self._word_off[cid] + idx * (2 if self._kinds[cid] == "rwsem" else 1)
 
     def _display(self, cid: int, idx: int) -> str:
         return self._names[cid] if self._counts[cid] == 1 else f"{self._names[cid]}#{idx}"
@@ -431,6 +480,7 @@ class LockSpace:
         self._closed = True
         _SPACES.discard(self)
         self._graph.release()
+        self._w32.release()
         self._q.release()
         self._mv.release()
         with contextlib.suppress(OSError):
@@ -458,7 +508,9 @@ class LockSpace:
             if site is None:
                 q[w] = lk._key | mode
             else:
-                self._put_str(ctx.sbase + _ACTOR_LEN + (n + 1) * _SITE_LEN, _SITE_LEN, site)
+                if ctx.sites[n + 1] is not site:  # the same call site as last time: stored
+                    self._put_str(ctx.sbase + _ACTOR_LEN + (n + 1) * _SITE_LEN, _SITE_LEN, site)
+                    ctx.sites[n + 1] = site
                 q[w] = lk._key | mode | _SITEF
             q[w + 1] = now
             q[ctx.base + _C_HELDN] = n + 1
@@ -467,6 +519,10 @@ class LockSpace:
 
     def _pop_slow(self, ctx: _Ctx, lk: _Lock, mode: int) -> str | None:
         """Release out of order: returns the site the lock was taken at."""
+        return self._drop_held(ctx, self._find_held(ctx, lk, mode))
+
+    def _find_held(self, ctx: _Ctx, lk: _Lock, mode: int) -> int:
+        """Where lk is on the held stack (the top first), or the unlock-balance error."""
         held = ctx.held
         for i in range(len(held) - 1, -1, -1):
             if held[i][0] is lk:
@@ -475,14 +531,82 @@ class LockSpace:
                         f"{ctx.actor}/{ctx.pid}: releasing {self._display(lk._cid, lk._idx)} "
                         f"for {_MODE[mode]} but it is held for {_MODE[held[i][1]]}"
                     )
-                site = held[i][3]
-                del held[i]
-                self._sync_held(ctx)
-                return site
+                return i
         raise RuntimeError(
             f"bad unlock balance detected: {ctx.actor}/{ctx.pid} is trying to release lock "
             f"({self._display(lk._cid, lk._idx)}) but does not hold it"
         )
+
+    def _drop_held(self, ctx: _Ctx, i: int) -> str | None:
+        held = ctx.held
+        site = held[i][3]
+        del held[i]
+        if i == len(held):
+            if i < MAX_LOCK_DEPTH:
+                self._q[ctx.base + _C_HELDN] = i
+        else:
+            self._sync_held(ctx)
+        return site
+
+    # --- word locks: owners that died ------------------------------------------------
+
+    def _owner_alive(self, owner: int) -> bool:
+        slot = (owner & ((1 << _SLOT_BITS) - 1)) - 1
+        if not 0 <= slot < self._maxctx:
+            return False
+        base = self._ctx_base + slot * _CTX_WORDS
+        q = self._q
+        if not q[base + _C_STATE] or (q[base + _C_GEN] & _GEN_MASK) != owner >> _SLOT_BITS:
+            return False
+        return self._alive(slot)
+
+    def _owner_died(self, lk: _Lock, owner: int) -> None:
+        """A word lock was taken over from a dead context (FUTEX_OWNER_DIED)."""
+        self.owners_died += 1
+
+    def _live_rows(self) -> list[int]:
+        q = self._q
+        rows = []
+        for slot in range(self._maxctx):
+            base = self._ctx_base + slot * _CTX_WORDS
+            if q[base + _C_STATE] and self._alive(slot):
+                rows.append(base)
+        return rows
+
+    def _recover_rwsem(self, lk: Any, ctx: _Ctx) -> None:
+        """An rwsem waiter slept RECHECK_S: give back what dead contexts hold of lk.
+
+        A census of the live contexts: readers holding it or about to (held stack or
+        pending word), writers holding it or about to, writers waiting for it. Each count
+        in the word is lowered to its census, never raised; every live context shows up
+        in the census before it changes the word and stays in it until after."""
+        q = self._q
+        w = self._w32
+        readers = writers = queued = 0
+        rk, wk = lk._key | 2, lk._key | 3  # READ, WRITE
+        for base in self._live_rows():
+            n = min(q[base + _C_HELDN], MAX_LOCK_DEPTH)
+            words = [q[base + _C_HELD + 2 * j] & ~_SITEF for j in range(n)]
+            if base != ctx.base:  # the caller is about to take it: not in the way
+                words.append(q[base + _C_PEND] & ~_SITEF)
+            readers += words.count(rk)
+            writers += words.count(wk)
+            if q[base + _C_WAIT] & ~_SITEF == wk:
+                queued += 1
+        v = w[lk._wi]
+        new = v
+        if v & RW_WRITER and not writers:
+            owner = w[lk._wi + 1]
+            if not owner or not self._owner_alive(owner):
+                new &= ~RW_WRITER
+        if (v & RW_READERS) > readers:
+            new -= (v & RW_READERS) - readers
+        if (v & RW_QUEUED) // RW_QUNIT > queued:
+            new -= ((v & RW_QUEUED) // RW_QUNIT - queued) * RW_QUNIT
+        if new != v:
+            e = ctypes.c_int32(v)
+            if _cas32(ctypes.c_void_p(lk._a), ctypes.byref(e), new, 5, 5):
+                self._owner_died(lk, w[lk._wi + 1])
 
     def _sync_held(self, ctx: _Ctx) -> None:
         q = self._q
@@ -494,6 +618,7 @@ class LockSpace:
                 q[w] = lk._key | mode
             else:
                 self._put_str(ctx.sbase + _ACTOR_LEN + (k + 1) * _SITE_LEN, _SITE_LEN, site)
+                ctx.sites[k + 1] = site
                 q[w] = lk._key | mode | _SITEF
             q[w + 1] = since
         q[ctx.base + _C_HELDN] = len(held)

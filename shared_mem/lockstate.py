@@ -47,18 +47,25 @@ _SITEF = 16  # mode-word flag: a site string is stored for this entry
 # then the lock instances (one byte each; an rwsem has its rw byte and a writer-queue byte).
 _TABLE_BYTE, _GRAPH_BYTE, _LIVE_BASE = 0, 1, 8
 
+# Word locks (wordlocks.py): one int32 word per mutex, spinlock or page bit, two per rwsem
+# (its state and its writer's owner id), after the report area.
 # State segment: int64 header, int64 context table, per-context strings, lockdep graph,
 # one "writer waiting" byte per rwsem instance, and room for the first lockdep report.
 _MAGIC = 0x6B736D6C6F636B31  # "ksmlock1"
 _H_MAGIC, _H_VERSION, _H_NCLS, _H_MAXCTX, _H_DEBUG, _H_NREPORTS, _H_REPLEN = range(7)
 _HDR_WORDS = 16
 _C_STATE, _C_PID, _C_TID, _C_WAIT, _C_WSINCE, _C_HELDN, _C_HELD = range(7)
-_CTX_WORDS = 40  # 6 words + (key, since) per held lock, padded
+_CTX_WORDS = 48  # 6 words + (key, since) per held lock, then the words below, padded
 # The two padding words after the held stack: a wait that is not a lock wait (a retry
 # loop without progress, a wait_event), published by no_progress(): since when, and
 # (retries << 4 | kind). 0 since = none.
 _C_KWAIT, _C_KWINFO = _C_HELD + 2 * MAX_LOCK_DEPTH, _C_HELD + 2 * MAX_LOCK_DEPTH + 1
-assert _C_KWINFO < _CTX_WORDS
+# Then the slot's claim generation (part of the owner id a word lock records, so a lock
+# held by a dead context is never mistaken for one held by the slot's next owner) and the
+# word lock a context is about to take (key | mode, written before its compare-and-swap
+# and cleared after the push, like a robust futex list's op_pending).
+_C_GEN, _C_PEND = _C_KWINFO + 1, _C_KWINFO + 2
+assert _C_PEND < _CTX_WORDS
 KWAIT_RETRY, KWAIT_EVENT = 1, 2  # cond_resched() retry loop (state R), wait_event (state D)
 _ACTOR_LEN, _SITE_LEN, _KWAIT_LEN = 32, 48, 96
 # actor, wait site, held sites, then the no-progress site (a call chain, so longer)
@@ -101,6 +108,14 @@ def _layout(classes: list, max_contexts: int) -> dict:
     pos = _align(pos + nrw)
     lay["report"] = pos
     pos += _REPORT_BYTES
+    lay["words"] = pos
+    word_off = []
+    w = 0
+    for _name, kind, count in classes:
+        word_off.append(w)
+        w += count * (2 if kind == RWSEM else 1)
+    lay["word_off"] = word_off
+    pos = _align(pos + 4 * w)
     lay["size"] = _align(pos, 4096)
     return lay
 

@@ -140,13 +140,21 @@ def procs(make_space: Callable[..., LockSpace], make_segment: Callable) -> Itera
     ps.reap()
 
 
+@pytest.fixture(params=["word", "ofd"])
+def lock_impl(request: pytest.FixtureRequest) -> str:
+    """Every lock test runs on both lock implementations (shared_mem.locks)."""
+    return request.param
+
+
 @pytest.fixture
-def make_space(run_id: str) -> Iterator[Callable[..., LockSpace]]:
+def make_space(run_id: str, lock_impl: str) -> Iterator[Callable[..., LockSpace]]:
     """Factory for LockSpaces of this test (closed and unlinked at teardown)."""
     made: list[LockSpace] = []
 
     def make(classes: list | None = None, max_contexts: int = 64) -> LockSpace:
-        sp = LockSpace.create(f"{run_id}x{len(made)}", classes or CLASSES, max_contexts)
+        sp = LockSpace.create(
+            f"{run_id}x{len(made)}", classes or CLASSES, max_contexts, impl=lock_impl
+        )
         made.append(sp)
         return sp
 

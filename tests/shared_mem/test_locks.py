@@ -18,6 +18,8 @@ import msgpack
 import pytest
 
 from shared_mem.locks import (
+    BIT,
+    IMPLS,
     MUTEX,
     RWSEM,
     SPIN,
@@ -204,10 +206,13 @@ def test_descriptor_is_msgpack_and_attach_shares_state(space: LockSpace) -> None
 
 
 def test_get_returns_cached_typed_instances(space: LockSpace) -> None:
-    assert isinstance(space.get("ksm_thread_mutex"), Mutex)
-    assert isinstance(space.get("ptl", 7), SpinLock)
-    assert isinstance(space.get("page_lock", 63), BitLock)
-    assert isinstance(space.get("anon_vma_lock", 1), RWSem)
+    kinds = IMPLS[space.impl]
+    assert isinstance(space.get("ksm_thread_mutex"), kinds[MUTEX])
+    assert isinstance(space.get("ptl", 7), kinds[SPIN])
+    assert isinstance(space.get("page_lock", 63), kinds[BIT])
+    assert isinstance(space.get("anon_vma_lock", 1), kinds[RWSEM])
+    if space.impl == "word":
+        assert (Mutex, SpinLock, BitLock, RWSem) == (kinds[MUTEX], kinds[SPIN], kinds[BIT], kinds[RWSEM])
     assert space.get("ptl", 2) is space.get("ptl", 2)
     with pytest.raises(KeyError):
         space.get("no_such_lock")
@@ -217,6 +222,8 @@ def test_get_returns_cached_typed_instances(space: LockSpace) -> None:
         space.get("ptl", -1)
     with pytest.raises(ValueError):
         LockSpace.create("bad", [("x", "semaphore", 1)])
+    with pytest.raises(ValueError, match="lock impl"):
+        LockSpace.create("bad", [("x", MUTEX, 1)], impl="sysv")
 
 
 def test_locking_needs_a_bound_context(space: LockSpace) -> None:
@@ -627,6 +634,28 @@ def test_sigkilled_holder_releases_its_locks(space, procs) -> None:
     assert space.get("mmap_lock", 1).down_write_trylock()
     assert space.get("anon_vma_lock", 2).down_write_trylock()
     assert {c["actor"] for c in space.contexts_snapshot()} == {"waiter", "test"}
+
+
+def test_waiters_blocked_on_a_killed_holders_rwsems_get_them(space, procs) -> None:
+    """A reader that dies holding an rwsem leaves a count, not an owner: a writer asleep
+    on it must still get in (the word locks' census), as must a reader asleep behind a
+    writer that died."""
+    holder, writer, reader = _remotes(procs, space, "victim", "writer", "reader")
+    holder.call("mmap_lock", 4, "down_read", site="victim_read")
+    holder.call("anon_vma_lock", 5, "down_write", site="victim_write")
+    writer.op("mmap_lock", 4, "down_write")
+    reader.op("anon_vma_lock", 5, "down_read")
+    wait_until(lambda: _waiting_on(space, writer.ctx, "mmap_lock", 4, "write"), what="writer waits")
+    wait_until(lambda: _waiting_on(space, reader.ctx, "anon_vma_lock", 5, "read"), what="reader waits")
+    assert not writer.done() and not reader.done()
+    procs.kill(holder.proc)
+    writer.result()
+    reader.result()
+    writer.send("held")
+    assert writer.result()[0] == [("mmap_lock", 4, "write")]
+    space.bind_context("test")
+    assert not space.get("mmap_lock", 4).down_read_trylock()  # the writer really has it
+    assert space.get("anon_vma_lock", 5).down_read_trylock()  # shared with the reader
 
 
 def test_find_hung_on_a_real_abba_deadlock(space, procs) -> None:
