@@ -17,10 +17,12 @@ MAX_CONTEXTS = 1024
 FIRST_PID = 100
 
 
-def boot_kernel(geo: Geometry, run_id: str, variants: Variants) -> tuple[KernelMemory, LockSpace]:
+def boot_kernel(
+    geo: Geometry, run_id: str, variants: Variants, scan_mode: int = 0, lock_impl: str = "word"
+) -> tuple[KernelMemory, LockSpace]:
     km = KernelMemory.create(geo, run_id)
     try:
-        locks = LockSpace.create(run_id, lock_classes(geo), max_contexts=MAX_CONTEXTS)
+        locks = LockSpace.create(run_id, lock_classes(geo), max_contexts=MAX_CONTEXTS, impl=lock_impl)
     except BaseException:
         km.close()
         km.unlink()
@@ -33,5 +35,6 @@ def boot_kernel(geo: Geometry, run_id: str, variants: Variants) -> tuple[KernelM
     sysfs.boot_init(k)
     mm_slot.boot_init(k)
     k.ksm["variants"] = variants.mask
+    k.ksm["scan_mode"] = scan_mode
     k.ksm["last_pid"] = FIRST_PID - 1
     return km, locks

@@ -34,6 +34,7 @@ from actors.kernel import fork as forkops
 from actors.kernel import sysfs
 from actors.kernel.context import Kernel
 from actors.kernel.invariants import check_invariants, leaks_after_teardown
+from actors.kernel.ksm_scan import SCAN_MODES
 from actors.kernel.schedule import PlanSpec, check_points
 from actors.kernel.variants import Variants
 from actors.log import EventLog
@@ -42,7 +43,7 @@ from protocol import auth, codec, endpoints
 from protocol.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from protocol.codec import ProtocolError
 from shared_mem.layout import Geometry, check_fits
-from shared_mem.locks import find_hung
+from shared_mem.locks import IMPLS, find_hung
 from shared_mem.segment import sweep_stale
 
 SIGNAMES = {getattr(signal, n): n for n in dir(signal) if n.startswith("SIG") and not n.startswith("SIG_")}
@@ -94,6 +95,8 @@ class ClusterOptions:
     coverage: str | None = None        # folder for kernel-path coverage data (ksmlab.kcov)
     time_limit: float | None = None    # the scenario's deadline in seconds (None: its default)
     chaos: float = 0.0                 # chaos events a second: SIGSTOP an actor, SIGKILL an idle task
+    scan: str = "batch"                # ksmd's ksm_do_scan: batch (vectorized runs) | exact (per page)
+    locks: str = "word"                # lock implementation: word (shared-word CAS) | ofd (OFD byte locks)
 
     def geometry(self) -> Geometry:
         return Geometry(nr_frames=self.frames, nr_nodes=self.nodes, max_tasks=self.max_tasks,
@@ -115,6 +118,10 @@ class ClusterOptions:
         bad = {p: v for p, v in self.delays.items() if not 0 <= v < float("inf")}
         if bad:
             raise ValueError(f"delays must be finite and not negative: {bad}")
+        if self.scan not in SCAN_MODES:
+            raise ValueError(f"scan must be one of {sorted(SCAN_MODES)}, not {self.scan!r}")
+        if self.locks not in IMPLS:
+            raise ValueError(f"locks must be one of {sorted(IMPLS)}, not {self.locks!r}")
         Variants(self.variants)
         check_points(self.delays)
         PlanSpec(seed=0, strategy=self.sched, depth=self.depth)
@@ -326,7 +333,9 @@ class Cluster:
 
     async def _boot(self) -> None:
         opts = self.opts
-        self.km, self.locks = boot_kernel(opts.geometry(), self.run_id, self.variants)
+        self.km, self.locks = boot_kernel(
+            opts.geometry(), self.run_id, self.variants, SCAN_MODES[opts.scan], opts.locks
+        )
         self.km.set_actor("supervisor", on_report=lambda r: self._add_report(r))
         self.locks.set_report_hook(lambda kind, title, text, data: self._add_report(
             {"kind": kind, "title": title, "text": text, "data": data}))

@@ -14,7 +14,7 @@ import os
 import time
 
 from actors.base import Actor
-from actors.kernel.ksm_scan import ksm_do_scan, ksm_scan_thread_round, ksmd_should_run
+from actors.kernel.ksm_scan import SCAN_FUNCS, ksm_scan_thread_round, ksmd_should_run
 
 
 class Ksmd(Actor):
@@ -47,7 +47,8 @@ class Ksmd(Actor):
         if self.prof is None:
             ksm_scan_thread_round(k)
         else:
-            ksm_scan_thread_round(k, lambda k, n: self.prof.runcall(ksm_do_scan, k, n))
+            scan = SCAN_FUNCS[int(k.ksm["scan_mode"])]
+            ksm_scan_thread_round(k, lambda k, n: self.prof.runcall(scan, k, n))
         self.ev.flush()
         self.next_scan = time.monotonic() + int(k.ksm["sleep_millisecs"]) / 1000.0
 

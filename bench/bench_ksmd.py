@@ -1,10 +1,25 @@
 """ksmd speed: ksmlab's ksmd against this machine's real ksmd, on the same workload, in one run.
 
-    sudo .venv/bin/python bench/bench_ksmd.py [--scale 1.0] [--procs 4] [--steady-passes 3]
-                                              [--only kernel|ksmlab] [--smart-scan 0|1]
+    sudo .venv/bin/python bench/bench_ksmd.py [--scale 1.0] [--procs 4] [--dup 0.5]
+                                              [--steady-passes 3] [--only kernel|ksmlab]
+                                              [--smart-scan 0|1] [--scan batch|exact]
+                                              [--locks word|ofd] [--run2] [--json]
+    sudo .venv/bin/python bench/bench_ksmd.py --matrix [--json]   # the workload matrix
+    .venv/bin/python bench/bench_ksmd.py --core [--json]           # the numpy core alone
 
 The workload (issue 3, item 8): 8192 distinct pages x 8 copies + 65536 unique pages (512 MiB,
 131072 pages at --scale 1), dealt over --procs processes and shuffled (ksmlab.workloads.mix).
+--dup R makes R of the pages copies (8 of each content) and the rest unique (0.5 is the
+mix above); --matrix runs 64 MiB, 512 MiB and 2 GiB x 1, 4 and 16 tasks x 0, 50 and 90%
+duplicates (MATRIX below). --run2 also times run=2 (unmerge everything) once converged.
+--json prints one JSON object per workload on its own line:
+
+  {"workload": {...}, "kernel": {"converge_s", "pass1_pps", "steady_pps", "cpu_s", "unmerge_s"},
+   "ksmlab": {the same, "scan", "locks"}, "ratio": {"converge", "pass1", "steady"}}
+
+where a ratio above 1 means ksmlab is faster (converge: kernel time / ksmlab time). --core
+measures the comparison core (shared_mem/pagecmp.py) on 512 MiB of random frames: checksum
+and compare GB/s against numpy's plain copy of the same bytes.
 Both sides run it with pages_to_scan=1000, sleep_millisecs=0, max_page_sharing=256,
 use_zero_pages=0, smart_scan=--smart-scan. Each process maps MAP_PRIVATE|MAP_ANONYMOUS,
 MADV_NOHUGEPAGE, writes every page, MADV_MERGEABLE; then run=1 and the counters are polled
@@ -32,6 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import sys
 import tempfile
@@ -52,11 +68,18 @@ FULL_DISTINCT, FULL_COPIES, FULL_UNIQUE = 8192, 8, 65536
 KNOBS = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "use_zero_pages": 0}
 
 
-def bench_workload(scale: float, procs: int) -> Workload:
-    distinct = max(1, round(FULL_DISTINCT * scale))
-    unique = max(1, round(FULL_UNIQUE * scale / procs))
+# (MiB, tasks, duplicate ratio): every size at 4 tasks and 50%, then the task and ratio
+# axes at 512 MiB
+MATRIX = [(64, 4, 0.5), (512, 4, 0.5), (2048, 4, 0.5), (512, 1, 0.5), (512, 16, 0.5),
+          (512, 4, 0.0), (512, 4, 0.9)]
+
+
+def bench_workload(scale: float, procs: int, dup: float = 0.5) -> Workload:
+    total = round((FULL_DISTINCT * FULL_COPIES + FULL_UNIQUE) * scale)
+    distinct = round(total * dup) // FULL_COPIES
+    unique = max(1, round((total - distinct * FULL_COPIES) / procs))
     return mix(
-        f"ksmd-bench-x{scale:g}",
+        f"ksmd-bench-{total * PAGE >> 20}MiB-{procs}t-{round(dup * 100)}dup",
         procs,
         dup_contents=distinct,
         copies_per_content=FULL_COPIES,
@@ -157,6 +180,15 @@ class Result:
     final: dict[str, int]
     load_s: float
     notes: list[str] = field(default_factory=list)
+    unmerge_s: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def summary(self, steady_passes: int) -> dict:
+        hi = 2 + steady_passes
+        cpu = sum(p.cpu for p in self.passes[:hi]) if len(self.passes) >= hi else None
+        return {"converge_s": self.converge, "pass1_pps": self.rate(1, 1),
+                "steady_pps": self.rate(3, hi), "cpu_s": cpu, "unmerge_s": self.unmerge_s,
+                **self.extra}
 
     def rate(self, lo: int, hi: int, cpu: bool = False) -> float | None:
         """pages/s over passes lo..hi (1-based, inclusive): total pages / total wall (cpu) s."""
@@ -232,13 +264,15 @@ def run_kernel(w: Workload, images: list[bytes], smart_scan: int, passes: int) -
                 time.sleep(0.001)
             knobs.set("run", 0)
             final = rk.read_counters(root)
-            knobs.set("run", 2)
+            t_un = time.monotonic()
+            knobs.set("run", 2)  # the write returns when every merge is broken
+            unmerge_s = time.monotonic() - t_un
             kids.stop(grace=5.0)
         finally:
             kids.stop(grace=0.0)
             for fd in fds.values():
                 os.close(fd)
-    res = Result("kernel", tl.converged_at(want), tl.rates(), final, load_s)
+    res = Result("kernel", tl.converged_at(want), tl.rates(), final, load_s, unmerge_s=unmerge_s)
     return res
 
 
@@ -247,14 +281,16 @@ def run_kernel(w: Workload, images: list[bytes], smart_scan: int, passes: int) -
 
 
 async def run_ksmlab_async(
-    w: Workload, images: list[bytes], smart_scan: int, passes: int, readback: bool, poll: float
+    w: Workload, images: list[bytes], smart_scan: int, passes: int, readback: bool, poll: float,
+    scan: str = "batch", locks: str = "word", run2: bool = False,
 ) -> Result:
     from actors.cluster import Cluster
 
     want = expected_triplet(w)
     run_dir = tempfile.mkdtemp(prefix="ksmd-bench-")
     opts = ksmlab_cluster_options(
-        w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0, sched="none"
+        w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0, sched="none",
+        scan=scan, locks=locks,
     )
     c = Cluster(**opts)
     notes = [f"run folder {run_dir}", f"frames {opts['frames']}, va_pages {opts['va_pages']}"]
@@ -286,6 +322,14 @@ async def run_ksmlab_async(
             await asyncio.sleep(poll)
         await c.sysfs_write("run", 0)
         final = c.ksm_counters()
+        unmerge_s = None
+        if run2:
+            t_un = time.monotonic()
+            await c.sysfs_write("run", 2)  # as in the kernel, returns when all is unmerged
+            unmerge_s = time.monotonic() - t_un
+            after = c.ksm_counters()
+            if after["pages_shared"] or after["pages_sharing"]:
+                raise RuntimeError(f"ksmlab: run=2 left {after['pages_shared']} KSM pages")
         if readback:
             t_rb = time.monotonic()
             bad = 0
@@ -306,7 +350,8 @@ async def run_ksmlab_async(
             raise RuntimeError(f"ksmlab reports: {[r['title'] for r in c.reports]}")
     finally:
         await c.stop()
-    return Result("ksmlab", tl.converged_at(want), tl.rates(), final, load_s, notes)
+    return Result("ksmlab", tl.converged_at(want), tl.rates(), final, load_s, notes,
+                  unmerge_s=unmerge_s, extra={"scan": scan, "locks": locks})
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,18 +408,54 @@ def report(w: Workload, results: list[Result], passes: int) -> None:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 512 MiB)")
-    ap.add_argument("--procs", type=int, default=4)
-    ap.add_argument("--steady-passes", type=int, default=3)
-    ap.add_argument("--smart-scan", type=int, default=0, choices=(0, 1))
-    ap.add_argument("--only", choices=("kernel", "ksmlab"))
-    ap.add_argument("--no-readback", action="store_true")
-    ap.add_argument("--poll", type=float, default=0.002, help="ksmlab counter poll interval (s)")
-    args = ap.parse_args()
+def ratios(k: dict, m: dict) -> dict:
+    """> 1: ksmlab is faster (converge: kernel time / ksmlab time; rates: ksmlab / kernel)."""
+    def div(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None or b == 0 else round(a / b, 4)
 
-    w = bench_workload(args.scale, args.procs)
+    return {"converge": div(k["converge_s"], m["converge_s"]),
+            "pass1": div(m["pass1_pps"], k["pass1_pps"]),
+            "steady": div(m["steady_pps"], k["steady_pps"])}
+
+
+def bench_core(mib: int = 512, repeat: int = 3) -> dict:
+    """The comparison core alone: checksum and compare GB/s against a plain numpy copy."""
+    import numpy as np
+
+    from shared_mem.pagecmp import PageCmp
+
+    n = mib << 8
+    frames = np.frombuffer(np.random.default_rng(8).bytes(n * PAGE), dtype=np.uint8).reshape(n, PAGE).copy()
+    pc = PageCmp(frames)
+    dst = np.empty_like(frames)
+    everything = np.arange(n)
+    half = n // 2
+    a, b = np.arange(half), np.arange(half, 2 * half)
+    scattered = np.random.default_rng(9).permutation(n)[: n // 8]
+
+    def best(fn, nbytes: int) -> float:
+        t = min(_timed(fn) for _ in range(repeat))
+        return nbytes / t / 1e9
+
+    out = {
+        "bytes": n * PAGE,
+        "copy_gbps": best(lambda: np.copyto(dst, frames), n * PAGE),
+        "checksum_gbps": best(lambda: pc.checksum_batch(everything), n * PAGE),
+        "checksum_scattered_gbps": best(lambda: pc.checksum_batch(scattered), len(scattered) * PAGE),
+        "compare_gbps": best(lambda: pc.identical_batch(a, b), 2 * half * PAGE),
+    }
+    out["checksum_vs_copy"] = round(out["checksum_gbps"] / out["copy_gbps"], 3)
+    out["compare_vs_copy"] = round(out["compare_gbps"] / out["copy_gbps"], 3)
+    return out
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_workload(w: Workload, args: argparse.Namespace) -> dict:
     t = time.monotonic()
     images = build_images(w)
     print(f"built {w.total_pages} pages of images in {time.monotonic() - t:.1f}s", flush=True)
@@ -389,11 +470,63 @@ def main() -> None:
         results.append(
             asyncio.run(
                 run_ksmlab_async(
-                    w, images, args.smart_scan, args.steady_passes, not args.no_readback, args.poll
+                    w, images, args.smart_scan, args.steady_passes, not args.no_readback, args.poll,
+                    args.scan, args.locks, args.run2,
                 )
             )
         )
     report(w, results, args.steady_passes)
+    sides = {r.side: r.summary(args.steady_passes) for r in results}
+    line = {"workload": {"name": w.name, "pages": w.total_pages, "mib": w.total_pages * PAGE >> 20,
+                         "tasks": w.n_procs, "dup": args.dup_of.get(w.name, 0.5)},
+            "kernel": sides.get("kernel"), "ksmlab": sides.get("ksmlab"),
+            "ratio": ratios(sides["kernel"], sides["ksmlab"]) if len(sides) == 2 else None}
+    if "kernel" in sides and "ksmlab" in sides:
+        r = line["ratio"]
+        print(f"ratio (>1: ksmlab faster): converge {r['converge']}, pass1 {r['pass1']}, "
+              f"steady {r['steady']}")
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="workload size (1.0 = 512 MiB)")
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--dup", type=float, default=0.5, help="share of the pages that are copies")
+    ap.add_argument("--steady-passes", type=int, default=3)
+    ap.add_argument("--smart-scan", type=int, default=0, choices=(0, 1))
+    ap.add_argument("--only", choices=("kernel", "ksmlab"))
+    ap.add_argument("--no-readback", action="store_true")
+    ap.add_argument("--poll", type=float, default=0.002, help="ksmlab counter poll interval (s)")
+    ap.add_argument("--scan", choices=("batch", "exact"), default="batch", help="ksmlab's scan")
+    ap.add_argument("--locks", choices=("word", "ofd"), default="word", help="ksmlab's locks")
+    ap.add_argument("--run2", action="store_true", help="also time run=2 once converged")
+    ap.add_argument("--matrix", action="store_true", help="the workload matrix (MATRIX)")
+    ap.add_argument("--core", action="store_true", help="only the numpy comparison core")
+    ap.add_argument("--json", action="store_true", help="one JSON object per workload")
+    args = ap.parse_args()
+    if not 0 <= args.dup < 1 or args.procs < 1 or args.scale <= 0:
+        ap.error("--dup must be in [0, 1), --procs and --scale positive")
+
+    if args.core:
+        core = bench_core()
+        print(f"numpy core on {core['bytes'] >> 20} MiB: copy {core['copy_gbps']:.2f} GB/s, "
+              f"checksum {core['checksum_gbps']:.2f} GB/s ({core['checksum_vs_copy']:.2f} x copy), "
+              f"scattered checksum {core['checksum_scattered_gbps']:.2f} GB/s, "
+              f"compare {core['compare_gbps']:.2f} GB/s ({core['compare_vs_copy']:.2f} x copy)")
+        if args.json:
+            print(json.dumps({"workload": {"name": "numpy-core"}, "core": core}))
+        return
+    specs = MATRIX if args.matrix else [(512 * args.scale, args.procs, args.dup)]
+    args.dup_of = {}
+    lines = []
+    for mib, procs, dup in specs:
+        w = bench_workload(mib / 512, procs, dup)
+        args.dup_of[w.name] = dup
+        lines.append(run_workload(w, args))
+    if args.json:
+        for line in lines:
+            print(json.dumps(line))
 
 
 if __name__ == "__main__":

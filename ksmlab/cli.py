@@ -15,10 +15,12 @@ from dataclasses import asdict, fields
 from typing import Any
 
 from actors.cluster import ClusterOptions
+from actors.kernel.ksm_scan import SCAN_MODES
 from actors.kernel.schedule import STRATEGIES
 from ksmlab import kcov, live, logview, stress, trace
 from ksmlab.scenario import builtin_scenarios, load_scenario, run_scenario
 from ksmlab.sim import command as sim_command
+from shared_mem.locks import IMPLS
 from shared_mem.segment import sweep_stale
 
 _CLUSTER_FIELDS = frozenset(f.name for f in fields(ClusterOptions))
@@ -56,6 +58,9 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
         opts["time_limit"] = a.time_limit
     if getattr(a, "chaos", None):
         opts["chaos"] = a.chaos
+    for name in ("scan", "locks"):
+        if getattr(a, name, None):
+            opts[name] = getattr(a, name)
     return opts
 
 
@@ -149,7 +154,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
         return 2
     keep = ("seed", "frames", "nodes", "variants", "delays", "sched", "depth", "stop_on_report",
             "trace_locks", "hung_task_timeout", "swap_slots", "max_tasks", "max_mms", "va_pages",
-            "oom_reaper_delay", "time_limit", "chaos")
+            "oom_reaper_delay", "time_limit", "chaos", "scan", "locks")
     opts = {k: old[k] for k in keep if k in old}
     opts["variants"] = tuple(opts.get("variants") or ())
     opts["run_dir"] = a.run_dir
@@ -293,6 +298,13 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depth", type=int, help="PCT depth d: d-1 priority change points per epoch (default 3)")
 
 
+def _impl_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scan", choices=sorted(SCAN_MODES),
+                   help="ksmd's scan: batch (vectorized runs of pages, the default) or exact (page by page)")
+    p.add_argument("--locks", choices=sorted(IMPLS),
+                   help="lock implementation: word (shared-word CAS, the default) or ofd (OFD byte locks)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ksmlab", description="An executable multiprocess model of Linux KSM.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -306,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--chaos", type=float, metavar="RATE",
                    help="chaos events per second: an actor SIGSTOPped for up to 1 s, or a task "
                         "between requests SIGKILLed (its exit then runs)")
+    _impl_args(r)
     r.add_argument("--time-limit", type=float, metavar="S",
                    help="end the scenario with a hung-task report after S seconds (default: twice "
                         "its seconds argument plus 120, else 300)")
@@ -346,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and print the coverage table")
     st.add_argument("--chaos", type=float, metavar="RATE",
                     help="every run under chaos (run --chaos): actors SIGSTOPped, idle tasks SIGKILLed")
+    _impl_args(st)
     st.add_argument("--guided", action="store_true",
                     help="coverage-guided: keep seeds that reach new branches and mutate them (needs --coverage)")
 

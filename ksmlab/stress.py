@@ -155,6 +155,8 @@ class RunSpec:
     scenario: str | None = None         # None: the bug's own (soak: blind discovery)
     proposed: bool = True               # with --fixed: ksmlab's proposed fixes too
     chaos: float = 0.0                  # chaos events per second (run --chaos)
+    scan: str | None = None             # run --scan (None: the default, batch)
+    locks: str | None = None            # run --locks (None: the default, word)
     python: str = sys.executable
 
     def limit(self, bug_name: str) -> float:
@@ -180,6 +182,9 @@ def run_command(bug_name: str, seed: int, spec: RunSpec, run_dir: str,
         cmd += ["--coverage", os.path.abspath(coverage or spec.coverage or "")]
     if spec.chaos:
         cmd += ["--chaos", str(spec.chaos)]
+    for name in ("scan", "locks"):
+        if getattr(spec, name):
+            cmd += [f"--{name}", getattr(spec, name)]
     return cmd
 
 
@@ -290,6 +295,7 @@ def campaign(bugs: list[str], spec: RunSpec, runs: int, jobs: int, seed: int) ->
     return {"bugs": {b: summarize(b, spec.fixed, rs) for b, rs in results.items()}, "scenario": spec.scenario,
             "proposed_fixes": proposed_fixes() if spec.fixed and spec.proposed else [], "seed": seed,
             "sched": spec.sched or "pct", "depth": spec.depth or 3, "chaos": spec.chaos,
+            "scan": spec.scan or "batch", "locks": spec.locks or "word",
             "seconds": round(time.monotonic() - t0, 1)}
 
 
@@ -349,7 +355,8 @@ def main(a: argparse.Namespace) -> int:
         return 2
     spec = RunSpec(fixed=a.fixed, time_limit=a.time_limit, runs_root=a.runs_root, sched=a.sched,
                    depth=a.depth, coverage=a.coverage, scenario=a.scenario,
-                   proposed=not a.without_proposed_fixes, chaos=a.chaos or 0.0)
+                   proposed=not a.without_proposed_fixes, chaos=a.chaos or 0.0,
+                   scan=a.scan, locks=a.locks)
     seed = a.seed if a.seed is not None else secrets.randbelow(1 << 30)
     fixes = proposed_fixes() if a.fixed and not a.without_proposed_fixes else []
     what = "variant" if not a.fixed else "fixed" + (f" + proposed {', '.join(fixes)}" if fixes else "")

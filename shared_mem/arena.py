@@ -207,6 +207,21 @@ class Arena:
             return i
         raise UseAfterFree(self._report(h, "use-after-free" if h != NULL else "null-ptr-deref", site))
 
+    def idx_many(self, hs: np.ndarray, site: str = "") -> np.ndarray:
+        """idx() of many handles at once (a vectorized scan's batch): all must be live."""
+        ok = self.valid_many(hs)
+        if not ok.all():
+            self.idx(int(np.asarray(hs)[~ok][0]), site)  # the report of the first bad one
+        return np.asarray(hs, dtype=np.int64) & 0xFFFFFFFF
+
+    def valid_many(self, hs: np.ndarray) -> np.ndarray:
+        """valid() of many handles at once."""
+        hs = np.asarray(hs, dtype=np.int64)
+        i = hs & 0xFFFFFFFF
+        ok = (hs > 0) & (i < self.capacity)
+        ok[ok] = self.gen[i[ok]] == (hs[ok] >> 32).astype(np.uint64)
+        return ok
+
     def valid(self, h: int) -> bool:
         i = h & 0xFFFFFFFF
         return h > 0 and i < self.capacity and self._gq[i * self._gw] == h >> 32

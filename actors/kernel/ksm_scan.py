@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
 from actors.kernel.advisor import advisor_start_scan, advisor_stop_scan
@@ -19,6 +21,7 @@ from actors.kernel.memory import follow_page, next_present, put_page
 from actors.kernel.merge import (
     ERESTARTSYS,
     break_cow,
+    get_mergeable_page,
     try_to_merge_two_pages,
     try_to_merge_with_ksm_page,
     try_to_merge_with_zero_page,
@@ -47,6 +50,8 @@ from shared_mem.layout import (
     MMF_VM_MERGEABLE,
     PAGE_SIZE,
     PG_KSM,
+    STABLE_FLAG,
+    UNSTABLE_FLAG,
     VM_MERGEABLE,
 )
 
@@ -98,10 +103,25 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     Returns (rmap_item, pfn with a reference), or (NULL, -1) at the end of a full scan,
     when the list is empty, or when no rmap_item could be allocated.
     """
+    got = scan_get_next_rmap_items(k, 1)
+    return got[0] if got else (NULL, -1)
+
+
+def scan_get_next_rmap_items(k: Kernel, want: int) -> list[tuple[int, int]]:
+    """scan_get_next_rmap_item() for a run of up to `want` pages of one mm.
+
+    With want=1 this is the kernel's function, taking the mm's mmap_lock for each page.
+    With more, the run stays under one down_read of that mmap_lock while the cursor
+    moves over the mm's pages (the vectorized scan's "a lock for a run of pages",
+    docs/DECISIONS.md), and ends at the mm's last page: the next call moves the cursor
+    to the next mm, as the kernel's next call would. The cursor is where the kernel's
+    would be after returning the run's last page. An empty list: the end of a full
+    scan, an empty list of mms, or no rmap_item could be allocated.
+    """
     km = k.km
     ks = k.ks  # the ksm record: ks.scan_address is ksm_scan.address, and so on
     if slots.list_empty(k):
-        return NULL, -1
+        return []
     head = slots.head(k)
     slot = ks.scan_slot
     if slot == head:
@@ -120,11 +140,12 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         if slot == head and not k.variant("cve-2011-2183"):
             # A racing __ksm_exit removed the last mm since list_empty() above.
             k.ev("ksm_scan_list_emptied")
-            return NULL, -1
+            return []
         ks.scan_address = 0
         set_cursor_link(k, Link(slot, True))
 
     vstart_of, vend_of, vflags_of, vanon_of = km.vma.start, km.vma.end, km.vma.flags, km.vma.anon_vma
+    run: list[tuple[int, int]] = []
     while True:  # next_mm
         mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "scan_get_next_rmap_item")])
         lock = k.mmap_lock(mm, "scan_get_next_rmap_item")
@@ -162,10 +183,18 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
                             ks.scan_address = addr + PAGE_SIZE
                         else:
                             put_page(k, pfn)
-                            pfn = -1
-                        lock.up_read()
-                        return item, pfn
+                            lock.up_read()
+                            return run  # out of rmap_items: this run ends here
+                        run.append((item, pfn))
+                        if len(run) >= want:
+                            lock.up_read()
+                            return run
+                        continue
                     ks.scan_address = addr + PAGE_SIZE
+            if run:
+                # The mm's last page is in the run: the next call moves to the next mm.
+                lock.up_read()
+                return run
             exiting = mmops.ksm_test_exit(k, mm)
         if exiting:
             ks.scan_address = 0
@@ -204,11 +233,13 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
         advisor_stop_scan(k)
         k.ev("ksm_stop_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         ks.seqnr += 1
-        return NULL, -1
+        return []
 
 
-def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
-    """Try to merge the page at item with an identical one, in the stable tree first."""
+def cmp_and_merge_page(k: Kernel, pfn: int, item: int, checksum: int | None = None) -> None:
+    """Try to merge the page at item with an identical one, in the stable tree first.
+
+    `checksum`: calc_checksum(pfn) already taken by the vectorized scan (None: take it)."""
     km = k.km
     ri = km.rmap_item
     ii = ri.idx(item, "cmp_and_merge_page")
@@ -223,7 +254,8 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int) -> None:
             bypass = True
     else:
         remove_rmap_item_from_tree(k, item)
-        checksum = k.cmp.checksum(pfn)
+        if checksum is None:
+            checksum = k.cmp.checksum(pfn)
         if int(ri.oldchecksum[ii]) != checksum:
             ri.oldchecksum[ii] = checksum
             return
@@ -287,6 +319,85 @@ def ksm_do_scan(k: Kernel, scan_npages: int) -> int:
     return n
 
 
+def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
+    """cmp_and_merge_page() for a run of scanned pages, the work done on arrays first.
+
+    One numpy pass checksums every page that is not KSM's; then the run is split three
+    ways on arrays. Pages that need nothing are done at once: a KSM page already on the
+    stable node its rmap_item names (cmp_and_merge_page returns at once), and a page in
+    no tree whose checksum changed (only oldchecksum is updated). Every other page goes
+    through cmp_and_merge_page() in scan order, with the kernel's locks and trees, as the
+    exact scan would, with its checksum precomputed.
+
+    A page reference held across another page's merge would change that merge: a page
+    shared by a fork (mapcount > 1) may be the tree page or the merged page of an
+    earlier item, and write_protect_page() counts references. So the run keeps its
+    references only on the pages only one pte maps (no other item can meet them), and
+    the rest are let go now and looked up again when their turn comes, as
+    get_mergeable_page() does for a tree item. A page whose pte changed meanwhile is
+    simply checksummed again then.
+    """
+    km = k.km
+    ri = km.rmap_item
+    pg = km.page
+    items = np.fromiter((it for it, _ in run), dtype=np.int64, count=len(run))
+    pfns = np.fromiter((pf for _, pf in run), dtype=np.int64, count=len(run))
+    ii = ri.idx_many(items, "cmp_and_merge_batch")
+    flags = k.page_flags[pfns]
+    is_ksm = (flags & PG_KSM) != 0
+    node = np.where(is_ksm, pg["mapping"][pfns], 0)
+    on_node = is_ksm & (ri.head[ii] == node) & km.stable_node.valid_many(node)
+    plain = ~is_ksm
+    cks = np.zeros(len(run), dtype=np.int64)
+    cks[plain] = k.cmp.checksum_batch(pfns[plain])
+    in_tree = (ri.address[ii] & (STABLE_FLAG | UNSTABLE_FLAG)) != 0
+    changed = plain & ~in_tree & (cks != ri.oldchecksum[ii])
+    ri.oldchecksum[ii[changed]] = cks[changed]
+    todo = ~(on_node | changed)
+    _, first, counts = np.unique(pfns, return_index=True, return_counts=True)
+    once = np.zeros(len(run), dtype=bool)
+    once[first[counts == 1]] = True
+    keep = todo & plain & once & (pg["mapcount"][pfns] == 1)
+    for j in np.flatnonzero(~keep):
+        put_page(k, int(pfns[j]))
+    for j in np.flatnonzero(todo):
+        item = int(items[j])
+        if keep[j]:
+            pfn = int(pfns[j])
+            try:
+                cmp_and_merge_page(k, pfn, item, int(cks[j]))
+            finally:
+                put_page(k, pfn)
+            continue
+        pfn = get_mergeable_page(k, item)
+        if pfn < 0:
+            continue  # unmapped since it was scanned: as if just after the kernel's scan
+        try:
+            same = pfn == pfns[j] and not k.page_flags[pfn] & PG_KSM
+            cmp_and_merge_page(k, pfn, item, int(cks[j]) if same else None)
+        finally:
+            put_page(k, pfn)
+    k.ks.pages_scanned += len(run)
+
+
+def ksm_do_scan_batch(k: Kernel, scan_npages: int) -> int:
+    """ksm_do_scan() on runs of pages (--scan batch, the default): the same pages in the
+    same order, each run collected under one mmap_lock and merged by cmp_and_merge_batch."""
+    n = 0
+    while n < scan_npages:
+        run = scan_get_next_rmap_items(k, scan_npages - n)
+        if not run:
+            break
+        cmp_and_merge_batch(k, run)
+        n += len(run)
+    return n
+
+
+SCAN_EXACT, SCAN_BATCH = 0, 1
+SCAN_MODES = {"exact": SCAN_EXACT, "batch": SCAN_BATCH}
+SCAN_FUNCS = {SCAN_EXACT: ksm_do_scan, SCAN_BATCH: ksm_do_scan_batch}
+
+
 def ksmd_should_run(k: Kernel) -> bool:
     return bool(k.ksm["run"] & KSM_RUN_MERGE) and not slots.list_empty(k)
 
@@ -302,7 +413,7 @@ def ksm_scan_thread_round(k: Kernel, scan: Callable[[Kernel, int], None] | None 
     try:
         ran = ksmd_should_run(k)
         if ran:
-            (scan or ksm_do_scan)(k, int(k.ksm["pages_to_scan"]))
+            (scan or SCAN_FUNCS[int(k.ksm["scan_mode"])])(k, int(k.ksm["pages_to_scan"]))
     finally:
         k.ksm_thread_mutex.unlock()
     return ran
@@ -362,8 +473,11 @@ __all__ = [
     "KSM_RUN_MERGE",
     "KSM_RUN_STOP",
     "KSM_RUN_UNMERGE",
+    "SCAN_MODES",
+    "cmp_and_merge_batch",
     "cmp_and_merge_page",
     "ksm_do_scan",
+    "ksm_do_scan_batch",
     "ksmd_should_run",
     "scan_get_next_rmap_item",
     "unmerge_and_remove_all_rmap_items",

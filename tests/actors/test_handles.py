@@ -30,7 +30,7 @@ FIELD_NAMES = frozenset(f for _n, dt, _c in ARENAS for f in dt.names) | {"rec", 
 # Other kernel tables indexed by a record's index: the pgd rows belong to the mm.
 KM_TABLES = frozenset({"pgd"})
 # Calls whose result is a checked index, or an array of live indices.
-INDEX_CALLS = frozenset({"idx", "live_indices"})
+INDEX_CALLS = frozenset({"idx", "idx_many", "live_indices"})
 TAKE_APART = frozenset({"h_index", "h_gen"})
 HANDLE_MASK = 0xFFFFFFFF
 

@@ -20,6 +20,7 @@
 # and asserts that /dev/shm holds no segment of the run.
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import Iterator
 from typing import Any
@@ -35,6 +36,7 @@ from actors.kernel.context import Kernel
 from actors.kernel.exit import mmput
 from actors.kernel.fault import access_user
 from actors.kernel.invariants import check_invariants, leaks_after_teardown
+from actors.kernel.ksm_scan import SCAN_MODES
 from actors.kernel.variants import Variants
 from protocol.abi import MADV_MERGEABLE, MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from shared_mem.layout import PAGE_SIZE, PTE_PFN_MASK, PTE_PRESENT, PTE_SPECIAL, Geometry
@@ -81,11 +83,16 @@ def page_of(content: int | bytes | np.ndarray) -> np.ndarray:
 
 
 class KernelHarness:
-    def __init__(self, geo: Geometry | None = None, variants: Variants | None = None) -> None:
+    def __init__(
+        self, geo: Geometry | None = None, variants: Variants | None = None, scan: str | None = None
+    ) -> None:
         self.run_id = "k" + secrets.token_hex(5)
         self.geo = geo or Geometry(**SMALL)
         self.variants = variants or Variants()
-        self.km, self.locks = boot_kernel(self.geo, self.run_id, self.variants)
+        # ksmd's scan: exact (page by page, the kernel's shape) unless a test asks, or
+        # KSMLAB_TEST_SCAN=batch runs the whole directory on the vectorized scan.
+        mode = SCAN_MODES[scan or os.environ.get("KSMLAB_TEST_SCAN", "exact")]
+        self.km, self.locks = boot_kernel(self.geo, self.run_id, self.variants, mode)
         self.events: list[tuple[str, dict[str, Any]]] = []
         self.reports: list[dict] = []
         self.allow_reports = False
@@ -180,7 +187,7 @@ class KernelHarness:
     def scan(self, npages: int) -> int:
         """One ksmd batch of at most npages pages."""
         with self.k.ksm_thread_mutex:
-            return ksm_scan.ksm_do_scan(self.k, npages)
+            return ksm_scan.SCAN_FUNCS[int(self.k.ksm["scan_mode"])](self.k, npages)
 
     def full_scan(self, passes: int = 1) -> None:
         """Finish the current pass (a whole one from the list head), `passes` times."""
@@ -256,11 +263,14 @@ class KernelHarness:
 
 @pytest.fixture
 def kernel_factory() -> Iterator[Any]:
-    """make(geo=None, variants=()) -> KernelHarness; every kernel made is torn down after."""
+    """make(geo=None, variants=(), scan=None) -> KernelHarness; every kernel made is torn
+    down after."""
     made: list[KernelHarness] = []
 
-    def make(geo: Geometry | None = None, variants: tuple[str, ...] = ()) -> KernelHarness:
-        h = KernelHarness(geo, Variants(variants))
+    def make(
+        geo: Geometry | None = None, variants: tuple[str, ...] = (), scan: str | None = None
+    ) -> KernelHarness:
+        h = KernelHarness(geo, Variants(variants), scan)
         made.append(h)
         return h
 

@@ -40,16 +40,23 @@ def test_the_corpus_is_big_enough_and_its_seeds_still_draw_the_same_workloads():
             "stable_node_chains", "stable_node_dups"} <= kinds
 
 
+# Both of ksmd's scans: the vectorized one (the default in a cluster) must give the
+# kernel's numbers as the page-by-page one does, after every batch too.
+SCANS = pytest.mark.parametrize("scan", ["exact", "batch"])
+
+
+@SCANS
 @pytest.mark.parametrize("entry", DOC["entries"], ids=lambda e: f"seed{e['seed']}")
-def test_the_model_converges_to_the_kernels_numbers(entry, kernel_factory):
-    h = kernel_factory(geo=GEO)
+def test_the_model_converges_to_the_kernels_numbers(entry, scan, kernel_factory):
+    h = kernel_factory(geo=GEO, scan=scan)
     assert converged_mismatch(h, entry) is None
     h.check()
 
 
+@SCANS
 @pytest.mark.parametrize("entry", DOC["entries"], ids=lambda e: f"seed{e['seed']}")
-def test_the_model_gives_the_kernels_numbers_after_every_batch(entry, kernel_factory):
+def test_the_model_gives_the_kernels_numbers_after_every_batch(entry, scan, kernel_factory):
     """The stepped recording: a pass in about four batches, the counters after each one."""
-    h = kernel_factory(geo=GEO)
+    h = kernel_factory(geo=GEO, scan=scan)
     assert stepped_mismatch(h, entry) is None
     h.check()

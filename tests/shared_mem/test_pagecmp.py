@@ -78,6 +78,19 @@ def test_checksum_batch_equals_per_page(rng: np.random.Generator) -> None:
         pc.checksum(int(p)) for p in np.concatenate([perm, perm[:5]])
     ]
     assert len(pc.checksum_batch(np.zeros(0, dtype=np.int64))) == 0
+    # runs of consecutive frames (hashed in place) mixed with scattered ones
+    mixed = np.concatenate([pfns[3:40], pfns[50:52], [7], pfns[10:30][::-1], pfns[41:]])
+    assert [int(x) for x in pc.checksum_batch(mixed)] == [pc.checksum(int(p)) for p in mixed]
+    with pytest.raises(IndexError):
+        pc.checksum_batch(np.array([0, len(pages)]))
+    with pytest.raises(IndexError):
+        pc.checksum_batch(np.array([-1, 0]))
+    same = pc.identical_batch(mixed, mixed)
+    assert same.all() and len(same) == len(mixed)
+    other = np.roll(mixed, 1)
+    assert pc.identical_batch(mixed, other).tolist() == [
+        pc.identical(int(x), int(y)) for x, y in zip(mixed, other)
+    ]
     for p in pfns:
         c = pc.checksum(int(p))
         assert 0 <= c < 2**32

@@ -1,0 +1,121 @@
+# The vectorized scan (ksm_scan.ksm_do_scan_batch, `--scan batch`) against the exact one.
+#
+# The batch scan collects a run of pages under one mmap_lock, checksums them in one numpy
+# pass and decides on arrays which need cmp_and_merge_page() at all; the rest of the
+# kernel's work is the exact scan's, in the same order. So the two must agree after
+# every batch: the same counters, the same per-mm ksm_stat, the same frame under every
+# pte (which page became the KSM page is part of the answer). The workloads here are
+# the cases where an array decision could go wrong: pages a fork shares (a reference
+# held for a later page of the run would fail an earlier page's write_protect_page()),
+# pages that change between passes, duplicates within one run, zero pages, smart scan,
+# max_page_sharing chains, and an mm that goes away between batches.
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from actors.kernel.sysfs import ksm_stat
+from shared_mem.layout import PAGE_SIZE
+
+pytestmark = [pytest.mark.timeout(60)]
+
+
+def _build(h, seed: int) -> list[tuple[int, int, int]]:
+    """Three mms of 48 pages from a 9-content alphabet (zero pages among them), a fork of
+    the first, then the same writes in both kernels; returns (mm, addr, npages) areas."""
+    rnd = random.Random(seed)
+    areas = []
+    for _ in range(3):
+        contents = [rnd.choice([0, 1, 2, 3, 4, 5, 6, 7, 8]) for _ in range(48)]
+        mm, a = h.area(contents)
+        areas.append((mm, a, 48))
+    child = h.fork(areas[0][0])
+    areas.append((child, areas[0][1], 48))
+    return areas
+
+
+def _writes(h, areas, rnd: random.Random, n: int) -> None:
+    for _ in range(n):
+        mm, a, npages = rnd.choice(areas)
+        h.write_page(mm, a + rnd.randrange(npages) * PAGE_SIZE, rnd.choice([1, 2, 9, 10]))
+
+
+def _picture(h, areas) -> tuple:
+    c = h.counters()
+    stats = tuple(tuple(sorted(ksm_stat(h.k, mm).items())) for mm, _, _ in areas)
+    frames = tuple(tuple(h.pfns(mm, a, n)) for mm, a, n in areas)
+    return c, stats, frames
+
+
+@pytest.mark.parametrize("batch", [1, 5, 17, 100, 1000])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_batch_scan_gives_the_exact_scans_numbers_and_frames_after_every_batch(
+    kernel_factory, seed, batch
+):
+    pair = [kernel_factory(scan="exact"), kernel_factory(scan="batch")]
+    for h in pair:
+        h.set("max_page_sharing", 3)  # chains and dups in a small workload
+        h.set("use_zero_pages", seed % 2)
+        h.set("smart_scan", 1)
+    areas = [_build(h, seed) for h in pair]
+    rnds = [random.Random(seed * 7), random.Random(seed * 7)]
+    for step in range(max(30, 800 // batch)):  # at least four passes of the 192 pages
+        for h, ar, rnd in zip(pair, areas, rnds):
+            if step % max(6, 200 // batch) == 5:
+                _writes(h, ar, rnd, 4)  # COW breaks of KSM pages, volatile pages
+            h.scan(batch)
+        exact, vect = (_picture(h, ar) for h, ar in zip(pair, areas))
+        assert vect[0] == exact[0], f"step {step}: counters differ"
+        assert vect[1] == exact[1], f"step {step}: ksm_stat differs"
+        assert vect[2] == exact[2], f"step {step}: a pte maps a different frame"
+    assert pair[0].counters()["full_scans"] >= 2
+    assert pair[0].counters()["pages_sharing"] > 0
+    for h in pair:
+        h.check()
+
+
+def test_an_mm_that_exits_between_batches_ends_the_same_way(kernel_factory):
+    pair = [kernel_factory(scan="exact"), kernel_factory(scan="batch")]
+    areas = [_build(h, 5) for h in pair]
+    for h in pair:
+        h.scan(60)
+    for h, ar in zip(pair, areas):
+        h.mmput(ar[1][0])
+    for _ in range(12):
+        for h in pair:
+            h.scan(23)
+        assert pair[0].counters() == pair[1].counters()
+    for h in pair:
+        h.check()
+
+
+@pytest.mark.parametrize("scan", ["exact", "batch"])
+def test_a_page_a_fork_shares_later_in_the_run_does_not_hold_up_an_earlier_merge(kernel_factory, scan):
+    """
+    mm A maps Y at a0 and P (content X) at a1; its fork C shares both, then writes X
+    into a0, which COWs to its own page Q. In C's run, Q meets A's unstable-tree item
+    for P and the two merge; P is also C's page at a1, later in the same run. If the
+    run still held its reference on P, write_protect_page(P) would count one too many
+    (mapcount 2 + ksmd's 1 + the run's 1) and refuse: the batch scan lets P go and
+    looks it up again at its turn.
+
+        ksmd, C's run [a0, a1]                   the page P
+        ----------------------                   ----------
+        follow_page(a0) = Q, follow_page(a1) = P refcount 2 (A, C) + 1 (the run)
+        cmp_and_merge_page(a0): tree item A@a1
+          try_to_merge_two_pages(Q, P)           needs refcount == 2 + 1
+    """
+    h = kernel_factory(scan=scan)
+    a_mm, a = h.area([0x59, 0x58])
+    c_mm = h.fork(a_mm)
+    h.madvise(c_mm, a, 2)
+    h.write_page(c_mm, a, 0x58)
+    q, p = h.pfns(c_mm, a, 2)
+    assert h.pfns(a_mm, a, 2)[1] == p and q != p
+    h.full_scan(2)
+    # Q became the KSM page of A@a1 and C@a0 in pass 2; C@a1 (P) joined it in that pass too.
+    assert h.pfns(a_mm, a + PAGE_SIZE, 1) == [q]
+    assert h.pfns(c_mm, a, 2) == [q, q]
+    assert h.counters("pages_shared", "pages_sharing") == {"pages_shared": 1, "pages_sharing": 2}
+    h.check()
