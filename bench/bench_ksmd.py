@@ -71,7 +71,7 @@ KNOBS = {"pages_to_scan": 1000, "sleep_millisecs": 0, "max_page_sharing": 256, "
 # (MiB, tasks, duplicate ratio): every size at 4 tasks and 50%, then the task and ratio
 # axes at 512 MiB
 MATRIX = [(64, 4, 0.5), (512, 4, 0.5), (2048, 4, 0.5), (512, 1, 0.5), (512, 16, 0.5),
-          (512, 4, 0.0), (512, 4, 0.9)]
+          (512, 64, 0.5), (512, 4, 0.0), (512, 4, 0.9)]
 
 
 def bench_workload(scale: float, procs: int, dup: float = 0.5) -> Workload:
@@ -294,10 +294,17 @@ async def run_ksmlab_async(
     )
     c = Cluster(**opts)
     notes = [f"run folder {run_dir}", f"frames {opts['frames']}, va_pages {opts['va_pages']}"]
+    extra: dict = {"scan": scan, "locks": locks}
     try:
+        t_boot = time.monotonic()
         await c.boot()
+        extra["boot_s"] = round(time.monotonic() - t_boot, 3)
         for name, value in {**KNOBS, "smart_scan": smart_scan}.items():
             await c.sysfs_write(name, value)
+        t_spawn = time.monotonic()
+        probe = await c.spawn_task(comm="spawn-probe")  # what every campaign run pays per task
+        extra["spawn_s"] = round(time.monotonic() - t_spawn, 3)
+        await probe.exit()
         t_load = time.monotonic()
         loaded = await ksmlab_load(c, w, images=images)
         load_s = time.monotonic() - t_load
@@ -322,6 +329,8 @@ async def run_ksmlab_async(
             await asyncio.sleep(poll)
         await c.sysfs_write("run", 0)
         final = c.ksm_counters()
+        extra["shm_mib"] = round(shm_bytes(c.run_id) / 2**20, 1)
+        extra["ksmd_rss_mib"] = round(vm_hwm_kib(ksmd) / 1024, 1)
         unmerge_s = None
         if run2:
             t_un = time.monotonic()
@@ -351,7 +360,20 @@ async def run_ksmlab_async(
     finally:
         await c.stop()
     return Result("ksmlab", tl.converged_at(want), tl.rates(), final, load_s, notes,
-                  unmerge_s=unmerge_s, extra={"scan": scan, "locks": locks})
+                  unmerge_s=unmerge_s, extra=extra)
+
+
+def shm_bytes(run_id: str) -> int:
+    """Bytes of the run's shared memory: page frames, kernel records, lock words."""
+    return sum(p.stat().st_size for p in Path("/dev/shm").iterdir() if run_id in p.name)
+
+
+def vm_hwm_kib(pid: int) -> int:
+    """Peak resident set of a process (its own pages and the shared ones it touched)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,10 +526,19 @@ def main() -> None:
     ap.add_argument("--matrix", action="store_true", help="the workload matrix (MATRIX)")
     ap.add_argument("--core", action="store_true", help="only the numpy comparison core")
     ap.add_argument("--json", action="store_true", help="one JSON object per workload")
+    ap.add_argument("--plot", metavar="PNG", help="draw the scaling figure of the runs (needs the "
+                    "'plot' extra: pip install -e '.[plot]')")
+    ap.add_argument("--from-json", metavar="FILE", help="with --plot: draw from the JSON lines of an "
+                    "earlier run instead of running anything")
     args = ap.parse_args()
     if not 0 <= args.dup < 1 or args.procs < 1 or args.scale <= 0:
         ap.error("--dup must be in [0, 1), --procs and --scale positive")
 
+    if args.plot and args.from_json:
+        lines = [json.loads(ln) for ln in Path(args.from_json).read_text().splitlines()
+                 if ln.startswith('{"workload"') and '"ratio"' in ln]
+        plot(lines, args.plot)
+        return
     if args.core:
         core = bench_core()
         print(f"numpy core on {core['bytes'] >> 20} MiB: copy {core['copy_gbps']:.2f} GB/s, "
@@ -527,6 +558,49 @@ def main() -> None:
     if args.json:
         for line in lines:
             print(json.dumps(line))
+    if args.plot:
+        plot(lines, args.plot)
+
+
+def plot(lines: list[dict], path: str) -> None:
+    """Converge time and ksmd memory against pages, tasks and duplicates (log scales)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("--plot needs matplotlib: .venv/bin/pip install -e '.[plot]'")
+    base = {"pages": 131072, "tasks": 4, "dup": 0.5}
+    axes = [("pages", "pages (4 KiB)"), ("tasks", "tasks"), ("dup", "duplicate share")]
+    fig, ax = plt.subplots(2, 3, figsize=(13, 7))
+    for col, (key, label) in enumerate(axes):
+        pts = sorted((ln for ln in lines if all(ln["workload"][k] == v for k, v in base.items() if k != key)),
+                     key=lambda ln: ln["workload"][key])
+        xs = [ln["workload"][key] for ln in pts]
+        for side, style in (("kernel", "o-"), ("ksmlab", "s-")):
+            ys = [(ln.get(side) or {}).get("converge_s") for ln in pts]
+            if any(y is not None for y in ys):
+                ax[0][col].plot(xs, ys, style, label=side)
+        mem = [(ln.get("ksmlab") or {}).get("shm_mib") for ln in pts]
+        rss = [(ln.get("ksmlab") or {}).get("ksmd_rss_mib") for ln in pts]
+        ax[1][col].plot(xs, mem, "s-", label="ksmlab shared memory")
+        ax[1][col].plot(xs, rss, "^-", label="ksmlab ksmd peak RSS")
+        ax[0][col].set_title(f"converge time vs {label}")
+        ax[1][col].set_title(f"memory vs {label}")
+        ax[1][col].set_xlabel(label)
+        ax[0][col].set_ylabel("seconds")
+        ax[1][col].set_ylabel("MiB")
+        for a in (ax[0][col], ax[1][col]):
+            if key != "dup":
+                a.set_xscale("log", base=2)
+            a.grid(True, alpha=0.3)
+            a.legend(fontsize=8)
+        ax[0][col].set_yscale("log")
+    fig.suptitle("bench/bench_ksmd.py --matrix: the real ksmd and ksmlab's on the same workloads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
