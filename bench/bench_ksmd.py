@@ -528,16 +528,20 @@ def main() -> None:
     ap.add_argument("--json", action="store_true", help="one JSON object per workload")
     ap.add_argument("--plot", metavar="PNG", help="draw the scaling figure of the runs (needs the "
                     "'plot' extra: pip install -e '.[plot]')")
-    ap.add_argument("--from-json", metavar="FILE", help="with --plot: draw from the JSON lines of an "
-                    "earlier run instead of running anything")
+    ap.add_argument("--from-json", metavar="FILE", help="draw (--plot) or tabulate (--table) the JSON "
+                    "lines of an earlier run instead of running anything")
+    ap.add_argument("--table", action="store_true", help="with --from-json: a markdown table")
     args = ap.parse_args()
     if not 0 <= args.dup < 1 or args.procs < 1 or args.scale <= 0:
         ap.error("--dup must be in [0, 1), --procs and --scale positive")
 
-    if args.plot and args.from_json:
+    if args.from_json:
         lines = [json.loads(ln) for ln in Path(args.from_json).read_text().splitlines()
                  if ln.startswith('{"workload"') and '"ratio"' in ln]
-        plot(lines, args.plot)
+        if args.table:
+            print(markdown_table(lines))
+        if args.plot:
+            plot(lines, args.plot)
         return
     if args.core:
         core = bench_core()
@@ -560,6 +564,27 @@ def main() -> None:
             print(json.dumps(line))
     if args.plot:
         plot(lines, args.plot)
+
+
+def markdown_table(lines: list[dict]) -> str:
+    def f(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    head = ("| MiB | tasks | dup | kernel converge s | ksmlab converge s | kernel pass 1 p/s | "
+            "ksmlab pass 1 p/s | kernel steady p/s | ksmlab steady p/s | ratio converge / pass 1 / "
+            "steady | kernel run=2 s | ksmlab run=2 s | ksmlab shm MiB | ksmd RSS MiB | boot s | spawn s |")
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for ln in lines:
+        w, k, m, r = ln["workload"], ln.get("kernel") or {}, ln.get("ksmlab") or {}, ln.get("ratio") or {}
+        out.append(
+            f"| {w['mib']} | {w['tasks']} | {round(w['dup'] * 100)}% | {f(k.get('converge_s'), '.2f')} | "
+            f"{f(m.get('converge_s'), '.1f')} | {f(k.get('pass1_pps'), ',.0f')} | {f(m.get('pass1_pps'), ',.0f')} | "
+            f"{f(k.get('steady_pps'), ',.0f')} | {f(m.get('steady_pps'), ',.0f')} | "
+            f"{f(r.get('converge'), '.3f')} / {f(r.get('pass1'), '.3f')} / {f(r.get('steady'), '.3f')} | "
+            f"{f(k.get('unmerge_s'), '.2f')} | {f(m.get('unmerge_s'), '.1f')} | {f(m.get('shm_mib'), '.0f')} | "
+            f"{f(m.get('ksmd_rss_mib'), '.0f')} | {f(m.get('boot_s'), '.2f')} | {f(m.get('spawn_s'), '.2f')} |"
+        )
+    return "\n".join(out)
 
 
 def plot(lines: list[dict], path: str) -> None:
