@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import fcntl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from shared_mem.lockcheck import _pre_acquire
 from shared_mem.lockdep import MAX_LOCK_DEPTH
@@ -253,12 +253,14 @@ class BitLock(_ExclusiveLock):
 
 
 class _RWGuard:
+    """`with sem.read():` / `with sem.write():` for either lock implementation."""
+
     __slots__ = ("_sem", "_site", "_write")
 
-    def __init__(self, sem: RWSem, write: bool, site: str | None) -> None:
+    def __init__(self, sem: Any, write: bool, site: str | None) -> None:
         self._sem, self._write, self._site = sem, write, site
 
-    def __enter__(self) -> RWSem:
+    def __enter__(self) -> Any:
         if self._write:
             self._sem.down_write(self._site)
         else:

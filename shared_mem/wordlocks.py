@@ -64,6 +64,7 @@ from shared_mem.lockstate import (
     SPIN,
     WRITE,
 )
+from shared_mem.ofdlocks import _RWGuard
 
 if TYPE_CHECKING:
     from shared_mem.lockspace import LockSpace, _Ctx
@@ -268,26 +269,6 @@ class BitLock(_ExclusiveLock):
     __slots__ = ()
 
 
-class _RWGuard:
-    __slots__ = ("_sem", "_site", "_write")
-
-    def __init__(self, sem: RWSem, write: bool, site: str | None) -> None:
-        self._sem, self._write, self._site = sem, write, site
-
-    def __enter__(self) -> RWSem:
-        if self._write:
-            self._sem.down_write(self._site)
-        else:
-            self._sem.down_read(self._site)
-        return self._sem
-
-    def __exit__(self, *exc: object) -> None:
-        if self._write:
-            self._sem.up_write()
-        else:
-            self._sem.up_read()
-
-
 class RWSem(_WordLock):
     """A reader/writer semaphore (mmap_lock, anon_vma->rwsem): a count word and the
     writer's owner word. A reader gets in while no writer holds or waits for it; a
@@ -302,38 +283,30 @@ class RWSem(_WordLock):
         self._wg = _RWGuard(self, True, None)
 
     def down_read(self, site: str | None = None) -> None:
+        self._down(READ, site)
+
+    def down_write(self, site: str | None = None) -> None:
+        self._down(WRITE, site)
+
+    def _down(self, mode: int, site: str | None) -> None:
         ctx = self._ctx()
-        self._before(ctx, READ, site)
+        self._before(ctx, mode, site)
         sp = self._sp
         q = sp._q
-        q[ctx.base + _C_PEND] = self._key | READ
+        q[ctx.base + _C_PEND] = self._key | mode
+        # a reader gets in while no writer holds or waits; a writer while nobody holds it
+        busy, add = (RW_BLOCKS_READER, 1) if mode == READ else (~RW_SLEEPERS, RW_WRITER)
         wait = 0
         v = sp._w32[self._wi]
-        while not v & RW_BLOCKS_READER:
-            if _cas(self, ctx, v, v + 1):
+        while not v & busy:
+            if _cas(self, ctx, v, v + add):
                 break
             v = ctx.e.value  # another reader came or went: try again
         else:
-            wait = self._block(ctx, READ, site)
-        self._after(ctx, READ, site, wait)
-        q[ctx.base + _C_PEND] = 0
-
-    def down_write(self, site: str | None = None) -> None:
-        ctx = self._ctx()
-        self._before(ctx, WRITE, site)
-        sp = self._sp
-        q = sp._q
-        q[ctx.base + _C_PEND] = self._key | WRITE
-        wait = 0
-        v = sp._w32[self._wi]
-        while not v & ~RW_SLEEPERS:
-            if _cas(self, ctx, v, v | RW_WRITER):
-                break
-            v = ctx.e.value
-        else:
-            wait = self._block(ctx, WRITE, site)
-        sp._w32[self._wi + 1] = ctx.me
-        self._after(ctx, WRITE, site, wait)
+            wait = self._block(ctx, mode, site)
+        if mode == WRITE:
+            sp._w32[self._wi + 1] = ctx.me
+        self._after(ctx, mode, site, wait)
         q[ctx.base + _C_PEND] = 0
 
     def _block(self, ctx: _Ctx, mode: int, site: str | None) -> int:

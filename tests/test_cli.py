@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.cluster import ClusterOptions
 from actors.kernel.sysfs import ALL_FILES, COUNTERS
 from ksmlab.scenarios.idle import idle_seconds
 from shared_mem.segment import list_segments, sweep_stale
@@ -287,7 +288,22 @@ BAD_RUNS = [
     (["--delay-at", "nosuch=1"], "unknown schedule point"),
     (["--frames", str(10**12)], "ENOMEM:"),
     (["--depth", "0"], "depth"),
+    (["--scan", "fast"], "invalid choice: 'fast'"),
+    (["--locks", "sysv"], "invalid choice: 'sysv'"),
 ]
+
+
+@pytest.mark.timeout(120)
+def test_a_run_on_the_exact_scan_and_ofd_locks_records_both_and_passes(tmp_path):
+    """The alternatives to the defaults (--scan batch --locks word) are whole runs too, and
+    replay keeps them."""
+    r = ksmlab("run", "cve-2011-2183", "--seed", "3", "--arg", "seconds=3", "--scan", "exact",
+               "--locks", "ofd", "--json", "--run-dir", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    opts = json.loads((tmp_path / "run" / "cluster.json").read_text())["options"]
+    assert (opts["scan"], opts["locks"]) == ("exact", "ofd")
+    with pytest.raises(ValueError, match="scan must be one of"):
+        ClusterOptions(scan="vector").check()
 
 
 @pytest.mark.timeout(120)
