@@ -360,24 +360,34 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
     keep = todo & plain & once & (pg["mapcount"][pfns] == 1)
     for j in np.flatnonzero(~keep):
         put_page(k, int(pfns[j]))
-    for j in np.flatnonzero(todo):
-        item = int(items[j])
-        if keep[j]:
-            pfn = int(pfns[j])
+    at = -1
+    try:
+        for j in np.flatnonzero(todo).tolist():
+            at = j
+            item = int(items[j])
+            if keep[j]:
+                pfn = int(pfns[j])
+                try:
+                    cmp_and_merge_page(k, pfn, item, int(cks[j]))
+                finally:
+                    put_page(k, pfn)
+                continue
+            pfn = get_mergeable_page(k, item)
+            if pfn < 0:
+                continue  # unmapped since it was scanned: as if just after the kernel's scan
             try:
-                cmp_and_merge_page(k, pfn, item, int(cks[j]))
+                same = pfn == pfns[j] and not k.page_flags[pfn] & PG_KSM
+                cmp_and_merge_page(k, pfn, item, int(cks[j]) if same else None)
             finally:
                 put_page(k, pfn)
-            continue
-        pfn = get_mergeable_page(k, item)
-        if pfn < 0:
-            continue  # unmapped since it was scanned: as if just after the kernel's scan
-        try:
-            same = pfn == pfns[j] and not k.page_flags[pfn] & PG_KSM
-            cmp_and_merge_page(k, pfn, item, int(cks[j]) if same else None)
-        finally:
-            put_page(k, pfn)
-    k.ks.pages_scanned += len(run)
+        at = len(run)
+    finally:
+        # A report raised out of page `at` (an oops of a reverted fix) ends the batch as it
+        # ends ksm_do_scan: the pages before it count as scanned, and the run's pages after
+        # it give back the references it still holds.
+        for j in np.flatnonzero(keep[at + 1 :]).tolist():
+            put_page(k, int(pfns[at + 1 + j]))
+        k.ks.pages_scanned += max(at, 0)
 
 
 def ksm_do_scan_batch(k: Kernel, scan_npages: int) -> int:

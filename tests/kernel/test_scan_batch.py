@@ -15,6 +15,7 @@ import random
 
 import pytest
 
+from actors.kernel import ksm_scan
 from actors.kernel.sysfs import ksm_stat
 from shared_mem.layout import PAGE_SIZE
 
@@ -118,4 +119,34 @@ def test_a_page_a_fork_shares_later_in_the_run_does_not_hold_up_an_earlier_merge
     assert h.pfns(a_mm, a + PAGE_SIZE, 1) == [q]
     assert h.pfns(c_mm, a, 2) == [q, q]
     assert h.counters("pages_shared", "pages_sharing") == {"pages_shared": 1, "pages_sharing": 2}
+    h.check()
+
+
+def test_a_report_out_of_one_page_ends_the_batch_and_gives_the_runs_references_back(
+    kernel_factory, monkeypatch
+):
+    """An oops raised by cmp_and_merge_page (as a reverted fix's KASAN report is) ends the
+    batch as it ends ksm_do_scan: the pages before it count as scanned, and no page of the
+    run keeps the reference the run took."""
+    h = kernel_factory(scan="batch")
+    mm, a = h.area(list(range(1, 13)))  # 12 distinct pages: all candidates on pass 2
+    h.full_scan()
+    calls = []
+    real = ksm_scan.cmp_and_merge_page
+
+    def oops_on_the_fifth(k, pfn, item, checksum=None):
+        calls.append(pfn)
+        if len(calls) == 5:
+            raise RuntimeError("BUG: injected oops")
+        return real(k, pfn, item, checksum)
+
+    monkeypatch.setattr(ksm_scan, "cmp_and_merge_page", oops_on_the_fifth)
+    before = h.counters()["pages_scanned"]
+    with pytest.raises(RuntimeError, match="injected oops"):
+        h.scan(100)
+    assert h.counters()["pages_scanned"] == before + 4
+    rc, mc = h.km.page["refcount"], h.km.page["mapcount"]
+    assert [int(rc[p]) for p in h.pfns(mm, a, 12)] == [int(mc[p]) for p in h.pfns(mm, a, 12)]
+    monkeypatch.undo()
+    h.full_scan()  # the scan goes on from the page after the oops
     h.check()
