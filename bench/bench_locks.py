@@ -153,54 +153,58 @@ def mp_uncontended(n: int, repeat: int) -> float:
     return best_us(mp_lock, n, repeat)
 
 
-def _contended(impl: str, n: int) -> float:
-    """us per lock+unlock pair when two processes take the same mutex back to back."""
-    sp = LockSpace.create("benchc" + secrets.token_hex(3), CLASSES, impl=impl)
-    try:
-        go = mp.get_context("fork").Event()
-        kids = [mp.get_context("fork").Process(target=_hammer, args=(sp, go, n)) for _ in range(2)]
-        for k in kids:
-            k.start()
-        t = time.perf_counter()
-        go.set()
-        for k in kids:
-            k.join(120)
-            if k.exitcode != 0:
-                raise RuntimeError(f"contended {impl}: a child failed ({k.exitcode})")
-        return (time.perf_counter() - t) / (2 * n) * 1e6
-    finally:
-        sp.close()
-        sp.unlink()
-
-
-def _hammer(sp: LockSpace, go, n: int) -> None:
-    sp.bind_context("hammer")
-    m = sp.get("ksm_thread_mutex")
-    go.wait()
-    for _ in range(n):
-        m.lock()
-        m.unlock()
-    sp.release_context()
-
-
-def _mp_contended(n: int) -> float:
-    lk = mp.get_context("fork").Lock()
-    go = mp.get_context("fork").Event()
+def _two_processes(take: Callable[[], Callable[[], None]], n: int, what: str) -> float:
+    """us per lock+unlock pair when two forked processes each run take()() n times at
+    once (take() runs in the child: it binds what it needs and returns one pair)."""
+    fork = mp.get_context("fork")
+    go = fork.Event()
 
     def hammer() -> None:
+        pair = take()
         go.wait()
         for _ in range(n):
-            lk.acquire()
-            lk.release()
+            pair()
 
-    kids = [mp.get_context("fork").Process(target=hammer) for _ in range(2)]
+    kids = [fork.Process(target=hammer) for _ in range(2)]
     for k in kids:
         k.start()
     t = time.perf_counter()
     go.set()
     for k in kids:
         k.join(120)
+        if k.exitcode != 0:
+            raise RuntimeError(f"contended {what}: a child failed ({k.exitcode})")
     return (time.perf_counter() - t) / (2 * n) * 1e6
+
+
+def _contended(impl: str, n: int) -> float:
+    sp = LockSpace.create("benchc" + secrets.token_hex(3), CLASSES, impl=impl)
+
+    def take() -> Callable[[], None]:
+        sp.bind_context("hammer")
+        m = sp.get("ksm_thread_mutex")
+
+        def pair() -> None:
+            m.lock()
+            m.unlock()
+
+        return pair
+
+    try:
+        return _two_processes(take, n, impl)
+    finally:
+        sp.close()
+        sp.unlink()
+
+
+def _mp_contended(n: int) -> float:
+    lk = mp.get_context("fork").Lock()
+
+    def pair() -> None:
+        lk.acquire()
+        lk.release()
+
+    return _two_processes(lambda: pair, n, "multiprocessing.Lock")
 
 
 def main() -> None:

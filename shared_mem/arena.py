@@ -209,10 +209,11 @@ class Arena:
 
     def idx_many(self, hs: np.ndarray, site: str = "") -> np.ndarray:
         """idx() of many handles at once (a vectorized scan's batch): all must be live."""
+        hs = np.asarray(hs, dtype=np.int64)
         ok = self.valid_many(hs)
         if not ok.all():
-            self.idx(int(np.asarray(hs)[~ok][0]), site)  # the report of the first bad one
-        return np.asarray(hs, dtype=np.int64) & 0xFFFFFFFF
+            self.idx(int(hs[~ok][0]), site)  # the report of the first bad one
+        return hs & 0xFFFFFFFF
 
     def valid_many(self, hs: np.ndarray) -> np.ndarray:
         """valid() of many handles at once."""

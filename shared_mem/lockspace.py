@@ -163,7 +163,6 @@ class LockSpace:
         anchor = ctypes.c_char.from_buffer(seg.buf)
         self._words_addr = ctypes.addressof(anchor) + lay["words"]
         del anchor  # an address, not an export: close() can still unmap
-        self.owners_died = 0
         self._graph = DepGraph(self._mv, lay["matrix"], lay["records"], n)
         self._matrix = self._graph.matrix
         self._locks: list[list[Any]] = [[None] * c for c in self._counts]
@@ -315,11 +314,9 @@ class LockSpace:
             text = format_still_held(ctx.actor, ctx.pid, held)
             title = f"WARNING: {ctx.actor}/{ctx.pid} still has locks held!"
             _report_once(self, ctx, "lockdep", title, text, {"actor": ctx.actor, "held": held})
-            # An OFD lock goes with the descriptor below; a word lock is let go here.
-            for h in reversed(ctx.held):
-                release = getattr(h[0], "_release_word", None)
-                if release is not None:
-                    release(h[1])
+            if self.impl == "word":  # an OFD lock goes with the descriptor below
+                for h in reversed(ctx.held):
+                    h[0]._release_word(h[1])
         del self._tls.ctx
         self._ctxs.pop(ctx.id, None)
         ctx.fin()  # clears the slot, then closes the fd: its OFD locks go with it
@@ -560,10 +557,6 @@ class LockSpace:
             return False
         return self._alive(slot)
 
-    def _owner_died(self, lk: _Lock, owner: int) -> None:
-        """A word lock was taken over from a dead context (FUTEX_OWNER_DIED)."""
-        self.owners_died += 1
-
     def _live_rows(self) -> list[int]:
         q = self._q
         rows = []
@@ -604,9 +597,7 @@ class LockSpace:
         if (v & RW_QUEUED) // RW_QUNIT > queued:
             new -= ((v & RW_QUEUED) // RW_QUNIT - queued) * RW_QUNIT
         if new != v:
-            e = ctypes.c_int32(v)
-            if _cas32(ctypes.c_void_p(lk._a), ctypes.byref(e), new, 5, 5):
-                self._owner_died(lk, w[lk._wi + 1])
+            _cas32(ctypes.c_void_p(lk._a), ctypes.byref(ctypes.c_int32(v)), new, 5, 5)
 
     def _sync_held(self, ctx: _Ctx) -> None:
         q = self._q

@@ -197,15 +197,11 @@ class _ExclusiveLock(_WordLock):
                         break
                     v = ctx.e.value
                     continue
-                seen = v
                 v = self._sleep(ctx, v, X_SLEEPERS)
                 if v < 0:  # a whole RECHECK_S asleep: is the holder still there?
+                    if self._take_over(ctx, sp._w32[self._wi], me):
+                        break
                     v = sp._w32[self._wi]
-                    if v and not sp._owner_alive(v & X_OWNER):
-                        if _cas(self, ctx, v, me):
-                            sp._owner_died(self, seen & X_OWNER)
-                            break
-                        v = ctx.e.value
         finally:
             sp._q[ctx.base + _C_WAIT] = 0
         return _now() - since
@@ -217,13 +213,15 @@ class _ExclusiveLock(_WordLock):
         ctx.e.value = 0
         if not cas32(self._addr, ctx.pe, ctx.me, SEQ_CST, SEQ_CST):
             v = ctx.e.value  # taken: but by a context that still lives?
-            if not v or self._sp._owner_alive(v & X_OWNER):
+            if not self._take_over(ctx, v, ctx.me | (v & X_SLEEPERS)):
                 return False
-            if not _cas(self, ctx, v, ctx.me | (v & X_SLEEPERS)):
-                return False
-            self._sp._owner_died(self, v & X_OWNER)
         self._trylock_done(ctx, EXCL, site)
         return True
+
+    def _take_over(self, ctx: _Ctx, v: int, new: int) -> bool:
+        """Take the word from a dead owner (a robust futex's FUTEX_OWNER_DIED): False if
+        the word is free, its owner lives, or it moved meanwhile."""
+        return bool(v) and not self._sp._owner_alive(v & X_OWNER) and _cas(self, ctx, v, new)
 
     def unlock(self) -> None:
         ctx = self._ctx()
@@ -274,11 +272,10 @@ class RWSem(_WordLock):
     writer's owner word. A reader gets in while no writer holds or waits for it; a
     writer when nobody holds it; waiting writers are counted in the word."""
 
-    __slots__ = ("_oa", "_rg", "_wg")
+    __slots__ = ("_rg", "_wg")
 
     def __init__(self, sp: LockSpace, cid: int, idx: int) -> None:
         super().__init__(sp, cid, idx)
-        self._oa = ctypes.c_void_p(self._a + 4)
         self._rg = _RWGuard(self, False, None)
         self._wg = _RWGuard(self, True, None)
 
@@ -312,13 +309,15 @@ class RWSem(_WordLock):
     def _block(self, ctx: _Ctx, mode: int, site: str | None) -> int:
         sp = self._sp
         since = _now()
-        if sp._hook is not None:
-            sp._hook("lock_contended", self._name, self._idx, _MODE[mode], 0, site)
         sp._set_wait(ctx, self, mode, site, since)
         write = mode == WRITE
         try:
             if write:
                 fetch_add32(self._addr, RW_QUNIT, SEQ_CST)
+            # Told once queued: a reader that comes after this event finds the writer
+            # counted in the word and waits behind it, as the OFD writer's flag makes it.
+            if sp._hook is not None:
+                sp._hook("lock_contended", self._name, self._idx, _MODE[mode], 0, site)
             v = sp._w32[self._wi]
             while True:
                 if write:
