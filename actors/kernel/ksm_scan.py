@@ -376,7 +376,9 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
             if pfn < 0:
                 continue  # unmapped since it was scanned: as if just after the kernel's scan
             try:
-                same = pfn == pfns[j] and not k.page_flags[pfn] & PG_KSM
+                # The run's checksum stands only for the frame it was taken of, and only
+                # non-KSM frames were checksummed: anything else is checksummed again.
+                same = plain[j] and pfn == pfns[j] and not k.page_flags[pfn] & PG_KSM
                 cmp_and_merge_page(k, pfn, item, int(cks[j]) if same else None)
             finally:
                 put_page(k, pfn)
