@@ -374,7 +374,12 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
                 continue
             pfn = get_mergeable_page(k, item)
             if pfn < 0:
-                continue  # unmapped since it was scanned: as if just after the kernel's scan
+                # Unmapped since the run was collected. The kernel's cmp_and_merge_page()
+                # would have had the page (ksmd held it) and taken the item out of its tree
+                # on every path that goes on; so does this, or an unstable item would miss
+                # its pass and be two passes old at the next.
+                remove_rmap_item_from_tree(k, item)
+                continue
             try:
                 # The run's checksum stands only for the frame it was taken of, and only
                 # non-KSM frames were checksummed: anything else is checksummed again.

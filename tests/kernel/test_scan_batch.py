@@ -17,7 +17,7 @@ import pytest
 
 from actors.kernel import ksm_scan
 from actors.kernel.sysfs import ksm_stat
-from shared_mem.layout import PAGE_SIZE
+from shared_mem.layout import PAGE_SIZE, UNSTABLE_FLAG
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -149,4 +149,29 @@ def test_a_report_out_of_one_page_ends_the_batch_and_gives_the_runs_references_b
     assert [int(rc[p]) for p in h.pfns(mm, a, 12)] == [int(mc[p]) for p in h.pfns(mm, a, 12)]
     monkeypatch.undo()
     h.full_scan()  # the scan goes on from the page after the oops
+    h.check()
+
+
+def test_a_page_unmapped_between_the_run_and_its_turn_still_leaves_the_unstable_tree(
+    kernel_factory, monkeypatch
+):
+    """A page a fork shares is looked up again at its turn (get_mergeable_page). If it is
+    gone by then, its rmap_item must still leave the unstable tree in this pass, as the
+    kernel's cmp_and_merge_page takes it out: otherwise the next pass finds it two passes
+    old ("BUG: unstable rmap_item ... age 2 > 1", which a soak met)."""
+    h = kernel_factory(scan="batch")
+    a_mm, a = h.area([0x41])
+    h.fork(a_mm)  # the child maps the same frame: mapcount 2, not kept by the run
+    h.full_scan(2)  # pass 2 put A's item into the unstable tree
+    item = h.item_at(a_mm, a)
+    assert h.item_field(item, "address") & UNSTABLE_FLAG
+    gone = iter([True])
+    real = ksm_scan.get_mergeable_page
+    monkeypatch.setattr(
+        ksm_scan, "get_mergeable_page", lambda k, it: -1 if next(gone, False) else real(k, it)
+    )
+    h.full_scan()  # pass 3: A's page "unmapped" at its turn
+    assert not h.item_field(item, "address") & UNSTABLE_FLAG
+    monkeypatch.undo()
+    h.full_scan(2)
     h.check()
