@@ -38,6 +38,14 @@ PROVENANCE = [
 ]
 
 
+# A live record's generation is odd, a freed one's even (alloc and free each add one), so
+# bit 32 of a handle says whether it can name a live record at all. Every check tests it:
+# a handle made from a slot's generation after the slot was freed (handle_of() racing a
+# free) would otherwise equal the freed generation and pass for live, and its fields are
+# the free poison.
+LIVE_BIT = 1 << 32
+
+
 def pack(gen: int, idx: int) -> int:
     return (gen << 32) | idx
 
@@ -174,7 +182,7 @@ class Arena:
 
     def free(self, h: int, site: str = "") -> None:
         i = h_index(h)
-        if h == NULL or i >= self.capacity or int(self.gen[i]) != h_gen(h):
+        if not h & LIVE_BIT or i >= self.capacity or int(self.gen[i]) != h_gen(h):
             rep = self._report(h, "double-free" if i < self.capacity else "invalid-free", site)
             raise BadFree(rep)
         m = self._m
@@ -203,7 +211,7 @@ class Arena:
     def idx(self, h: int, site: str = "") -> int:
         """Index of a live record; a stale or NULL handle is a reported bug."""
         i = h & 0xFFFFFFFF
-        if i < self.capacity and h > 0 and self._gq[i * self._gw] == h >> 32:
+        if i < self.capacity and h & LIVE_BIT and self._gq[i * self._gw] == h >> 32:
             return i
         raise UseAfterFree(self._report(h, "use-after-free" if h != NULL else "null-ptr-deref", site))
 
@@ -219,13 +227,13 @@ class Arena:
         """valid() of many handles at once."""
         hs = np.asarray(hs, dtype=np.int64)
         i = hs & 0xFFFFFFFF
-        ok = (hs > 0) & (i < self.capacity)
+        ok = (hs & LIVE_BIT != 0) & (i < self.capacity)
         ok[ok] = self.gen[i[ok]] == (hs[ok] >> 32).astype(np.uint64)
         return ok
 
     def valid(self, h: int) -> bool:
         i = h & 0xFFFFFFFF
-        return h > 0 and i < self.capacity and self._gq[i * self._gw] == h >> 32
+        return bool(h & LIVE_BIT) and i < self.capacity and self._gq[i * self._gw] == h >> 32
 
     def typesafe_idx(self, h: int) -> int:
         """The slot h names, live or freed: SLAB_TYPESAFE_BY_RCU. A stale pointer to such

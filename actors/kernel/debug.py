@@ -271,23 +271,28 @@ def bad_pte(k: Kernel, mm: int, addr: int, pte: int, where: str, reason: str = "
 
 # -- who maps a frame (slow path: whole page-table arena) ----------------------------------------------
 def mappers_of(k: Kernel, pfn: int) -> list[tuple[int, int, int]]:
-    """(mm handle, address, pte) of every present, non-special pte of a live mm mapping pfn."""
+    """(mm handle, address, pte) of every present, non-special pte of a live mm mapping pfn.
+
+    An observer: nothing pins the page tables or the mms it finds, and an exit may free
+    them while it looks (run=2's completion check races the exit of an OOM victim). So it
+    reads as a seqlock reader does: a handle is made from the slot's generation first,
+    the fields are read by index, and whatever is no longer live afterwards is left out,
+    never dereferenced through idx() (that would be the checker's own use-after-free)."""
     km = k.km
     pt = km.ptable
-    hits = np.argwhere((pt.pte & (PTE_PRESENT | PTE_SPECIAL | PTE_PFN_MASK)) == (PTE_PRESENT | pfn))
+    mask = PTE_PRESENT | PTE_SPECIAL | PTE_PFN_MASK
+    hits = np.argwhere((pt.pte & mask) == (PTE_PRESENT | pfn))
     out = []
-    live = {int(i) for i in pt.live_indices()}
-    live_mms = {int(i) for i in km.mm.live_indices()}
     for ti, j in hits:
-        if int(ti) not in live:
+        ti, j = int(ti), int(j)
+        h = pt.handle_of(ti)
+        if not pt.valid(h):
             continue
-        h = pt.handle_of(int(ti))
-        i = pt.idx(h, "mappers_of")
-        for mi, pgi in np.argwhere(km.pgd == h):
-            if int(mi) in live_mms:
-                mm = km.mm.handle_of(int(mi))
-                addr = (int(pgi) * PTRS_PER_PTE + int(j)) << PAGE_SHIFT
-                out.append((mm, addr, int(pt.pte[i, int(j)])))
+        pte = int(pt.pte[ti, j])
+        owners = [(km.mm.handle_of(int(mi)), int(pgi)) for mi, pgi in np.argwhere(km.pgd == h)]
+        if not pt.valid(h) or (pte & mask) != (PTE_PRESENT | pfn):
+            continue
+        out += [(mm, (pgi * PTRS_PER_PTE + j) << PAGE_SHIFT, pte) for mm, pgi in owners if km.mm.valid(mm)]
     return out
 
 

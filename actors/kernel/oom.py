@@ -71,6 +71,9 @@ def select_bad_process(k: Kernel) -> tuple[int, int]:
     best, best_pts = NULL, -1
     for i in t.live_indices():
         i = int(i)
+        h = t.handle_of(i)          # before the fields: a task released meanwhile fails idx()
+        if not t.valid(h):
+            continue
         if t.state[i] != TASK_RUNNING or t.flags[i] & (PF_EXITING | TIF_SIGKILL):
             continue
         mm = int(t.mm[i])
@@ -80,10 +83,10 @@ def select_bad_process(k: Kernel) -> tuple[int, int]:
         if k.km.mm.flags[mi] & MMF_OOM_SKIP:
             continue
         if t.flags[i] & PF_OOM_ORIGIN:
-            return t.handle_of(i), 1 << 62
+            return h, 1 << 62
         pts = int(k.km.mm.rss_anon[mi]) + int(k.km.mm.pgtables[mi]) + int(t.oom_score_adj[i])
         if pts > best_pts:
-            best, best_pts = t.handle_of(i), pts
+            best, best_pts = h, pts
     return best, max(best_pts, 0)
 
 

@@ -172,6 +172,30 @@ def test_null_dereference_is_reported(km):
     assert ei.value.report["title"] == "BUG: kernel NULL pointer dereference, task in do_exit"
 
 
+def test_handle_made_from_a_freed_slot_names_nothing(km):
+    """An observer that took a slot from live_indices() and made its handle after the
+    record was freed (handle_of() racing free) holds the freed, even generation: such a
+    handle is never valid, peek() gives None rather than the free poison, idx() reports a
+    use-after-free and free() an invalid free. CI met the poison as an mm's mm_users when
+    run=2's completion check raced the exit that freed the mm."""
+    mm = km.mm
+    h = mm.alloc(site="mm_alloc")
+    i = h_index(h)
+    assert int(i) in {int(x) for x in mm.live_indices()}
+    mm.free(h, site="__mmdrop")
+    late = mm.handle_of(i)
+    assert h_gen(late) % 2 == 0 and late != h
+    assert not mm.valid(late)
+    assert not mm.valid_many(np.array([late, h], dtype=np.int64)).any()
+    assert mm.peek(late, "users") is None
+    with pytest.raises(UseAfterFree) as ei:
+        mm.idx(late, "check_unmerged")
+    assert ei.value.report["title"].startswith("BUG: KASAN: use-after-free in check_unmerged")
+    with pytest.raises(BadFree):
+        mm.free(late, site="again")
+    assert int(mm.rec["users"][i]) != 0            # what peek() would have returned: poison
+
+
 def test_reused_slot_gets_new_generation_and_old_handle_stays_invalid(km):
     """When a freed slot is allocated again the new object has a new (higher, odd)
     generation: the new handle is valid, the old one still faults, and the report says
