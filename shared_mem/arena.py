@@ -245,15 +245,16 @@ class Arena:
             raise UseAfterFree(self._report(h, "null-ptr-deref" if h == NULL else "use-after-free", "typesafe_idx"))
         return i
 
-    def peek(self, h: int, field: str) -> int | None:
-        """One field of the record h names, or None if h is stale: for observers outside
-        the kernel paths (debug checks, the watchdog) reading records another process may
-        free at any moment. The generation is checked before and after the read, as a
-        seqlock reader does, so a value from a record freed meanwhile is never returned
-        and a stale handle is never a use-after-free report."""
+    def peek(self, h: int, field: str, col: int | None = None) -> int | None:
+        """One field of the record h names (element `col` of an array field), or None if
+        h is stale: for observers outside the kernel paths (debug checks, the watchdog)
+        reading records another process may free at any moment. The generation is checked
+        before and after the read, as a seqlock reader does, so a value from a record freed
+        meanwhile is never returned and a stale handle is never a use-after-free report."""
         if not self.valid(h):
             return None
-        v = int(self.rec[field][h & 0xFFFFFFFF])
+        f = self.rec[field]
+        v = int(f[h & 0xFFFFFFFF] if col is None else f[h & 0xFFFFFFFF, col])
         return v if self.valid(h) else None
 
     def live_indices(self) -> np.ndarray:

@@ -276,7 +276,7 @@ def mappers_of(k: Kernel, pfn: int) -> list[tuple[int, int, int]]:
     An observer: nothing pins the page tables or the mms it finds, and an exit may free
     them while it looks (run=2's completion check races the exit of an OOM victim). So it
     reads as a seqlock reader does: a handle is made from the slot's generation first,
-    the fields are read by index, and whatever is no longer live afterwards is left out,
+    the pte is read with peek(), and whatever is no longer live afterwards is left out,
     never dereferenced through idx() (that would be the checker's own use-after-free)."""
     km = k.km
     pt = km.ptable
@@ -286,11 +286,11 @@ def mappers_of(k: Kernel, pfn: int) -> list[tuple[int, int, int]]:
     for ti, j in hits:
         ti, j = int(ti), int(j)
         h = pt.handle_of(ti)
-        if not pt.valid(h):
+        pte = pt.peek(h, "pte", j)
+        if pte is None:
             continue
-        pte = int(pt.pte[ti, j])
         owners = [(km.mm.handle_of(int(mi)), int(pgi)) for mi, pgi in np.argwhere(km.pgd == h)]
-        if not pt.valid(h) or (pte & mask) != (PTE_PRESENT | pfn):
+        if pt.peek(h, "pte", j) != pte or (pte & mask) != (PTE_PRESENT | pfn):
             continue
         out += [(mm, (pgi * PTRS_PER_PTE + j) << PAGE_SHIFT, pte) for mm, pgi in owners if km.mm.valid(mm)]
     return out
