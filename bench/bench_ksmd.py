@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python bench/bench_ksmd.py [--scale 1.0] [--procs 4] [--dup 0.5]
                                               [--steady-passes 3] [--only kernel|ksmlab]
-                                              [--smart-scan 0|1] [--scan batch|exact]
+                                              [--smart-scan 0|1] [--scan batch|exact|vector]
                                               [--locks word|ofd] [--run2] [--json]
     sudo .venv/bin/python bench/bench_ksmd.py --matrix [--json]   # the workload matrix
     .venv/bin/python bench/bench_ksmd.py --core [--json]           # the numpy core alone
@@ -520,7 +520,7 @@ def main() -> None:
     ap.add_argument("--only", choices=("kernel", "ksmlab"))
     ap.add_argument("--no-readback", action="store_true")
     ap.add_argument("--poll", type=float, default=0.002, help="ksmlab counter poll interval (s)")
-    ap.add_argument("--scan", choices=("batch", "exact"), default="batch", help="ksmlab's scan")
+    ap.add_argument("--scan", choices=("batch", "exact", "vector"), default="batch", help="ksmlab's scan")
     ap.add_argument("--locks", choices=("word", "ofd"), default="word", help="ksmlab's locks")
     ap.add_argument("--run2", action="store_true", help="also time run=2 once converged")
     ap.add_argument("--matrix", action="store_true", help="the workload matrix (MATRIX)")

@@ -300,7 +300,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
 
 def _impl_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan", choices=sorted(SCAN_MODES),
-                   help="ksmd's scan: batch (vectorized runs of pages, the default) or exact (page by page)")
+                   help="ksmd's scan: batch (vectorized runs of pages, the default), vector (batch plus tree walks on arrays) or exact (page by page)")
     p.add_argument("--locks", choices=sorted(IMPLS),
                    help="lock implementation: word (shared-word CAS, the default) or ofd (OFD byte locks)")
 

@@ -257,6 +257,18 @@ class Arena:
         v = int(f[h & 0xFFFFFFFF] if col is None else f[h & 0xFFFFFFFF, col])
         return v if self.valid(h) else None
 
+    def peek_many(self, hs: np.ndarray, field: str, cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """peek() of many handles: (values, which handles were live across the read).
+
+        A value is 0 where its handle was stale before or after the read."""
+        hs = np.asarray(hs, dtype=np.int64)
+        ok = self.valid_many(hs)
+        i = np.where(ok, hs & 0xFFFFFFFF, 0)
+        f = self.rec[field]
+        v = f[i] if cols is None else f[i, cols]
+        ok &= self.valid_many(hs)
+        return np.where(ok, v, 0), ok
+
     def live_indices(self) -> np.ndarray:
         return np.flatnonzero(self.gen & 1)
 

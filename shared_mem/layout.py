@@ -209,7 +209,7 @@ KSM_DT = np.dtype([
     ("migrate_nodes", H), ("mm_head", H), ("nr_node_ids", "<i8"),
     ("zero_checksum", "<i8"), ("zero_pfn", "<i8"), ("wake_seq", "<i8"),
     ("variants", "<i8"), ("ksmd_pid", "<i8"), ("numa_trees", "<i8"),
-    ("scan_mode", "<i8"),  # ksmlab's, not a kernel knob: 0 exact (page by page), 1 batch
+    ("scan_mode", "<i8"),  # ksmlab's, not a kernel knob: 0 exact (page by page), 1 batch, 2 vector
     ("swap_free", "<i8"), ("last_pid", "<i8"),
     ("reclaim_paused", "<i8"),   # debug: 1 = checker asks kswapd to park, 2 = parked
     ("unmerge_start_ns", "<i8"),  # debug: when the running/last run=2 began (debug.py)

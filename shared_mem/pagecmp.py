@@ -119,6 +119,28 @@ class PageCmp:
             return 0
         return -1 if wa[i] < wb[i] else 1
 
+    def memcmp_batch(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """memcmp_pages() of frame pairs (a[i], b[i]): int8 -1, 0 or 1 each.
+
+        The first big-endian words decide most pairs (distinct pages rarely share their
+        first 8 bytes); only the ties are compared in full, a chunk of rows at a time."""
+        a = np.asarray(a, dtype=np.int64)
+        b = np.asarray(b, dtype=np.int64)
+        if len(a) and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= self.nr):
+            raise IndexError(f"pfn out of range 0..{self.nr - 1}")
+        ka, kb = self.be[a, 0], self.be[b, 0]
+        r = (ka > kb).astype(np.int8) - (ka < kb).astype(np.int8)
+        tie = np.flatnonzero(r == 0)
+        for s in range(0, len(tie), 2048):
+            t = tie[s : s + 2048]
+            wa, wb = self.be[a[t]], self.be[b[t]]
+            ne = wa != wb
+            first = ne.argmax(axis=1)
+            rows = np.arange(len(t))
+            x, y = wa[rows, first], wb[rows, first]
+            r[t] = np.where(ne[rows, first], np.where(x < y, -1, 1), 0)
+        return r
+
     def identical(self, a: int, b: int) -> bool:
         """pages_identical()."""
         if not (0 <= a < self.nr and 0 <= b < self.nr):

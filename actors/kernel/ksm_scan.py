@@ -35,15 +35,25 @@ from actors.kernel.rmap import (
     remove_trailing_rmap_items,
     set_cursor_link,
     stable_tree_append,
+    unstable_root,
 )
 from actors.kernel.stable_tree import (
     EBUSY,
     is_page_sharing_candidate,
     remove_all_stable_nodes,
+    stable_root,
     stable_tree_insert,
     stable_tree_search,
 )
-from actors.kernel.unstable_tree import unstable_tree_search_insert
+from actors.kernel.tree_walk import (
+    MergeableAreas,
+    descend,
+    resume,
+    stable_pages,
+    unstable_pages,
+    walk_on,
+)
+from actors.kernel.unstable_tree import unstable_tree_insert_at, unstable_tree_search_insert
 from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
@@ -319,7 +329,7 @@ def ksm_do_scan(k: Kernel, scan_npages: int) -> int:
     return n
 
 
-def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
+def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = False) -> None:
     """cmp_and_merge_page() for a run of scanned pages, the work done on arrays first.
 
     One numpy pass checksums every page that is not KSM's; then the run is split three
@@ -336,6 +346,10 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
     the rest are let go now and looked up again when their turn comes, as
     get_mergeable_page() does for a tree item. A page whose pte changed meanwhile is
     simply checksummed again then.
+
+    `vector` (--scan vector): the pages that would walk both trees and miss are found by
+    descending the trees for the whole run at once (tree_walk.py), and each such page
+    joins the unstable tree at its turn without a page-by-page walk.
     """
     km = k.km
     ri = km.rmap_item
@@ -360,6 +374,7 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
     keep = todo & plain & once & (pg["mapcount"][pfns] == 1)
     for j in np.flatnonzero(~keep):
         put_page(k, int(pfns[j]))
+    walks = _descend_run(k, pfns, ii, cks, todo & keep) if vector else None
     at = -1
     try:
         for j in np.flatnonzero(todo).tolist():
@@ -368,7 +383,8 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
             if keep[j]:
                 pfn = int(pfns[j])
                 try:
-                    cmp_and_merge_page(k, pfn, item, int(cks[j]))
+                    if walks is None or not _cmp_and_merge_missed(k, pfn, item, walks, j):
+                        cmp_and_merge_page(k, pfn, item, int(cks[j]))
                 finally:
                     put_page(k, pfn)
                 continue
@@ -397,7 +413,64 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]]) -> None:
         k.ks.pages_scanned += max(at, 0)
 
 
-def ksm_do_scan_batch(k: Kernel, scan_npages: int) -> int:
+class RunWalks:
+    """The tree descents of one run's candidates (--scan vector): col[j] is page j's
+    column in both descents, -1 for a page that takes cmp_and_merge_page()."""
+
+    __slots__ = ("areas", "col", "stable", "unstable")
+
+    def __init__(self, col: np.ndarray, stable, unstable, areas: MergeableAreas) -> None:
+        self.col, self.stable, self.unstable, self.areas = col, stable, unstable, areas
+
+
+def _descend_run(k: Kernel, pfns: np.ndarray, ii: np.ndarray, cks: np.ndarray, cand: np.ndarray) -> RunWalks:
+    """Descend both trees with every page of the run that cmp_and_merge_page() would send
+    down them: a page no other pte maps, its checksum unchanged, in no tree or in the
+    unstable tree of the previous pass (which remove_rmap_item_from_tree() just lets go).
+    Zero pages with use_zero_pages, and one tree per node (merge_across_nodes=0 on a
+    NUMA geometry), stay with the exact path."""
+    km, ks = k.km, k.ks
+    ri = km.rmap_item
+    addr = ri.address[ii]
+    age = (ks.seqnr - addr) & 0xFF
+    left_over = ((addr & STABLE_FLAG) == 0) & (((addr & UNSTABLE_FLAG) == 0) | (age == 1))
+    cand = cand & left_over & (cks == ri.oldchecksum[ii])
+    if ks.use_zero_pages:
+        cand &= cks != int(ks.zero_checksum)
+    if not ks.merge_across_nodes and km.geo.nr_nodes > 1:
+        cand[:] = False
+    fj = np.flatnonzero(cand)
+    col = np.full(len(pfns), -1, dtype=np.int64)
+    col[fj] = np.arange(len(fj))
+    areas = MergeableAreas(k)
+    sd = descend(k, km.stable_node, stable_root(k, 0).get(), pfns[fj], lambda n: stable_pages(k, n))
+    ud = descend(k, ri, unstable_root(k, 0).get(), pfns[fj], lambda n: unstable_pages(k, n, areas))
+    col[fj[sd.stop | ud.stop]] = -1
+    return RunWalks(col, sd, ud, areas)
+
+
+def _cmp_and_merge_missed(k: Kernel, pfn: int, item: int, w: RunWalks, j: int) -> bool:
+    """cmp_and_merge_page() of a page whose descents missed both trees: True when it
+    joined the unstable tree, False when the trees as they are now send it elsewhere
+    (the caller then takes cmp_and_merge_page(), which walks them itself)."""
+    c = int(w.col[j])
+    if c < 0:
+        return False
+    remove_rmap_item_from_tree(k, item)
+    sn = k.km.stable_node
+    node, parent, left = resume(w.stable, sn, stable_root(k, 0).get(), c)
+    if node and walk_on(k, sn, node, parent, left, pfn, lambda n: stable_pages(k, n)) is None:
+        return False
+    ri = k.km.rmap_item
+    node, parent, left = resume(w.unstable, ri, unstable_root(k, 0).get(), c)
+    end = walk_on(k, ri, node, parent, left, pfn, lambda n: unstable_pages(k, n, w.areas))
+    if end is None:
+        return False
+    unstable_tree_insert_at(k, item, 0, *end)
+    return True
+
+
+def ksm_do_scan_batch(k: Kernel, scan_npages: int, vector: bool = False) -> int:
     """ksm_do_scan() on runs of pages (--scan batch, the default): the same pages in the
     same order, each run collected under one mmap_lock and merged by cmp_and_merge_batch."""
     n = 0
@@ -405,14 +478,19 @@ def ksm_do_scan_batch(k: Kernel, scan_npages: int) -> int:
         run = scan_get_next_rmap_items(k, scan_npages - n)
         if not run:
             break
-        cmp_and_merge_batch(k, run)
+        cmp_and_merge_batch(k, run, vector)
         n += len(run)
     return n
 
 
-SCAN_EXACT, SCAN_BATCH = 0, 1
-SCAN_MODES = {"exact": SCAN_EXACT, "batch": SCAN_BATCH}
-SCAN_FUNCS = {SCAN_EXACT: ksm_do_scan, SCAN_BATCH: ksm_do_scan_batch}
+def ksm_do_scan_vector(k: Kernel, scan_npages: int) -> int:
+    """ksm_do_scan_batch() with each run's tree walks descended on arrays (--scan vector)."""
+    return ksm_do_scan_batch(k, scan_npages, vector=True)
+
+
+SCAN_EXACT, SCAN_BATCH, SCAN_VECTOR = 0, 1, 2
+SCAN_MODES = {"exact": SCAN_EXACT, "batch": SCAN_BATCH, "vector": SCAN_VECTOR}
+SCAN_FUNCS = {SCAN_EXACT: ksm_do_scan, SCAN_BATCH: ksm_do_scan_batch, SCAN_VECTOR: ksm_do_scan_vector}
 
 
 def ksmd_should_run(k: Kernel) -> bool:

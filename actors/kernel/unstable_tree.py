@@ -46,9 +46,16 @@ def unstable_tree_search_insert(k: Kernel, item: int, pfn: int) -> tuple[int, in
             return NULL, -1
         else:
             return node, tree_pfn
+    unstable_tree_insert_at(k, item, nid, parent, left)
+    return NULL, -1
+
+
+def unstable_tree_insert_at(k: Kernel, item: int, nid: int, parent: int, left: bool) -> None:
+    """The insert that ends a search which found no identical page: item hangs under
+    parent (on its left if `left`), as unstable_tree_search_insert()'s rb_link_node."""
+    ri = k.km.rmap_item
     ii = ri.idx(item, "unstable_tree_insert")
     ri.address[ii] = int(ri.address[ii]) | unstable_flags(k)
     ri.nid[ii] = nid
-    tree.link_node(ri, root, parent, left, item)
+    tree.link_node(ri, unstable_root(k, nid), parent, left, item)
     k.ks.pages_unshared += 1
-    return NULL, -1

@@ -40,9 +40,9 @@ def test_the_corpus_is_big_enough_and_its_seeds_still_draw_the_same_workloads():
             "stable_node_chains", "stable_node_dups"} <= kinds
 
 
-# Both of ksmd's scans: the vectorized one (the default in a cluster) must give the
+# All of ksmd's scans: the vectorized ones (batch is the default in a cluster) must give the
 # kernel's numbers as the page-by-page one does, after every batch too.
-SCANS = pytest.mark.parametrize("scan", ["exact", "batch"])
+SCANS = pytest.mark.parametrize("scan", ["exact", "batch", "vector"])
 
 
 @SCANS

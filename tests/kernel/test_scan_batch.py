@@ -15,7 +15,9 @@ import random
 
 import pytest
 
-from actors.kernel import ksm_scan
+from actors.kernel import ksm_scan, tree
+from actors.kernel.rmap import unstable_root
+from actors.kernel.stable_tree import stable_root
 from actors.kernel.sysfs import ksm_stat
 from shared_mem.layout import PAGE_SIZE, UNSTABLE_FLAG
 
@@ -42,19 +44,31 @@ def _writes(h, areas, rnd: random.Random, n: int) -> None:
         h.write_page(mm, a + rnd.randrange(npages) * PAGE_SIZE, rnd.choice([1, 2, 9, 10]))
 
 
+def _shape(a, root) -> tuple:
+    """Every node of a tree in order, with its links and colour: the tree's exact shape."""
+    return tuple(
+        (n, int(a.left[a.idx(n)]), int(a.right[a.idx(n)]), int(a.rb_color[a.idx(n)])) for n in tree.walk(a, root)
+    )
+
+
 def _picture(h, areas) -> tuple:
     c = h.counters()
     stats = tuple(tuple(sorted(ksm_stat(h.k, mm).items())) for mm, _, _ in areas)
     frames = tuple(tuple(h.pfns(mm, a, n)) for mm, a, n in areas)
-    return c, stats, frames
+    return c, stats, frames, _trees(h)
+
+
+def _trees(h) -> tuple:
+    return _shape(h.km.stable_node, stable_root(h.k, 0)), _shape(h.km.rmap_item, unstable_root(h.k, 0))
 
 
 @pytest.mark.parametrize("batch", [1, 5, 17, 100, 1000])
 @pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["batch", "vector"])
 def test_the_batch_scan_gives_the_exact_scans_numbers_and_frames_after_every_batch(
-    kernel_factory, seed, batch
+    kernel_factory, seed, batch, mode
 ):
-    pair = [kernel_factory(scan="exact"), kernel_factory(scan="batch")]
+    pair = [kernel_factory(scan="exact"), kernel_factory(scan=mode)]
     for h in pair:
         h.set("max_page_sharing", 3)  # chains and dups in a small workload
         h.set("use_zero_pages", seed % 2)
@@ -70,14 +84,16 @@ def test_the_batch_scan_gives_the_exact_scans_numbers_and_frames_after_every_bat
         assert vect[0] == exact[0], f"step {step}: counters differ"
         assert vect[1] == exact[1], f"step {step}: ksm_stat differs"
         assert vect[2] == exact[2], f"step {step}: a pte maps a different frame"
+        assert vect[3] == exact[3], f"step {step}: a tree has another shape"
     assert pair[0].counters()["full_scans"] >= 2
     assert pair[0].counters()["pages_sharing"] > 0
     for h in pair:
         h.check()
 
 
-def test_an_mm_that_exits_between_batches_ends_the_same_way(kernel_factory):
-    pair = [kernel_factory(scan="exact"), kernel_factory(scan="batch")]
+@pytest.mark.parametrize("mode", ["batch", "vector"])
+def test_an_mm_that_exits_between_batches_ends_the_same_way(kernel_factory, mode):
+    pair = [kernel_factory(scan="exact"), kernel_factory(scan=mode)]
     areas = [_build(h, 5) for h in pair]
     for h in pair:
         h.scan(60)
@@ -87,11 +103,12 @@ def test_an_mm_that_exits_between_batches_ends_the_same_way(kernel_factory):
         for h in pair:
             h.scan(23)
         assert pair[0].counters() == pair[1].counters()
+        assert _trees(pair[0]) == _trees(pair[1])
     for h in pair:
         h.check()
 
 
-@pytest.mark.parametrize("scan", ["exact", "batch"])
+@pytest.mark.parametrize("scan", ["exact", "batch", "vector"])
 def test_a_page_a_fork_shares_later_in_the_run_does_not_hold_up_an_earlier_merge(kernel_factory, scan):
     """
     mm A maps Y at a0 and P (content X) at a1; its fork C shares both, then writes X
@@ -175,3 +192,32 @@ def test_a_page_unmapped_between_the_run_and_its_turn_still_leaves_the_unstable_
     monkeypatch.undo()
     h.full_scan(2)
     h.check()
+
+
+@pytest.mark.parametrize("mode, walked", [("batch", 64), ("vector", 0)])
+def test_a_steady_pass_over_unique_pages_walks_no_page_by_page_in_the_vector_scan(
+    kernel_factory, monkeypatch, mode, walked
+):
+    """64 distinct pages, passes 1 and 2 done: pass 3 finds every page unchanged and in
+    neither tree. The batch scan sends each through cmp_and_merge_page(); the vector scan
+    descends the trees for the run at once and inserts every page without it. Both end
+    with the same unstable tree."""
+    trees = []
+    for scan in ("exact", mode):
+        h = kernel_factory(scan=scan)
+        h.area(list(range(1, 65)))
+        h.full_scan(2)
+        calls: list[int] = []
+
+        def counted(k, pfn, item, ck=None, calls=calls, real=ksm_scan.cmp_and_merge_page):
+            calls.append(pfn)
+            return real(k, pfn, item, ck)
+
+        monkeypatch.setattr(ksm_scan, "cmp_and_merge_page", counted)
+        h.full_scan()
+        monkeypatch.undo()
+        assert h.counters()["pages_unshared"] == 64
+        trees.append(_trees(h))
+        h.check()
+    assert len(calls) == walked
+    assert trees[0] == trees[1] and len(trees[1][1]) == 64

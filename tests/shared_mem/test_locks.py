@@ -600,7 +600,8 @@ def test_rwsem_waiting_writer_is_not_starved(space, procs) -> None:
         lambda: not any(c["waiting"] for c in space.contexts_snapshot()), what="readers back in"
     )
     stop.set()
-    recs = [r for c in conns for r in (c.recv() if c.poll(20) else pytest.fail("reader hung"))]
+    per_reader = [c.recv() if c.poll(20) else pytest.fail("reader hung") for c in conns]
+    recs = [r for rs in per_reader for r in rs]
     (t_wait,) = [e[-1] for e in writer.ask("events") if e[0] == "lock_contended"]
     # Readers overlapped each other before the writer came (continuous re-entry).
     early = sorted((t_in, t_out) for _, t_in, t_out in recs if t_out < t_wait)
@@ -610,8 +611,14 @@ def test_rwsem_waiting_writer_is_not_starved(space, procs) -> None:
         assert t_out < t_w_in or t_in > t_w_out
     # Readers that arrived after the writer began to wait entered after it left.
     late = [(t_arrive, t_in) for t_arrive, t_in, _ in recs if t_arrive > t_wait]
-    assert len(late) >= 3
+    assert late
     assert all(t_in > t_w_out for _, t_in in late)
+    # All three were parked behind the writer (the wait_until above) and got in after it.
+    # Not all three need a late arrival: a reader that came between the writer queueing
+    # and the writer's lock_contended timestamp waited too, arriving "before" t_wait
+    # (CI met that once).
+    for rs in per_reader:
+        assert any(t_arrive < t_w_out < t_in for t_arrive, t_in, _ in rs)
 
 
 # --- death and hangs ------------------------------------------------------------------

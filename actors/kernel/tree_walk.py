@@ -1,0 +1,209 @@
+# Tree walks on arrays: the stable and unstable tree descents of a run of pages at once.
+#
+# In the exact and batch scans every page that is a merge candidate walks the stable tree
+# and then the unstable tree node by node, and every node costs a ksm_get_folio() or a
+# get_mergeable_page(): locks, a pte lookup and a page reference, about 10 µs of Python,
+# against the kernel's tenth of a microsecond. A steady pass over unique pages is nothing
+# but such walks. `--scan vector` descends both trees for a whole run of candidates
+# together, one tree level per step, with every node's page looked up and compared on
+# arrays (descend()). What it reads it reads as an observer, the way a seqlock reader
+# does: a node's page comes from its pte (unstable) or its kpfn (stable) with the records'
+# generations checked around the read and no lock or reference taken, so a node whose
+# page is gone, or that the kernel's walk would act on (a stale stable node, a chain, a
+# page the candidate itself maps), stops that candidate's descent and sends it down the
+# exact path.
+#
+# What a descent decides is only a miss: the candidate is in neither tree, and the
+# unstable tree gets it under the node where its walk ended. Anything else (an identical
+# page, a stopped walk) is cmp_and_merge_page()'s, with the kernel's locks, at the
+# candidate's turn. Between the descent and a candidate's turn the run's earlier pages
+# change the trees: inserts, rotations, merges that erase. resume() therefore checks, at
+# the candidate's turn, every link its descent followed; the walk goes on from the first
+# link that changed (or from the root), page by page, so the tree the candidate joins is
+# the tree the kernel's walk would have built. The one thing not re-read is the contents
+# of the nodes the descent passed: a tree page a task writes while the run is under way
+# is seen by the next run, not by the rest of this one (docs/DECISIONS.md).
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from actors.kernel.context import Kernel
+from shared_mem.arena import NULL, Arena
+from shared_mem.layout import (
+    PAGE_MASK,
+    PAGE_SHIFT,
+    PG_ANON,
+    PG_KSM,
+    PTE_PFN_MASK,
+    PTE_PRESENT,
+    PTE_SPECIAL,
+    PTRS_PER_PTE,
+    STABLE_NODE_CHAIN,
+    VM_MERGEABLE,
+)
+
+
+class Descent:
+    """Where the descents of a run's candidates went, one column per candidate.
+
+    path[d, j] is the d-th node candidate j passed, dirs[d, j] whether it turned left
+    there, depth[j] how many nodes it passed, stop[j] whether its walk met a node the
+    arrays do not decide. root is the tree's root when the descent started."""
+
+    __slots__ = ("depth", "dirs", "path", "root", "stop")
+
+    def __init__(self, path: np.ndarray, dirs: np.ndarray, depth: np.ndarray, stop: np.ndarray, root: int) -> None:
+        self.path, self.dirs, self.depth, self.stop, self.root = path, dirs, depth, stop, root
+
+
+def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable[[np.ndarray], np.ndarray]) -> Descent:
+    """Walk every candidate page pfns[j] down the tree at root, all of them a level at a
+    time. pages_of(nodes) gives each node's page, or -1 for a node the walk must not
+    pass on arrays."""
+    c = len(pfns)
+    node = np.full(c, root, dtype=np.int64)
+    depth = np.zeros(c, dtype=np.int64)
+    stop = np.zeros(c, dtype=bool)
+    levels: list[np.ndarray] = []
+    turns: list[np.ndarray] = []
+    act = np.flatnonzero(node != NULL)
+    while len(act):
+        nh = node[act]
+        tp = pages_of(nh)
+        readable = tp >= 0
+        ret = np.zeros(len(act), dtype=np.int8)
+        ret[readable] = k.cmp.memcmp_batch(pfns[act[readable]], tp[readable])
+        bad = ~readable | (tp == pfns[act]) | (ret == 0)
+        stop[act[bad]] = True
+        go = act[~bad]
+        left = ret[~bad] < 0
+        level = np.full(c, NULL, dtype=np.int64)
+        level[go] = nh[~bad]
+        turn = np.zeros(c, dtype=bool)
+        turn[go] = left
+        levels.append(level)
+        turns.append(turn)
+        depth[go] += 1
+        ii = a.idx_many(nh[~bad], "tree_walk.descend")
+        nxt = np.where(left, a.left[ii], a.right[ii])
+        node[go] = nxt
+        act = go[nxt != NULL]
+    path = np.array(levels, dtype=np.int64).reshape(len(levels), c)
+    dirs = np.array(turns, dtype=bool).reshape(len(turns), c)
+    return Descent(path, dirs, depth, stop, root)
+
+
+def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]:
+    """(node, parent, left): where candidate j's walk stands in the tree as it is now.
+
+    Every link the descent followed is checked; the walk stands at the first one that
+    changed (node is what the link holds now), or past the last (node NULL: the insert
+    goes under parent). A changed root starts the walk over."""
+    n = int(d.depth[j])
+    if root_now != d.root or n == 0:
+        return root_now, NULL, False
+    nodes = d.path[:n, j]
+    dirs = d.dirs[:n, j]
+    ii = a.idx_many(nodes, "tree_walk.resume")
+    now = np.where(dirs, a.left[ii], a.right[ii])
+    want = np.empty(n, dtype=np.int64)
+    want[:-1] = nodes[1:]
+    want[-1] = NULL
+    changed = np.flatnonzero(now != want)
+    q = int(changed[0]) if len(changed) else n - 1
+    return int(now[q]), int(nodes[q]), bool(dirs[q])
+
+
+# -- the pages behind nodes, read as an observer ----------------------------------------------
+def stable_pages(k: Kernel, nodes: np.ndarray) -> np.ndarray:
+    """The KSM page of each regular stable node, or -1: a chain (its dups are
+    stable_node_dup()'s to choose and prune), a freed node, or a stale one whose page no
+    longer points back (ksm_get_folio() would prune it)."""
+    sn = k.km.stable_node
+    kpfn, ok = sn.peek_many(nodes, "kpfn")
+    n, ok2 = sn.peek_many(nodes, "rmap_hlist_len")
+    ok &= ok2 & (n != STABLE_NODE_CHAIN)
+    kpfn = np.where(ok, kpfn, 0)
+    ok &= ((k.page_flags[kpfn] & PG_KSM) != 0) & (k.page_mapping[kpfn] == nodes)
+    ok &= k.km.page["refcount"][kpfn] > 0
+    return np.where(ok, kpfn, -1)
+
+
+class MergeableAreas:
+    """The mergeable anonymous areas of the mms a run's descents meet: find_mergeable_vma()
+    for many addresses at once, each mm's vma list read once per run (as an observer:
+    a vma freed while it is read ends that mm's list, and its items stop the walk)."""
+
+    def __init__(self, k: Kernel) -> None:
+        self.k = k
+        self.mms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _read(self, mm: int) -> tuple[np.ndarray, np.ndarray]:
+        km = self.k.km
+        starts: list[int] = []
+        ends: list[int] = []
+        users = km.mm.peek(mm, "users")
+        v = km.mm.peek(mm, "mmap") if users else None
+        while v:
+            f = km.vma.peek(v, "flags")
+            s, e, av, nxt = (km.vma.peek(v, x) for x in ("start", "end", "anon_vma", "next"))
+            if None in (f, s, e, av, nxt):
+                break
+            if f & VM_MERGEABLE and av:
+                starts.append(s)
+                ends.append(e)
+            v = nxt
+        return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+
+    def covers(self, mms: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+        ok = np.zeros(len(mms), dtype=bool)
+        for mm in np.unique(mms).tolist():
+            if mm not in self.mms:
+                self.mms[mm] = self._read(mm)
+            starts, ends = self.mms[mm]
+            sel = np.flatnonzero(mms == mm)
+            pos = np.searchsorted(starts, addrs[sel], side="right") - 1
+            hit = pos >= 0
+            hit[hit] = addrs[sel][hit] < ends[pos[hit]]
+            ok[sel] = hit
+        return ok
+
+
+def unstable_pages(k: Kernel, items: np.ndarray, areas: MergeableAreas) -> np.ndarray:
+    """get_mergeable_page() of many unstable-tree items, without its locks or references:
+    the anon page each item's address maps in a mergeable vma, or -1."""
+    km = k.km
+    ri = km.rmap_item
+    ii = ri.idx_many(items, "tree_walk.unstable_pages")
+    mms = ri.mm[ii].astype(np.int64)
+    addrs = ri.address[ii] & PAGE_MASK
+    ok = areas.covers(mms, addrs)
+    mi = km.mm.idx_many(mms, "tree_walk.unstable_pages")  # an item's mm_slot pins its mm
+    pgi = (addrs >> PAGE_SHIFT) // PTRS_PER_PTE
+    ok &= pgi < km.pgd.shape[1]
+    pt = np.where(ok, km.pgd[mi, np.where(ok, pgi, 0)], NULL)
+    pte, live = km.ptable.peek_many(pt, "pte", (addrs >> PAGE_SHIFT) % PTRS_PER_PTE)
+    ok &= live & ((pte & (PTE_PRESENT | PTE_SPECIAL)) == PTE_PRESENT)
+    pfn = np.where(ok, pte & PTE_PFN_MASK, 0)
+    ok &= (k.page_flags[pfn] & (PG_ANON | PG_KSM)) != 0
+    return np.where(ok, pfn, -1)
+
+
+def walk_on(
+    k: Kernel, a: Arena, node: int, parent: int, left: bool, pfn: int, pages_of: Callable[[np.ndarray], np.ndarray]
+) -> tuple[int, bool] | None:
+    """The rest of one walk, page by page, from where resume() stands: (parent, left)
+    of the empty link it ends at, or None where the arrays do not decide (as descend())."""
+    while node:
+        tp = int(pages_of(np.array([node], dtype=np.int64))[0])
+        if tp < 0 or tp == pfn:
+            return None
+        ret = k.cmp.memcmp(pfn, tp)
+        if ret == 0:
+            return None
+        ni = a.idx(node, "tree_walk.walk_on")
+        parent, left = node, ret < 0
+        node = int(a.left[ni] if left else a.right[ni])
+    return parent, left
