@@ -49,7 +49,9 @@ from actors.kernel.tree_walk import (
     MergeableAreas,
     descend,
     resume,
+    stable_page,
     stable_pages,
+    unstable_page,
     unstable_pages,
     walk_on,
 )
@@ -374,7 +376,7 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
     keep = todo & plain & once & (pg["mapcount"][pfns] == 1)
     for j in np.flatnonzero(~keep):
         put_page(k, int(pfns[j]))
-    walks = _descend_run(k, pfns, ii, cks, todo & keep) if vector else None
+    walks = _descend_run(k, items, pfns, cks, todo & keep) if vector else None
     at = -1
     try:
         for j in np.flatnonzero(todo).tolist():
@@ -423,7 +425,7 @@ class RunWalks:
         self.col, self.stable, self.unstable, self.areas = col, stable, unstable, areas
 
 
-def _descend_run(k: Kernel, pfns: np.ndarray, ii: np.ndarray, cks: np.ndarray, cand: np.ndarray) -> RunWalks:
+def _descend_run(k: Kernel, items: np.ndarray, pfns: np.ndarray, cks: np.ndarray, cand: np.ndarray) -> RunWalks:
     """Descend both trees with every page of the run that cmp_and_merge_page() would send
     down them: a page no other pte maps, its checksum unchanged, in no tree or in the
     unstable tree of the previous pass (which remove_rmap_item_from_tree() just lets go).
@@ -431,6 +433,7 @@ def _descend_run(k: Kernel, pfns: np.ndarray, ii: np.ndarray, cks: np.ndarray, c
     NUMA geometry), stay with the exact path."""
     km, ks = k.km, k.ks
     ri = km.rmap_item
+    ii = ri.idx_many(items, "cmp_and_merge_batch")
     addr = ri.address[ii]
     age = (ks.seqnr - addr) & 0xFF
     left_over = ((addr & STABLE_FLAG) == 0) & (((addr & UNSTABLE_FLAG) == 0) | (age == 1))
@@ -459,11 +462,11 @@ def _cmp_and_merge_missed(k: Kernel, pfn: int, item: int, w: RunWalks, j: int) -
     remove_rmap_item_from_tree(k, item)
     sn = k.km.stable_node
     node, parent, left = resume(w.stable, sn, stable_root(k, 0).get(), c)
-    if node and walk_on(k, sn, node, parent, left, pfn, lambda n: stable_pages(k, n)) is None:
+    if node and walk_on(k, sn, node, parent, left, pfn, lambda n: stable_page(k, n)) is None:
         return False
     ri = k.km.rmap_item
     node, parent, left = resume(w.unstable, ri, unstable_root(k, 0).get(), c)
-    end = walk_on(k, ri, node, parent, left, pfn, lambda n: unstable_pages(k, n, w.areas))
+    end = walk_on(k, ri, node, parent, left, pfn, lambda n: unstable_page(k, n, w.areas))
     if end is None:
         return False
     unstable_tree_insert_at(k, item, 0, *end)

@@ -134,41 +134,58 @@ def stable_pages(k: Kernel, nodes: np.ndarray) -> np.ndarray:
 class MergeableAreas:
     """The mergeable anonymous areas of the mms a run's descents meet: find_mergeable_vma()
     for many addresses at once, each mm's vma list read once per run (as an observer:
-    a vma freed while it is read ends that mm's list, and its items stop the walk)."""
+    a vma freed while it is read ends that mm's list, and its items stop the walk).
+
+    The areas of all mms read so far are one sorted array of keys (mm index, first page)
+    with the matching ends, so a level of a descent is one searchsorted."""
 
     def __init__(self, k: Kernel) -> None:
         self.k = k
-        self.mms: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.known = np.zeros(k.km.mm.capacity, dtype=bool)
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.ends = np.zeros(0, dtype=np.int64)
+        self.by_mm: dict[int, list[tuple[int, int]]] = {}
 
-    def _read(self, mm: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, mm: int) -> list[tuple[int, int]]:
         km = self.k.km
-        starts: list[int] = []
-        ends: list[int] = []
+        out: list[tuple[int, int]] = []
         users = km.mm.peek(mm, "users")
         v = km.mm.peek(mm, "mmap") if users else None
         while v:
-            f = km.vma.peek(v, "flags")
-            s, e, av, nxt = (km.vma.peek(v, x) for x in ("start", "end", "anon_vma", "next"))
+            f, s, e, av, nxt = (km.vma.peek(v, x) for x in ("flags", "start", "end", "anon_vma", "next"))
             if None in (f, s, e, av, nxt):
                 break
             if f & VM_MERGEABLE and av:
-                starts.append(s)
-                ends.append(e)
+                out.append((s, e))
             v = nxt
-        return np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+        return out
 
-    def covers(self, mms: np.ndarray, addrs: np.ndarray) -> np.ndarray:
-        ok = np.zeros(len(mms), dtype=bool)
-        for mm in np.unique(mms).tolist():
-            if mm not in self.mms:
-                self.mms[mm] = self._read(mm)
-            starts, ends = self.mms[mm]
-            sel = np.flatnonzero(mms == mm)
-            pos = np.searchsorted(starts, addrs[sel], side="right") - 1
-            hit = pos >= 0
-            hit[hit] = addrs[sel][hit] < ends[pos[hit]]
-            ok[sel] = hit
-        return ok
+    def _learn(self, mms: np.ndarray, mi: np.ndarray) -> None:
+        new = np.flatnonzero(~self.known[mi])
+        if not len(new):
+            return
+        for mm, i in dict(zip(mms[new].tolist(), mi[new].tolist())).items():
+            self.known[i] = True
+            self.by_mm[mm] = self._read(mm)
+            keys = [(i << 40) | (s >> PAGE_SHIFT) for s, _ in self.by_mm[mm]]
+            ends = [e for _, e in self.by_mm[mm]]
+            self.keys = np.concatenate([self.keys, np.array(keys, dtype=np.int64)])
+            self.ends = np.concatenate([self.ends, np.array(ends, dtype=np.int64)])
+        order = np.argsort(self.keys, kind="stable")
+        self.keys, self.ends = self.keys[order], self.ends[order]
+
+    def covers(self, mms: np.ndarray, mi: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+        """Whether each address is in a mergeable anonymous vma of its mm (mi: mm index)."""
+        self._learn(mms, mi)
+        q = (mi << 40) | (addrs >> PAGE_SHIFT)
+        pos = np.searchsorted(self.keys, q, side="right") - 1
+        at = np.maximum(pos, 0)
+        return (pos >= 0) & ((self.keys[at] >> 40) == mi) & (addrs < self.ends[at]) if len(self.keys) else pos > 0
+
+    def covers_one(self, mm: int, addr: int) -> bool:
+        if mm not in self.by_mm:
+            self.by_mm[mm] = self._read(mm)
+        return any(s <= addr < e for s, e in self.by_mm[mm])
 
 
 def unstable_pages(k: Kernel, items: np.ndarray, areas: MergeableAreas) -> np.ndarray:
@@ -179,8 +196,8 @@ def unstable_pages(k: Kernel, items: np.ndarray, areas: MergeableAreas) -> np.nd
     ii = ri.idx_many(items, "tree_walk.unstable_pages")
     mms = ri.mm[ii].astype(np.int64)
     addrs = ri.address[ii] & PAGE_MASK
-    ok = areas.covers(mms, addrs)
     mi = km.mm.idx_many(mms, "tree_walk.unstable_pages")  # an item's mm_slot pins its mm
+    ok = areas.covers(mms, mi, addrs)
     pgi = (addrs >> PAGE_SHIFT) // PTRS_PER_PTE
     ok &= pgi < km.pgd.shape[1]
     pt = np.where(ok, km.pgd[mi, np.where(ok, pgi, 0)], NULL)
@@ -191,13 +208,46 @@ def unstable_pages(k: Kernel, items: np.ndarray, areas: MergeableAreas) -> np.nd
     return np.where(ok, pfn, -1)
 
 
+def unstable_page(k: Kernel, item: int, areas: MergeableAreas) -> int:
+    """unstable_pages() of one item, in plain Python (a page-by-page walk's step)."""
+    km = k.km
+    ri = km.rmap_item
+    ii = ri.idx(item, "tree_walk.unstable_page")
+    mm = int(ri.mm[ii])
+    addr = int(ri.address[ii]) & PAGE_MASK
+    if not areas.covers_one(mm, addr):
+        return -1
+    vpn = addr >> PAGE_SHIFT
+    pgi = vpn // PTRS_PER_PTE
+    if pgi >= km.pgd.shape[1]:
+        return -1
+    pt = int(km.pgd[km.mm.idx(mm, "tree_walk.unstable_page"), pgi])
+    pte = km.ptable.peek(pt, "pte", vpn % PTRS_PER_PTE) if pt else None
+    if pte is None or pte & (PTE_PRESENT | PTE_SPECIAL) != PTE_PRESENT:
+        return -1
+    pfn = pte & PTE_PFN_MASK
+    return pfn if k.page_flags[pfn] & (PG_ANON | PG_KSM) else -1
+
+
+def stable_page(k: Kernel, node: int) -> int:
+    """stable_pages() of one node, in plain Python."""
+    sn = k.km.stable_node
+    kpfn = sn.peek(node, "kpfn")
+    n = sn.peek(node, "rmap_hlist_len")
+    if kpfn is None or n is None or n == STABLE_NODE_CHAIN:
+        return -1
+    if not k.page_flags[kpfn] & PG_KSM or k.page_mapping[kpfn] != node or k.km.page["refcount"][kpfn] <= 0:
+        return -1
+    return kpfn
+
+
 def walk_on(
-    k: Kernel, a: Arena, node: int, parent: int, left: bool, pfn: int, pages_of: Callable[[np.ndarray], np.ndarray]
+    k: Kernel, a: Arena, node: int, parent: int, left: bool, pfn: int, page_of: Callable[[int], int]
 ) -> tuple[int, bool] | None:
     """The rest of one walk, page by page, from where resume() stands: (parent, left)
     of the empty link it ends at, or None where the arrays do not decide (as descend())."""
     while node:
-        tp = int(pages_of(np.array([node], dtype=np.int64))[0])
+        tp = page_of(node)
         if tp < 0 or tp == pfn:
             return None
         ret = k.cmp.memcmp(pfn, tp)
