@@ -128,6 +128,8 @@ class Arena:
             if not hasattr(self, field):
                 setattr(self, field, rec[field])
         self.actor = "?"
+        # actors/kernel/tree.py's link journal for this process's optimistic tree walks.
+        self.journal: set[int] | None = None
         self.on_report: Callable[[dict], None] | None = None
         # Who and when, for the provenance a report prints: the process and the system
         # clock here; the simulator's current context and virtual clock there.

@@ -43,6 +43,19 @@ from shared_mem.arena import NULL, Arena
 RB_RED = 0
 RB_BLACK = 1
 
+# The link journal (Arena.journal, process-local, None when nobody listens): every node
+# whose left or right link an insert changes, ROOT when the root changes, ALL after an
+# erase or a replace (which move links anywhere). An optimistic walk (tree_walk.py) arms
+# it after its descent: a path none of whose nodes is in the journal is still the path.
+JOURNAL_ROOT = -1
+JOURNAL_ALL = -2
+
+
+def _changed(a: Arena, *nodes: int) -> None:
+    j = a.journal
+    if j is not None:
+        j.update(nodes)
+
 
 class RootRef:
     """Where a tree's root handle lives: element idx of an int64 array (e.g. root_stable[nid])."""
@@ -87,8 +100,10 @@ def _change_child(a: Arena, root: RootRef, old: int, new: int, parent: int, site
             a.right[pi] = new
         else:
             raise RuntimeError("BUG: tree corrupted: child not found under parent")
+        _changed(a, parent)
     else:
         root.set(new)
+        _changed(a, JOURNAL_ROOT)
 
 
 def _rotate_set_parents(a: Arena, root: RootRef, old: int, new: int, color: int, site: str) -> None:
@@ -119,6 +134,7 @@ def link_node(a: Arena, root: RootRef, parent: int, left: bool, node: int) -> No
             a.right[pi] = node
     else:
         root.set(node)
+    _changed(a, parent or JOURNAL_ROOT)
     _insert_color(a, root, node)
 
 
@@ -153,6 +169,7 @@ def _insert_color(a: Arena, root: RootRef, node: int) -> None:
                 tmp = int(a.left[ni])
                 a.right[pi] = tmp
                 a.left[ni] = parent
+                _changed(a, node, parent)
                 if tmp:
                     _set_parent_color(a, tmp, parent, RB_BLACK, s)
                 _set_parent_color(a, parent, node, RB_RED, s)
@@ -162,6 +179,7 @@ def _insert_color(a: Arena, root: RootRef, node: int) -> None:
             # Case 3 - uncle black, node is the left child: right rotate at gparent.
             a.left[gi] = tmp                    # == parent->rb_right
             a.right[pi] = gparent
+            _changed(a, gparent, parent)
             if tmp:
                 _set_parent_color(a, tmp, gparent, RB_BLACK, s)
             _rotate_set_parents(a, root, gparent, parent, RB_RED, s)
@@ -183,6 +201,7 @@ def _insert_color(a: Arena, root: RootRef, node: int) -> None:
                 tmp = int(a.right[ni])
                 a.left[pi] = tmp
                 a.right[ni] = parent
+                _changed(a, node, parent)
                 if tmp:
                     _set_parent_color(a, tmp, parent, RB_BLACK, s)
                 _set_parent_color(a, parent, node, RB_RED, s)
@@ -192,6 +211,7 @@ def _insert_color(a: Arena, root: RootRef, node: int) -> None:
             # Case 3 - left rotate at gparent.
             a.right[gi] = tmp                   # == parent->rb_left
             a.left[pi] = gparent
+            _changed(a, gparent, parent)
             if tmp:
                 _set_parent_color(a, tmp, gparent, RB_BLACK, s)
             _rotate_set_parents(a, root, gparent, parent, RB_RED, s)
@@ -202,6 +222,7 @@ def _insert_color(a: Arena, root: RootRef, node: int) -> None:
 def erase(a: Arena, root: RootRef, node: int) -> None:
     """rb_erase(): __rb_erase_augmented(), then ____rb_erase_color() if a path lost a black."""
     s = "rb_erase"
+    _changed(a, JOURNAL_ALL)
     ni = a.idx(node, s)
     child = int(a.right[ni])
     tmp = int(a.left[ni])
@@ -369,6 +390,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
 def replace_node(a: Arena, root: RootRef, old: int, new: int) -> None:
     """rb_replace_node(victim=old, new): new takes old's links and colour in the tree."""
     s = "rb_replace_node"
+    _changed(a, JOURNAL_ALL)
     oi = a.idx(old, s)
     ni = a.idx(new, s)
     parent = int(a.parent[oi])

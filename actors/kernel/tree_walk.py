@@ -30,6 +30,7 @@ from collections.abc import Callable
 import numpy as np
 
 from actors.kernel.context import Kernel
+from actors.kernel.tree import JOURNAL_ALL, JOURNAL_ROOT
 from shared_mem.arena import NULL, Arena
 from shared_mem.layout import (
     PAGE_MASK,
@@ -52,16 +53,22 @@ class Descent:
     there, depth[j] how many nodes it passed, stop[j] whether its walk met a node the
     arrays do not decide. root is the tree's root when the descent started."""
 
-    __slots__ = ("depth", "dirs", "path", "root", "stop")
+    __slots__ = ("depth", "dirs", "last_left", "path", "paths", "root", "stop")
 
     def __init__(self, path: np.ndarray, dirs: np.ndarray, depth: np.ndarray, stop: np.ndarray, root: int) -> None:
         self.path, self.dirs, self.depth, self.stop, self.root = path, dirs, depth, stop, root
+        # The same paths as Python lists, for resume()'s check against the link journal.
+        self.paths = [p[:n] for p, n in zip(path.T.tolist(), depth.tolist())]
+        cols = np.arange(len(depth))
+        self.last_left = dirs[np.maximum(depth - 1, 0), cols].tolist() if len(dirs) else [False] * len(depth)
 
 
 def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable[[np.ndarray], np.ndarray]) -> Descent:
     """Walk every candidate page pfns[j] down the tree at root, all of them a level at a
     time. pages_of(nodes) gives each node's page, or -1 for a node the walk must not
-    pass on arrays."""
+    pass on arrays. Arms the arena's link journal: the tree's changes from now on are
+    what resume() checks the paths against (the caller disarms it, a.journal = None)."""
+    a.journal = set()
     c = len(pfns)
     node = np.full(c, root, dtype=np.int64)
     depth = np.zeros(c, dtype=np.int64)
@@ -100,8 +107,14 @@ def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]
 
     Every link the descent followed is checked; the walk stands at the first one that
     changed (node is what the link holds now), or past the last (node NULL: the insert
-    goes under parent). A changed root starts the walk over."""
+    goes under parent). A changed root starts the walk over. A path the link journal
+    has no node of is still the path, and needs no look at the tree at all."""
+    journal = a.journal
     n = int(d.depth[j])
+    if journal is not None and n and JOURNAL_ALL not in journal and JOURNAL_ROOT not in journal:
+        path = d.paths[j]
+        if journal.isdisjoint(path):
+            return NULL, path[-1], d.last_left[j]
     if root_now != d.root or n == 0:
         return root_now, NULL, False
     nodes = d.path[:n, j]

@@ -19,7 +19,8 @@ from actors.kernel import ksm_scan, tree
 from actors.kernel.rmap import unstable_root
 from actors.kernel.stable_tree import stable_root
 from actors.kernel.sysfs import ksm_stat
-from shared_mem.layout import PAGE_SIZE, UNSTABLE_FLAG
+from shared_mem.layout import PAGE_SIZE, UNSTABLE_FLAG, Geometry
+from tests.kernel.conftest import SMALL
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -221,3 +222,29 @@ def test_a_steady_pass_over_unique_pages_walks_no_page_by_page_in_the_vector_sca
         h.check()
     assert len(calls) == walked
     assert trees[0] == trees[1] and len(trees[1][1]) == 64
+
+
+@pytest.mark.parametrize("batch", [64, 250])
+def test_the_vector_scan_builds_the_exact_scans_trees_over_many_unique_pages(kernel_factory, batch):
+    """Many candidates in one run: each insert rotates nodes other candidates' descents
+    passed, so their paths must be taken up again where a link changed. 3 mms of 200
+    pages, mostly unique, a quarter duplicates (merges erase unstable nodes mid-run):
+    after every batch of passes 2 to 4 both trees have the exact scan's shape."""
+    rnd = random.Random(batch)
+    contents = [bytes([1 + i % 251, 1 + i // 251, rnd.randrange(256)]) for i in range(600)]
+    for i in rnd.sample(range(600), 150):
+        contents[i] = contents[rnd.randrange(600)]
+    geo = Geometry(**{**SMALL, "nr_frames": 1024})
+    pair = [kernel_factory(geo=geo, scan="exact"), kernel_factory(geo=geo, scan="vector")]
+    for h in pair:
+        for m in range(3):
+            h.area(contents[m * 200 : (m + 1) * 200])
+        h.full_scan()
+    for step in range(3 * 600 // batch):
+        for h in pair:
+            h.scan(batch)
+        assert _trees(pair[1]) == _trees(pair[0]), f"batch {step}: a tree has another shape"
+        assert pair[1].counters() == pair[0].counters()
+    assert pair[0].counters()["full_scans"] >= 3 and pair[0].counters()["pages_sharing"] > 0
+    for h in pair:
+        h.check()
