@@ -17,7 +17,7 @@ from actors.kernel import mm as mmops
 from actors.kernel import mm_slot as slots
 from actors.kernel.advisor import advisor_start_scan, advisor_stop_scan
 from actors.kernel.context import Kernel
-from actors.kernel.memory import follow_page, next_present, put_page
+from actors.kernel.memory import follow_page, follow_pages, next_present, put_page
 from actors.kernel.merge import (
     ERESTARTSYS,
     break_cow,
@@ -119,7 +119,7 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     return got[0] if got else (NULL, -1)
 
 
-def scan_get_next_rmap_items(k: Kernel, want: int) -> list[tuple[int, int]]:
+def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list[tuple[int, int]]:
     """scan_get_next_rmap_item() for a run of up to `want` pages of one mm.
 
     With want=1 this is the kernel's function, taking the mm's mmap_lock for each page.
@@ -129,6 +129,9 @@ def scan_get_next_rmap_items(k: Kernel, want: int) -> list[tuple[int, int]]:
     to the next mm, as the kernel's next call would. The cursor is where the kernel's
     would be after returning the run's last page. An empty list: the end of a full
     scan, an empty list of mms, or no rmap_item could be allocated.
+
+    `vector` (--scan vector): the ptes are read a page table at a time under one hold of
+    its ptl (follow_pages), and ksm_test_exit() is asked once per page table, not per page.
     """
     km = k.km
     ks = k.ks  # the ksm record: ks.scan_address is ksm_scan.address, and so on
@@ -178,6 +181,11 @@ def scan_get_next_rmap_items(k: Kernel, want: int) -> list[tuple[int, int]]:
                 while ks.scan_address < vend:
                     if mmops.ksm_test_exit(k, mm):
                         break
+                    if vector:
+                        if _collect_table(k, mm, slot, vend, want, run):
+                            lock.up_read()
+                            return run
+                        continue
                     addr = next_present(k, mm, ks.scan_address, vend)
                     ks.scan_address = addr
                     if addr >= vend:
@@ -246,6 +254,32 @@ def scan_get_next_rmap_items(k: Kernel, want: int) -> list[tuple[int, int]]:
         k.ev("ksm_stop_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         ks.seqnr += 1
         return []
+
+
+def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: list[tuple[int, int]]) -> bool:
+    """One page table's part of scan_get_next_rmap_items(): the loop body of each page
+    in it, from the cursor, with the ptes read by follow_pages(). True when the run is
+    to end here (full, or out of rmap_items); the cursor is where the per-page loop's
+    would be."""
+    ks = k.ks
+    got, stop = follow_pages(k, mm, ks.scan_address, vend, want - len(run))
+    for n, (addr, pfn) in enumerate(got):
+        item = get_next_rmap_item(k, slot, cursor_link(k), addr)
+        if not item:
+            for _, p in got[n:]:
+                put_page(k, p)
+            ks.scan_address = addr
+            return True
+        set_cursor_link(k, Link(item, False))
+        ks.scan_address = addr + PAGE_SIZE
+        if should_skip_rmap_item(k, pfn, item):
+            put_page(k, pfn)
+            continue
+        run.append((item, pfn))
+        if len(run) >= want:
+            return True
+    ks.scan_address = stop
+    return False
 
 
 def cmp_and_merge_page(k: Kernel, pfn: int, item: int, checksum: int | None = None) -> None:
@@ -478,7 +512,7 @@ def ksm_do_scan_batch(k: Kernel, scan_npages: int, vector: bool = False) -> int:
     same order, each run collected under one mmap_lock and merged by cmp_and_merge_batch."""
     n = 0
     while n < scan_npages:
-        run = scan_get_next_rmap_items(k, scan_npages - n)
+        run = scan_get_next_rmap_items(k, scan_npages - n, vector)
         if not run:
             break
         cmp_and_merge_batch(k, run, vector)

@@ -40,6 +40,7 @@ from shared_mem.layout import (
     PTE_SPECIAL,
     PTE_SWAP,
     PTE_WRITE,
+    PTRS_PER_PTE,
     VM_READ,
     VM_WRITE,
 )
@@ -329,6 +330,38 @@ def follow_page(k: Kernel, mm: int, addr: int) -> int:
             return -1
         get_page(k, pfn)
         return pfn
+    finally:
+        ptl.unlock()
+
+
+def follow_pages(k: Kernel, mm: int, start: int, end: int, limit: int) -> tuple[list[tuple[int, int]], int]:
+    """follow_page() of the present ptes in [start, end) up to the end of start's page
+    table, under one hold of the ptl: ([(address, pfn with a reference)], the address
+    after the last pte looked at). At most `limit` pages; a present pte of a frame that
+    is not anon is reported and skipped, as follow_page() does (--scan vector)."""
+    span_end = min(end, ((start >> PAGE_SHIFT) // PTRS_PER_PTE + 1) * PTRS_PER_PTE * PAGE_SIZE)
+    ptl = k.ptl(mm)
+    ptl.lock()
+    try:
+        ptes, i = mmops.pte_table(k, mm, start)
+        if ptes is None:
+            return [], span_end
+        row = ptes[i : i + ((span_end - start) >> PAGE_SHIFT)]
+        hit = np.flatnonzero((row & (PTE_PRESENT | PTE_SPECIAL)) == PTE_PRESENT)
+        out: list[tuple[int, int]] = []
+        stop = span_end
+        for j, pte in zip(hit.tolist(), row[hit].tolist()):
+            addr = start + (j << PAGE_SHIFT)
+            pfn = pte & PTE_PFN_MASK
+            if not k.page_flags[pfn] & (PG_ANON | PG_KSM):
+                debug.bad_pte(k, mm, addr, pte, "follow_page")
+                continue
+            get_page(k, pfn)
+            out.append((addr, pfn))
+            if len(out) >= limit:
+                stop = addr + PAGE_SIZE
+                break
+        return out, stop
     finally:
         ptl.unlock()
 
