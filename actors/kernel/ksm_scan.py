@@ -39,6 +39,7 @@ from actors.kernel.rmap import (
 )
 from actors.kernel.stable_tree import (
     EBUSY,
+    STABLE_MISS,
     is_page_sharing_candidate,
     remove_all_stable_nodes,
     stable_root,
@@ -48,12 +49,11 @@ from actors.kernel.stable_tree import (
 from actors.kernel.tree_walk import (
     MergeableAreas,
     descend,
-    resume,
     stable_page,
     stable_pages,
     unstable_page,
     unstable_pages,
-    walk_on,
+    walk_end,
 )
 from actors.kernel.unstable_tree import unstable_tree_insert_at, unstable_tree_search_insert
 from shared_mem.arena import NULL, handle_id
@@ -282,10 +282,14 @@ def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: lis
     return False
 
 
-def cmp_and_merge_page(k: Kernel, pfn: int, item: int, checksum: int | None = None) -> None:
+def cmp_and_merge_page(
+    k: Kernel, pfn: int, item: int, checksum: int | None = None, stable_hint: int = NULL, unstable_hint: int = NULL
+) -> None:
     """Try to merge the page at item with an identical one, in the stable tree first.
 
-    `checksum`: calc_checksum(pfn) already taken by the vectorized scan (None: take it)."""
+    `checksum`: calc_checksum(pfn) already taken by the vectorized scan (None: take it).
+    The hints are what the vector scan's optimistic walks found (stable_tree_search(),
+    unstable_tree_search_insert())."""
     km = k.km
     ri = km.rmap_item
     ii = ri.idx(item, "cmp_and_merge_page")
@@ -308,7 +312,7 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int, checksum: int | None = No
         if not try_to_merge_with_zero_page(k, item, pfn):
             return
 
-    kpfn = stable_tree_search(k, pfn)
+    kpfn = stable_tree_search(k, pfn, stable_hint)
     if kpfn == pfn and node and int(ri.head[ii]) == node:
         put_page(k, kpfn)
         return
@@ -329,7 +333,7 @@ def cmp_and_merge_page(k: Kernel, pfn: int, item: int, checksum: int | None = No
         put_page(k, kpfn)
         return
 
-    tree_item, tree_pfn = unstable_tree_search_insert(k, item, pfn)
+    tree_item, tree_pfn = unstable_tree_search_insert(k, item, pfn, unstable_hint)
     if tree_item:
         kpage = try_to_merge_two_pages(k, item, pfn, tree_item, tree_pfn)
         put_page(k, tree_pfn)
@@ -419,8 +423,10 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
             if keep[j]:
                 pfn = int(pfns[j])
                 try:
-                    if walks is None or not _cmp_and_merge_missed(k, pfn, item, walks, j):
+                    if walks is None:
                         cmp_and_merge_page(k, pfn, item, int(cks[j]))
+                    else:
+                        _cmp_and_merge_walked(k, pfn, item, int(cks[j]), walks, j)
                 finally:
                     put_page(k, pfn)
                 continue
@@ -482,29 +488,29 @@ def _descend_run(k: Kernel, items: np.ndarray, pfns: np.ndarray, cks: np.ndarray
     areas = MergeableAreas(k)
     sd = descend(k, km.stable_node, stable_root(k, 0).get(), pfns[fj], lambda n: stable_pages(k, n))
     ud = descend(k, ri, unstable_root(k, 0).get(), pfns[fj], lambda n: unstable_pages(k, n, areas))
-    col[fj[sd.stop | ud.stop]] = -1
     return RunWalks(col, sd, ud, areas)
 
 
-def _cmp_and_merge_missed(k: Kernel, pfn: int, item: int, w: RunWalks, j: int) -> bool:
-    """cmp_and_merge_page() of a page whose descents missed both trees: True when it
-    joined the unstable tree, False when the trees as they are now send it elsewhere
-    (the caller then takes cmp_and_merge_page(), which walks them itself)."""
+def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunWalks, j: int) -> None:
+    """cmp_and_merge_page() of page j of a run the vector scan descended: a page whose
+    walks miss both trees joins the unstable tree where its walk ended; any other takes
+    cmp_and_merge_page(), told what the walks found (a miss in the stable tree, an
+    identical node) so that its own searches are only their last step."""
     c = int(w.col[j])
     if c < 0:
-        return False
+        cmp_and_merge_page(k, pfn, item, checksum)
+        return
     remove_rmap_item_from_tree(k, item)
-    sn = k.km.stable_node
-    node, parent, left = resume(w.stable, sn, stable_root(k, 0).get(), c)
-    if node and walk_on(k, sn, node, parent, left, pfn, lambda n: stable_page(k, n)) is None:
-        return False
-    ri = k.km.rmap_item
-    node, parent, left = resume(w.unstable, ri, unstable_root(k, 0).get(), c)
-    end = walk_on(k, ri, node, parent, left, pfn, lambda n: unstable_page(k, n, w.areas))
-    if end is None:
-        return False
-    unstable_tree_insert_at(k, item, 0, *end)
-    return True
+    sn, ri = k.km.stable_node, k.km.rmap_item
+    end = walk_end(k, sn, w.stable, c, stable_root(k, 0).get(), pfn, lambda n: stable_page(k, n))
+    if end is None or end[0]:
+        cmp_and_merge_page(k, pfn, item, checksum, end[0] if end else NULL)
+        return
+    end = walk_end(k, ri, w.unstable, c, unstable_root(k, 0).get(), pfn, lambda n: unstable_page(k, n, w.areas))
+    if end is None or end[0]:
+        cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, end[0] if end else NULL)
+        return
+    unstable_tree_insert_at(k, item, 0, end[1], end[2])
 
 
 def ksm_do_scan_batch(k: Kernel, scan_npages: int, vector: bool = False) -> int:

@@ -297,10 +297,36 @@ def _dup_any(k: Kernel, node: int) -> int:
 
 
 # -- search and insert ------------------------------------------------------------------------
-def stable_tree_search(k: Kernel, pfn: int) -> int:
+# stable_tree_search()'s hint from an optimistic walk (--scan vector): no node is
+# identical (the walk's path is unchanged and ends at an empty link).
+STABLE_MISS = -1
+_RESTART = -(1 << 40)
+
+
+def _stable_match(k: Kernel, dup: int) -> int:
+    """The end of a search at a node identical to the page: dup is the node (or the
+    chain's dup) with room, NULL when every dup is full."""
+    if not dup:
+        # Every dup of this content is full: wait for an unstable-tree match to make a
+        # new KSM page, which joins the chain.
+        return -1
+    tree_pfn = ksm_get_folio(k, dup, trylock=True)
+    if tree_pfn == EBUSY:
+        return EBUSY
+    if tree_pfn < 0:
+        return _RESTART
+    k.page_lock(tree_pfn).unlock()
+    return tree_pfn
+
+
+def stable_tree_search(k: Kernel, pfn: int, hint: int = NULL) -> int:
     """Find a KSM page with pfn's content that can take one more sharer.
 
     Returns its pfn with a reference, -1 for none, or EBUSY if its page lock was busy.
+    `hint` (--scan vector, tree_walk.py): STABLE_MISS when an optimistic walk over the
+    tree as it is now found nothing identical, or the regular node it found identical:
+    the search is then only its last step, taken as the kernel takes it (and the whole
+    walk if that node no longer matches).
     """
     km = k.km
     sn = km.stable_node
@@ -308,6 +334,19 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
     if page_node and sn.valid(page_node) and sn.role[sn.idx(page_node, "stable_tree_search")] != NODE_MIGRATE:
         get_page(k, pfn)
         return pfn
+    if hint == STABLE_MISS:
+        return -1
+    if hint and sn.valid(hint) and int(sn.role[sn.idx(hint, "stable_tree_search")]) == NODE_REGULAR:
+        dup, tree_pfn, node = __stable_node_chain(k, hint, prune=True)
+        if node and not dup:
+            tree_pfn = ksm_get_folio(k, node)
+        if node and tree_pfn >= 0:
+            ret = k.cmp.memcmp(pfn, tree_pfn)
+            put_page(k, tree_pfn)
+            if ret == 0:
+                got = _stable_match(k, dup)
+                if got != _RESTART:
+                    return got
     nid = get_kpfn_nid(k, pfn)
     root = stable_root(k, nid)
     while True:  # "again": restart after the tree changed under the walk
@@ -335,18 +374,11 @@ def stable_tree_search(k: Kernel, pfn: int) -> int:
             elif ret > 0:
                 node = int(sn.right[ni])
             else:
-                if not dup:
-                    # Every dup of this content is full: wait for an unstable-tree
-                    # match to make a new KSM page, which joins the chain.
-                    return -1
-                tree_pfn = ksm_get_folio(k, dup, trylock=True)
-                if tree_pfn == EBUSY:
-                    return EBUSY
-                if tree_pfn < 0:
+                got = _stable_match(k, dup)
+                if got == _RESTART:
                     restart = True
                     break
-                k.page_lock(tree_pfn).unlock()
-                return tree_pfn
+                return got
         if not restart:
             return -1
 

@@ -53,10 +53,13 @@ class Descent:
     there, depth[j] how many nodes it passed, stop[j] whether its walk met a node the
     arrays do not decide. root is the tree's root when the descent started."""
 
-    __slots__ = ("depth", "dirs", "last_left", "path", "paths", "root", "stop")
+    __slots__ = ("depth", "dirs", "found", "last_left", "path", "paths", "root", "stop")
 
-    def __init__(self, path: np.ndarray, dirs: np.ndarray, depth: np.ndarray, stop: np.ndarray, root: int) -> None:
+    def __init__(
+        self, path: np.ndarray, dirs: np.ndarray, depth: np.ndarray, stop: np.ndarray, found: np.ndarray, root: int
+    ) -> None:
         self.path, self.dirs, self.depth, self.stop, self.root = path, dirs, depth, stop, root
+        self.found = found  # the node whose page was identical, where that stopped the walk
         # The same paths as Python lists, for resume()'s check against the link journal.
         self.paths = [p[:n] for p, n in zip(path.T.tolist(), depth.tolist())]
         cols = np.arange(len(depth))
@@ -73,6 +76,7 @@ def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable
     node = np.full(c, root, dtype=np.int64)
     depth = np.zeros(c, dtype=np.int64)
     stop = np.zeros(c, dtype=bool)
+    found = np.zeros(c, dtype=np.int64)
     levels: list[np.ndarray] = []
     turns: list[np.ndarray] = []
     act = np.flatnonzero(node != NULL)
@@ -84,6 +88,8 @@ def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable
         ret[readable] = k.cmp.memcmp_batch(pfns[act[readable]], tp[readable])
         bad = ~readable | (tp == pfns[act]) | (ret == 0)
         stop[act[bad]] = True
+        same = readable & (ret == 0) & (tp != pfns[act])
+        found[act[same]] = nh[same]
         go = act[~bad]
         left = ret[~bad] < 0
         level = np.full(c, NULL, dtype=np.int64)
@@ -99,7 +105,7 @@ def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable
         act = go[nxt != NULL]
     path = np.array(levels, dtype=np.int64).reshape(len(levels), c)
     dirs = np.array(turns, dtype=bool).reshape(len(turns), c)
-    return Descent(path, dirs, depth, stop, root)
+    return Descent(path, dirs, depth, stop, found, root)
 
 
 def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]:
@@ -256,17 +262,34 @@ def stable_page(k: Kernel, node: int) -> int:
 
 def walk_on(
     k: Kernel, a: Arena, node: int, parent: int, left: bool, pfn: int, page_of: Callable[[int], int]
-) -> tuple[int, bool] | None:
-    """The rest of one walk, page by page, from where resume() stands: (parent, left)
-    of the empty link it ends at, or None where the arrays do not decide (as descend())."""
+) -> tuple[int, int, bool] | None:
+    """The rest of one walk, page by page, from where resume() stands: (NULL, parent,
+    left) of the empty link it ends at, (node, NULL, False) for a node whose page is
+    identical, or None where the arrays do not decide (as descend())."""
     while node:
         tp = page_of(node)
         if tp < 0 or tp == pfn:
             return None
         ret = k.cmp.memcmp(pfn, tp)
         if ret == 0:
-            return None
+            return node, NULL, False
         ni = a.idx(node, "tree_walk.walk_on")
         parent, left = node, ret < 0
         node = int(a.left[ni] if left else a.right[ni])
-    return parent, left
+    return NULL, parent, left
+
+
+def walk_end(
+    k: Kernel, a: Arena, d: Descent, c: int, root_now: int, pfn: int, page_of: Callable[[int], int]
+) -> tuple[int, int, bool] | None:
+    """Where candidate c's walk ends in the tree as it is now, as walk_on() says it.
+    A descent that stopped at an identical node still names it if no link on the way
+    to it changed since (the link journal); any other stop is undecided."""
+    if d.stop[c]:
+        f = int(d.found[c])
+        j = a.journal
+        if f and j is not None and JOURNAL_ALL not in j and JOURNAL_ROOT not in j and j.isdisjoint(d.paths[c]):
+            return f, NULL, False
+        return None
+    node, parent, left = resume(d, a, root_now, c)
+    return walk_on(k, a, node, parent, left, pfn, page_of)

@@ -17,11 +17,23 @@ from actors.kernel.stable_tree import get_kpfn_nid
 from shared_mem.arena import NULL
 
 
-def unstable_tree_search_insert(k: Kernel, item: int, pfn: int) -> tuple[int, int]:
-    """(tree item, its page with a reference) for an identical page, else (NULL, -1)."""
+def unstable_tree_search_insert(k: Kernel, item: int, pfn: int, hint: int = NULL) -> tuple[int, int]:
+    """(tree item, its page with a reference) for an identical page, else (NULL, -1).
+
+    `hint` (--scan vector): the tree item an optimistic walk over the tree as it is now
+    found identical; its page is taken and compared as the walk's last step would, and
+    the whole walk is taken if it no longer matches."""
     km = k.km
     ri = km.rmap_item
     nid = get_kpfn_nid(k, pfn)
+    if hint and ri.valid(hint):
+        tree_pfn = get_mergeable_page(k, hint)
+        if tree_pfn >= 0:
+            if tree_pfn != pfn and not k.cmp.memcmp(pfn, tree_pfn) and (
+                k.ks.merge_across_nodes or int(km.page["nid"][tree_pfn]) == nid
+            ):
+                return hint, tree_pfn
+            put_page(k, tree_pfn)
     root = unstable_root(k, nid)
     parent, left = NULL, False
     node = root.get()
