@@ -44,9 +44,10 @@ RB_RED = 0
 RB_BLACK = 1
 
 # The link journal (Arena.journal, process-local, None when nobody listens): every node
-# whose left or right link an insert changes, ROOT when the root changes, ALL after an
-# erase or a replace (which move links anywhere). An optimistic walk (tree_walk.py) arms
-# it after its descent: a path none of whose nodes is in the journal is still the path.
+# whose left or right link an insert, erase or replace writes, and ROOT when the root
+# changes (ALL is for a caller that cannot say what it changed). An optimistic walk
+# (tree_walk.py) arms it after its descent: a path none of whose nodes is in the journal
+# is still the path.
 JOURNAL_ROOT = -1
 JOURNAL_ALL = -2
 
@@ -222,7 +223,6 @@ def _insert_color(a: Arena, root: RootRef, node: int) -> None:
 def erase(a: Arena, root: RootRef, node: int) -> None:
     """rb_erase(): __rb_erase_augmented(), then ____rb_erase_color() if a path lost a black."""
     s = "rb_erase"
-    _changed(a, JOURNAL_ALL)
     ni = a.idx(node, s)
     child = int(a.right[ni])
     tmp = int(a.left[ni])
@@ -262,10 +262,12 @@ def erase(a: Arena, root: RootRef, node: int) -> None:
             child2 = int(a.right[si])
             a.left[a.idx(parent, s)] = child2
             a.right[si] = child
+            _changed(a, parent, successor)
             _set_parent(a, child, successor, s)
         si = a.idx(successor, s)
         tmp = int(a.left[ni])
         a.left[si] = tmp
+        _changed(a, successor)
         _set_parent(a, tmp, successor, s)
         _change_child(a, root, node, successor, pc_parent, s)
         if child2:
@@ -278,6 +280,7 @@ def erase(a: Arena, root: RootRef, node: int) -> None:
     a.left[ni] = NULL
     a.right[ni] = NULL
     a.parent[ni] = NULL
+    _changed(a, node)
     if rebalance:
         _erase_color(a, root, rebalance)
 
@@ -300,6 +303,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
                 tmp1 = int(a.left[a.idx(sibling, s)])
                 a.right[pi] = tmp1
                 a.left[a.idx(sibling, s)] = parent
+                _changed(a, parent, sibling)
                 _set_parent_color(a, tmp1, parent, RB_BLACK, s)
                 _rotate_set_parents(a, root, parent, sibling, RB_RED, s)
                 sibling = tmp1
@@ -324,6 +328,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
                 a.left[si] = tmp1
                 a.right[t2] = sibling
                 a.right[a.idx(parent, s)] = tmp2
+                _changed(a, sibling, tmp2, parent)
                 if tmp1:
                     _set_parent_color(a, tmp1, sibling, RB_BLACK, s)
                 tmp1 = sibling
@@ -334,6 +339,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
             tmp2 = int(a.left[si])
             a.right[a.idx(parent, s)] = tmp2
             a.left[si] = parent
+            _changed(a, parent, sibling)
             _set_parent_color(a, tmp1, sibling, RB_BLACK, s)
             if tmp2:
                 _set_parent(a, tmp2, parent, s)
@@ -346,6 +352,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
                 tmp1 = int(a.right[a.idx(sibling, s)])
                 a.left[pi] = tmp1
                 a.right[a.idx(sibling, s)] = parent
+                _changed(a, parent, sibling)
                 _set_parent_color(a, tmp1, parent, RB_BLACK, s)
                 _rotate_set_parents(a, root, parent, sibling, RB_RED, s)
                 sibling = tmp1
@@ -370,6 +377,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
                 a.right[si] = tmp1
                 a.left[t2] = sibling
                 a.left[a.idx(parent, s)] = tmp2
+                _changed(a, sibling, tmp2, parent)
                 if tmp1:
                     _set_parent_color(a, tmp1, sibling, RB_BLACK, s)
                 tmp1 = sibling
@@ -379,6 +387,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
             tmp2 = int(a.right[si])
             a.left[a.idx(parent, s)] = tmp2
             a.right[si] = parent
+            _changed(a, parent, sibling)
             _set_parent_color(a, tmp1, sibling, RB_BLACK, s)
             if tmp2:
                 _set_parent(a, tmp2, parent, s)
@@ -390,7 +399,7 @@ def _erase_color(a: Arena, root: RootRef, parent: int) -> None:
 def replace_node(a: Arena, root: RootRef, old: int, new: int) -> None:
     """rb_replace_node(victim=old, new): new takes old's links and colour in the tree."""
     s = "rb_replace_node"
-    _changed(a, JOURNAL_ALL)
+    _changed(a, old, new)
     oi = a.idx(old, s)
     ni = a.idx(new, s)
     parent = int(a.parent[oi])
