@@ -414,9 +414,9 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
     keep = todo & plain & once & (pg["mapcount"][pfns] == 1)
     for j in np.flatnonzero(~keep):
         put_page(k, int(pfns[j]))
-    walks = _descend_run(k, items, pfns, cks, todo & keep) if vector else None
     at = -1
     try:
+        walks = _descend_run(k, items, pfns, cks, todo & keep) if vector else None
         for j in np.flatnonzero(todo).tolist():
             at = j
             item = int(items[j])

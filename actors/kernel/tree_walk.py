@@ -13,16 +13,18 @@
 # page the candidate itself maps), stops that candidate's descent and sends it down the
 # exact path.
 #
-# What a descent decides is only a miss: the candidate is in neither tree, and the
-# unstable tree gets it under the node where its walk ended. Anything else (an identical
-# page, a stopped walk) is cmp_and_merge_page()'s, with the kernel's locks, at the
-# candidate's turn. Between the descent and a candidate's turn the run's earlier pages
-# change the trees: inserts, rotations, merges that erase. resume() therefore checks, at
-# the candidate's turn, every link its descent followed; the walk goes on from the first
-# link that changed (or from the root), page by page, so the tree the candidate joins is
-# the tree the kernel's walk would have built. The one thing not re-read is the contents
-# of the nodes the descent passed: a tree page a task writes while the run is under way
-# is seen by the next run, not by the rest of this one (docs/DECISIONS.md).
+# What a descent decides is a miss (the candidate is in neither tree, and the unstable
+# tree gets it under the node where its walk ended) or the node found identical, which
+# cmp_and_merge_page() is given as a hint and checks with the kernel's locks; anything
+# else (a stopped walk) is cmp_and_merge_page()'s from scratch. Between the descent and a
+# candidate's turn the run's earlier pages change the trees: inserts, rotations, merges
+# that erase. tree.py's link journal, armed by descend(), names every node whose links
+# were written since; resume() trusts a path with no node in it, and otherwise checks
+# every link the descent followed, and the walk goes on from the first link that changed
+# (or from the root), page by page, so the tree the candidate joins is the tree the
+# kernel's walk would have built. The one thing not re-read is the contents of the
+# nodes the descent passed: a tree page a task writes while the run is under way is seen
+# by the next run, not by the rest of this one (docs/DECISIONS.md).
 from __future__ import annotations
 
 from collections.abc import Callable
