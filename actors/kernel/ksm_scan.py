@@ -387,9 +387,10 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
     get_mergeable_page() does for a tree item. A page whose pte changed meanwhile is
     simply checksummed again then.
 
-    `vector` (--scan vector): the pages that would walk both trees and miss are found by
-    descending the trees for the whole run at once (tree_walk.py), and each such page
-    joins the unstable tree at its turn without a page-by-page walk.
+    `vector` (--scan vector): the pages that would walk the trees are descended through
+    them together first (tree_walk.py); at its turn a page whose walks miss both trees
+    joins the unstable tree without a page-by-page walk, and any other goes through
+    cmp_and_merge_page() with what its walks found (_cmp_and_merge_walked).
     """
     km = k.km
     ri = km.rmap_item
@@ -515,7 +516,8 @@ def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunW
 
 def ksm_do_scan_batch(k: Kernel, scan_npages: int, vector: bool = False) -> int:
     """ksm_do_scan() on runs of pages (--scan batch, the default): the same pages in the
-    same order, each run collected under one mmap_lock and merged by cmp_and_merge_batch."""
+    same order, each run collected under one mmap_lock and merged by cmp_and_merge_batch
+    (with `vector`, --scan vector's collection and tree walks)."""
     n = 0
     while n < scan_npages:
         run = scan_get_next_rmap_items(k, scan_npages - n, vector)
