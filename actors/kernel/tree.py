@@ -44,12 +44,10 @@ RB_RED = 0
 RB_BLACK = 1
 
 # The link journal (Arena.journal, process-local, None when nobody listens): every node
-# whose left or right link an insert, erase or replace writes, and ROOT when the root
-# changes (ALL is for a caller that cannot say what it changed). An optimistic walk
-# (tree_walk.py) arms it after its descent: a path none of whose nodes is in the journal
-# is still the path.
+# whose left or right link an insert, erase or replace writes, and JOURNAL_ROOT when the
+# root changes. An optimistic walk (tree_walk.py) arms it after its descent: a path none
+# of whose nodes is in the journal is still the path.
 JOURNAL_ROOT = -1
-JOURNAL_ALL = -2
 
 
 def _changed(a: Arena, *nodes: int) -> None:

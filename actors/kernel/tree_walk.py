@@ -32,7 +32,7 @@ from collections.abc import Callable
 import numpy as np
 
 from actors.kernel.context import Kernel
-from actors.kernel.tree import JOURNAL_ALL, JOURNAL_ROOT
+from actors.kernel.tree import JOURNAL_ROOT
 from shared_mem.arena import NULL, Arena
 from shared_mem.layout import (
     PAGE_MASK,
@@ -110,6 +110,13 @@ def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable
     return Descent(path, dirs, depth, stop, found, root)
 
 
+def _path_unchanged(a: Arena, path: list[int]) -> bool:
+    """No link of the path (nor the root) was written since the descent: the journal
+    has none of its nodes."""
+    journal = a.journal
+    return journal is not None and JOURNAL_ROOT not in journal and journal.isdisjoint(path)
+
+
 def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]:
     """(node, parent, left): where candidate j's walk stands in the tree as it is now.
 
@@ -117,12 +124,9 @@ def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]
     changed (node is what the link holds now), or past the last (node NULL: the insert
     goes under parent). A changed root starts the walk over. A path the link journal
     has no node of is still the path, and needs no look at the tree at all."""
-    journal = a.journal
     n = int(d.depth[j])
-    if journal is not None and n and JOURNAL_ALL not in journal and JOURNAL_ROOT not in journal:
-        path = d.paths[j]
-        if journal.isdisjoint(path):
-            return NULL, path[-1], d.last_left[j]
+    if n and _path_unchanged(a, d.paths[j]):
+        return NULL, d.paths[j][-1], d.last_left[j]
     if root_now != d.root or n == 0:
         return root_now, NULL, False
     nodes = d.path[:n, j]
@@ -198,10 +202,11 @@ class MergeableAreas:
     def covers(self, mms: np.ndarray, mi: np.ndarray, addrs: np.ndarray) -> np.ndarray:
         """Whether each address is in a mergeable anonymous vma of its mm (mi: mm index)."""
         self._learn(mms, mi)
-        q = (mi << 40) | (addrs >> PAGE_SHIFT)
-        pos = np.searchsorted(self.keys, q, side="right") - 1
+        if not len(self.keys):
+            return np.zeros(len(mms), dtype=bool)
+        pos = np.searchsorted(self.keys, (mi << 40) | (addrs >> PAGE_SHIFT), side="right") - 1
         at = np.maximum(pos, 0)
-        return (pos >= 0) & ((self.keys[at] >> 40) == mi) & (addrs < self.ends[at]) if len(self.keys) else pos > 0
+        return (pos >= 0) & ((self.keys[at] >> 40) == mi) & (addrs < self.ends[at])
 
     def covers_one(self, mm: int, addr: int) -> bool:
         if mm not in self.by_mm:
@@ -289,9 +294,6 @@ def walk_end(
     to it changed since (the link journal); any other stop is undecided."""
     if d.stop[c]:
         f = int(d.found[c])
-        j = a.journal
-        if f and j is not None and JOURNAL_ALL not in j and JOURNAL_ROOT not in j and j.isdisjoint(d.paths[c]):
-            return f, NULL, False
-        return None
+        return (f, NULL, False) if f and _path_unchanged(a, d.paths[c]) else None
     node, parent, left = resume(d, a, root_now, c)
     return walk_on(k, a, node, parent, left, pfn, page_of)
