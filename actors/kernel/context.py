@@ -148,6 +148,10 @@ class Kernel:
         self.oom_origin = False        # set_current_oom_origin() (run=2 writer)
         self.alloc_retry_s = 30.0      # how long an order-0 allocation keeps retrying
         self._no_progress: list | None = None  # [site, retries] while cond_resched() loops
+        # ksmd's unstable tree order as unstable_build.py last laid it out (an UnstableOrder),
+        # and how many items joined the tree page by page since this context began.
+        self.unstable_order: Any = None
+        self.unstable_inserts = 0
         self.ksm_thread_mutex = locks.get("ksm_thread_mutex")
         self.ksm_mmlist_lock = locks.get("ksm_mmlist_lock")
         self.swap_lock = locks.get("swap_lock")

@@ -17,6 +17,8 @@ from actors.kernel.context import Kernel
 from actors.kernel.debug import PAGE_DBG_LEAKED
 from actors.kernel.swap import drain_unused_swap_cache
 from actors.kernel.sysfs import counters
+from actors.kernel.tree import RB_BLACK, RB_RED
+from shared_mem.arena import Arena
 from shared_mem.layout import (
     NODE_CHAIN,
     NODE_DUP,
@@ -31,6 +33,7 @@ from shared_mem.layout import (
     PTE_SPECIAL,
     PTE_SWAP,
     PTE_WRITE,
+    SEQNR_MASK,
     STABLE_FLAG,
     UNSTABLE_FLAG,
 )
@@ -160,6 +163,42 @@ def check_invariants(k: Kernel) -> list[dict]:
     if mism or node_lines:
         out.append(_rep("ksm: counter mismatch", mism + node_lines, {"counters": c, "objects": expect}))
 
+    # -- the trees: red-black, and the unstable tree holding just this pass's items ------------------
+    lines = []
+    # With the cursor at the list head a pass has ended and the unstable trees are the
+    # last pass's, left to be reset when the next begins: in mm/ksm.c nothing walks them
+    # any more, and their items may be freed, so there is nothing to hold them to.
+    mid_pass = k.ks.scan_slot != slots.head(k)
+    for nid in range(km.geo.nr_nodes):
+        lines += rbtree_problems(sn, int(k.ksm["root_stable"][nid]), f"stable tree {nid}")
+        root = int(k.ksm["root_unstable"][nid])
+        if not mid_pass:
+            continue
+        lines += rbtree_problems(ri, root, f"unstable tree {nid}")
+        stamp_now = UNSTABLE_FLAG | (int(k.ksm["seqnr"]) & SEQNR_MASK)
+        if not root:
+            live = ri.live_indices()
+            stray = int((((ri.address[live] & (SEQNR_MASK | UNSTABLE_FLAG | STABLE_FLAG)) == stamp_now)
+                         & (ri.nid[live] == nid)).sum())
+            if stray:
+                lines.append(f"unstable tree {nid} is empty, but {stray} items are flagged in it this pass")
+        elif ri.valid(root):
+            # Between passes the tree still holds the last pass's items until the next
+            # pass resets the root: whichever pass its root is of, it holds all of that
+            # pass's items of this node and nothing else.
+            stamp = int(ri.address[ri.idx(root, "check_invariants")]) & (SEQNR_MASK | UNSTABLE_FLAG | STABLE_FLAG)
+            live = ri.live_indices()
+            ours = live[((ri.address[live] & (SEQNR_MASK | UNSTABLE_FLAG | STABLE_FLAG)) == stamp)
+                        & (ri.nid[live] == nid)]
+            nodes = tree_nodes(ri, root)
+            if stamp & UNSTABLE_FLAG == 0 or stamp & STABLE_FLAG:
+                lines.append(f"unstable tree {nid}: its root is not an unstable item")
+            elif set(nodes) != {ri.handle_of(int(i)) for i in ours}:
+                lines.append(f"unstable tree {nid}: {len(nodes)} nodes, but {len(ours)} items of its pass on "
+                             "this node: an item is flagged unstable outside the tree, or in it unflagged")
+    if lines:
+        out.append(_rep("BUG: rbtree corrupted", lines[:32], {}))
+
     # -- mm lifetimes and slots ----------------------------------------------------------------------
     lines = []
     slot_of: dict[int, int] = {}
@@ -197,6 +236,70 @@ def check_invariants(k: Kernel) -> list[dict]:
                 lines.append(f"swap slot {slot}: swap_map {int(km.swap_map[slot])}, references {want}")
         if lines:
             out.append(_rep("BUG: swap accounting", lines[:32], {}))
+    return out
+
+
+def tree_nodes(a: Arena, root: int) -> list[int]:
+    """The handles of a tree's nodes, in order (a cycle or a stale link ends the walk)."""
+    out: list[int] = []
+    stack: list[int] = []
+    cur = root
+    while (stack or cur) and len(out) <= a.capacity:
+        while cur and a.valid(cur) and len(stack) <= a.capacity:
+            stack.append(cur)
+            cur = int(a.left[a.idx(cur, "tree_nodes")])
+        if not stack:
+            break
+        cur = stack.pop()
+        out.append(cur)
+        cur = int(a.right[a.idx(cur, "tree_nodes")])
+    return out
+
+
+def rbtree_problems(a: Arena, root: int, name: str) -> list[str]:
+    """What breaks the red-black properties of the tree at root (lib/rbtree.c's): the
+    root black and parentless, every child pointing back at its parent, no red node
+    with a red child, the same number of black nodes on every path, no freed node, no
+    node twice."""
+    if not root:
+        return []
+    if not a.valid(root):
+        return [f"{name}: the root is a freed record {root:#x}"]
+    ri = a.idx(root, "rbtree_problems")
+    out = []
+    if int(a.parent[ri]) != 0:
+        out.append(f"{name}: the root has a parent")
+    if int(a.rb_color[ri]) != RB_BLACK:
+        out.append(f"{name}: the root is red")
+    heights: dict[int, int] = {}
+    seen: set[int] = set()
+    stack: list[tuple[int, bool]] = [(root, False)]
+    while stack and not out:
+        h, done = stack.pop()
+        i = a.idx(h, "rbtree_problems")
+        kids = (int(a.left[i]), int(a.right[i]))
+        if not done:
+            if h in seen:
+                out.append(f"{name}: node {h:#x} is reached twice")
+                break
+            seen.add(h)
+            stack.append((h, True))
+            for c in kids:
+                if not c:
+                    continue
+                if not a.valid(c):
+                    out.append(f"{name}: node {h:#x} links a freed record {c:#x}")
+                elif int(a.parent[a.idx(c, "rbtree_problems")]) != h:
+                    out.append(f"{name}: node {h:#x}: its child {c:#x} does not point back")
+                elif int(a.rb_color[i]) == RB_RED and int(a.rb_color[a.idx(c, "rbtree_problems")]) == RB_RED:
+                    out.append(f"{name}: red node {h:#x} has a red child {c:#x}")
+                else:
+                    stack.append((c, False))
+            continue
+        lh, rh = (heights.pop(c) if c else 1 for c in kids)
+        if lh != rh:
+            out.append(f"{name}: node {h:#x}: black heights {lh} and {rh} below it")
+        heights[h] = lh + (int(a.rb_color[i]) == RB_BLACK)
     return out
 
 

@@ -55,6 +55,7 @@ from actors.kernel.tree_walk import (
     unstable_pages,
     walk_end,
 )
+from actors.kernel.unstable_build import unstable_tree_build
 from actors.kernel.unstable_tree import unstable_tree_insert_at, unstable_tree_search_insert
 from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
@@ -416,20 +417,23 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
     for j in np.flatnonzero(~keep):
         put_page(k, int(pfns[j]))
     at = -1
+    walks = None
     try:
-        walks = _descend_run(k, items, pfns, cks, todo & keep) if vector else None
+        walks = _descend_run(k, items, pfns, cks, todo & keep, todo & ~plain) if vector else None
         for j in np.flatnonzero(todo).tolist():
             at = j
             item = int(items[j])
             if keep[j]:
                 pfn = int(pfns[j])
+                held = False
                 try:
                     if walks is None:
                         cmp_and_merge_page(k, pfn, item, int(cks[j]))
                     else:
-                        _cmp_and_merge_walked(k, pfn, item, int(cks[j]), walks, j)
+                        held = _cmp_and_merge_walked(k, pfn, item, int(cks[j]), walks, j)
                 finally:
-                    put_page(k, pfn)
+                    if not held:
+                        put_page(k, pfn)
                 continue
             pfn = get_mergeable_page(k, item)
             if pfn < 0:
@@ -446,38 +450,62 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
                 cmp_and_merge_page(k, pfn, item, int(cks[j]) if same else None)
             finally:
                 put_page(k, pfn)
+        if walks is not None and walks.held:
+            _insert_held(k, walks, cks)
         at = len(run)
     finally:
         # A report raised out of page `at` (an oops of a reverted fix) ends the batch as it
         # ends ksm_do_scan: the pages before it count as scanned, and the run's pages after
-        # it give back the references it still holds.
+        # it give back the references it still holds (the held-back ones too: they stay
+        # out of the tree, as if the report had come before their turn).
         for j in np.flatnonzero(keep[at + 1 :]).tolist():
             put_page(k, int(pfns[at + 1 + j]))
+        if walks is not None:
+            for pfn, _ in walks.held.values():
+                put_page(k, pfn)
+            walks.held.clear()
         k.ks.pages_scanned += max(at, 0)
 
 
 class RunWalks:
     """The tree descents of one run's candidates (--scan vector): col[j] is page j's
-    column in both descents, -1 for a page that takes cmp_and_merge_page()."""
+    column in both descents, -1 for a page that takes cmp_and_merge_page().
 
-    __slots__ = ("areas", "col", "stable", "unstable")
+    group[j] is page j's twin group (the run's candidates with its contents), -1 for a
+    page whose walks go page by page all the way; made[g] is the stable node group g's
+    merges made in this run, pending[g] its item held back from the unstable tree, and
+    held maps each held-back item to (its page, with the run's reference; j)."""
 
-    def __init__(self, col: np.ndarray, stable, unstable, areas: MergeableAreas) -> None:
-        self.col, self.stable, self.unstable, self.areas = col, stable, unstable, areas
+    __slots__ = ("areas", "col", "group", "held", "made", "pending", "stable", "unstable")
+
+    def __init__(self, col: np.ndarray, group: np.ndarray, stable, unstable, areas: MergeableAreas) -> None:
+        self.col, self.group, self.stable, self.unstable, self.areas = col, group, stable, unstable, areas
+        self.made: dict[int, int] = {}
+        self.pending: dict[int, int] = {}
+        self.held: dict[int, tuple[int, int]] = {}
 
 
-def _descend_run(k: Kernel, items: np.ndarray, pfns: np.ndarray, cks: np.ndarray, cand: np.ndarray) -> RunWalks:
+def _descend_run(
+    k: Kernel, items: np.ndarray, pfns: np.ndarray, cks: np.ndarray, cand: np.ndarray, ksm_todo: np.ndarray
+) -> RunWalks:
     """Descend both trees with every page of the run that cmp_and_merge_page() would send
     down them: a page no other pte maps, its checksum unchanged, in no tree or in the
     unstable tree of the previous pass (which remove_rmap_item_from_tree() just lets go).
     Zero pages with use_zero_pages, and one tree per node (merge_across_nodes=0 on a
-    NUMA geometry), stay with the exact path."""
+    NUMA geometry), stay with the exact path.
+
+    The candidates are also put in twin groups (same checksum, same bytes), which lets
+    a group's walks be decided without the trees once one of them merged or was held
+    back. A group whose checksum another page of the run that goes page by page also
+    has (ksm_todo: KSM pages the run still has work for) is left page by page: that page
+    may put its contents in a tree before the group's turn."""
     km, ks = k.km, k.ks
     ri = km.rmap_item
     ii = ri.idx_many(items, "cmp_and_merge_batch")
     addr = ri.address[ii]
     age = (ks.seqnr - addr) & 0xFF
     left_over = ((addr & STABLE_FLAG) == 0) & (((addr & UNSTABLE_FLAG) == 0) | (age == 1))
+    todo = cand | ksm_todo
     cand = cand & left_over & (cks == ri.oldchecksum[ii])
     if ks.use_zero_pages:
         cand &= cks != int(ks.zero_checksum)
@@ -486,32 +514,109 @@ def _descend_run(k: Kernel, items: np.ndarray, pfns: np.ndarray, cks: np.ndarray
     fj = np.flatnonzero(cand)
     col = np.full(len(pfns), -1, dtype=np.int64)
     col[fj] = np.arange(len(fj))
+    group = np.full(len(pfns), -1, dtype=np.int64)
+    if len(fj):
+        _, first, inv, counts = np.unique(cks[fj], return_index=True, return_inverse=True, return_counts=True)
+        alike = np.ones(len(fj), dtype=bool)
+        twins = np.flatnonzero(counts[inv] > 1)
+        if len(twins):
+            frames = km.frames
+            alike[twins] = (frames[pfns[fj[twins]]] == frames[pfns[fj[first[inv[twins]]]]]).all(axis=1)
+        others = todo & ~cand
+        ock = cks[others].copy()
+        ksm_others = ksm_todo[others]
+        ock[ksm_others] = k.cmp.checksum_batch(pfns[others][ksm_others])
+        alike &= ~np.isin(cks[fj], ock)
+        group[fj[alike]] = inv[alike]
     areas = MergeableAreas(k)
     sd = descend(k, km.stable_node, stable_root(k, 0).get(), pfns[fj], lambda n: stable_pages(k, n))
     ud = descend(k, ri, unstable_root(k, 0).get(), pfns[fj], lambda n: unstable_pages(k, n, areas))
-    return RunWalks(col, sd, ud, areas)
+    return RunWalks(col, group, sd, ud, areas)
 
 
-def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunWalks, j: int) -> None:
-    """cmp_and_merge_page() of page j of a run the vector scan descended: a page whose
-    walks miss both trees joins the unstable tree where its walk ended; any other takes
-    cmp_and_merge_page(), told what the walks found (a miss in the stable tree, an
+def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunWalks, j: int) -> bool:
+    """cmp_and_merge_page() of page j of a run the vector scan descended. True when the
+    page is held back (its item joins the unstable tree at the end of the run, with the
+    run's reference on its page kept until then).
+
+    A page of a twin group whose stable walk missed: if a twin merged in this run, it
+    goes to that stable node; if a twin is held back, the two merge as the unstable tree
+    would have them; if its unstable walk missed too, it is held back. Any other page
+    whose walks miss both trees joins the unstable tree where its walk ended; the rest
+    take cmp_and_merge_page(), told what the walks found (a miss in the stable tree, an
     identical node) so that its own searches are only their last step."""
     c = int(w.col[j])
     if c < 0:
         cmp_and_merge_page(k, pfn, item, checksum)
-        return
+        return False
+    g = int(w.group[j])
+    if g >= 0:
+        made = w.made.get(g)
+        if made:
+            cmp_and_merge_page(k, pfn, item, checksum, made)
+            _learn(k, w, g, item)
+            return False
+        if not w.stable.stop[c]:
+            partner = w.pending.pop(g, NULL)
+            if partner:
+                put_page(k, w.held.pop(partner)[0])  # write_protect_page() counts references
+                cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, partner)
+                _learn(k, w, g, item, partner)
+                return False
+            if not w.unstable.stop[c]:
+                remove_rmap_item_from_tree(k, item)
+                w.pending[g] = item
+                w.held[item] = (pfn, j)
+                return True
     remove_rmap_item_from_tree(k, item)
     sn, ri = k.km.stable_node, k.km.rmap_item
     end = walk_end(k, sn, w.stable, c, stable_root(k, 0).get(), pfn, lambda n: stable_page(k, n))
     if end is None or end[0]:
         cmp_and_merge_page(k, pfn, item, checksum, end[0] if end else NULL)
-        return
-    end = walk_end(k, ri, w.unstable, c, unstable_root(k, 0).get(), pfn, lambda n: unstable_page(k, n, w.areas))
-    if end is None or end[0]:
-        cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, end[0] if end else NULL)
-        return
-    unstable_tree_insert_at(k, item, 0, end[1], end[2])
+    else:
+        end = walk_end(k, ri, w.unstable, c, unstable_root(k, 0).get(), pfn, lambda n: unstable_page(k, n, w.areas))
+        if end is None or end[0]:
+            cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, end[0] if end else NULL)
+        else:
+            unstable_tree_insert_at(k, item, 0, end[1], end[2])
+    if g >= 0:
+        _learn(k, w, g, item)
+    return False
+
+
+def _learn(k: Kernel, w: RunWalks, g: int, item: int, partner: int = NULL) -> None:
+    """After a twin's turn: the stable node it merged into is the group's; a held-back
+    twin it did not merge with stays held back (it is in the unstable tree, as far as
+    the rest of the run is concerned), with a reference taken again."""
+    ri = k.km.rmap_item
+    ii = ri.idx(item, "cmp_and_merge_batch")
+    if int(ri.address[ii]) & STABLE_FLAG:
+        w.made[g] = int(ri.head[ii])
+    elif partner and ri.valid(partner) and not int(ri.address[ri.idx(partner, "cmp_and_merge_batch")]) & STABLE_FLAG:
+        ppfn = get_mergeable_page(k, partner)
+        if ppfn >= 0:
+            w.pending[g] = partner
+            w.held[partner] = (ppfn, -1)
+
+
+def _insert_held(k: Kernel, w: RunWalks, cks: np.ndarray) -> None:
+    """The end of a run: its held-back items join the unstable tree at once
+    (unstable_build.py). Their walks over the tree at the run's start still stand if no
+    link changed since (the link journal is empty); otherwise they walk it again. An item
+    whose walk now meets an identical page (or a node the arrays do not decide) takes
+    cmp_and_merge_page() as it stands. The references are the caller's to give back."""
+    ri = k.km.rmap_item
+    its = np.fromiter(w.held.keys(), dtype=np.int64, count=len(w.held))
+    pf = np.fromiter((p for p, _ in w.held.values()), dtype=np.int64, count=len(w.held))
+    js = [j for _, j in w.held.values()]
+    if ri.journal is not None and not ri.journal and min(js) >= 0:
+        d, cols = w.unstable, w.col[js]
+    else:
+        d = descend(k, ri, unstable_root(k, 0).get(), pf, lambda n: unstable_pages(k, n, w.areas))
+        cols = np.arange(len(its))
+    for s in unstable_tree_build(k, its, pf, d, cols).tolist():
+        j = js[s]
+        cmp_and_merge_page(k, int(pf[s]), int(its[s]), int(cks[j]) if j >= 0 else None)
 
 
 def ksm_do_scan_batch(k: Kernel, scan_npages: int, vector: bool = False) -> int:

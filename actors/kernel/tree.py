@@ -56,6 +56,11 @@ def _changed(a: Arena, *nodes: int) -> None:
         j.update(nodes)
 
 
+def relinked(a: Arena) -> None:
+    """A whole tree was linked anew (unstable_build.py): no path survives."""
+    _changed(a, JOURNAL_ROOT)
+
+
 class RootRef:
     """Where a tree's root handle lives: element idx of an int64 array (e.g. root_stable[nid])."""
 

@@ -71,3 +71,4 @@ def unstable_tree_insert_at(k: Kernel, item: int, nid: int, parent: int, left: b
     ri.nid[ii] = nid
     tree.link_node(ri, unstable_root(k, nid), parent, left, item)
     k.ks.pages_unshared += 1
+    k.unstable_inserts += 1

@@ -594,8 +594,11 @@ def test_replace_node_keeps_shape_and_colour(kern):
     p.clear()
 
 
-def test_trees_built_by_ksmd_have_the_kernels_shapes(kern):
+@pytest.mark.parametrize("scan", ["exact", "batch"])
+def test_trees_built_by_ksmd_have_the_kernels_shapes(kernel_factory, scan):
     """Stable and unstable trees after real scans are the rbtrees the kernel would build.
+    (The vector scan lays each run's unstable tree out anew: test_scan_batch.py holds it
+    to the kernel's order and the stable tree's shape.)
 
     Pass 2 scans 40 distinct pages (ranks 0..39 in memcmp order) into the unstable
     tree in ascending order; the copies of the first 30 then each meet their page in
@@ -603,7 +606,7 @@ def test_trees_built_by_ksmd_have_the_kernels_shapes(kern):
     stable tree, again in ascending order; the last 12 pages (ranks 40..51) go into
     the unstable tree last.
     """
-    h = kern
+    h = kernel_factory(scan=scan)
     h.set("smart_scan", 0)
     contents = [0x10 + i for i in range(40)]
     _mm, _a = h.area(contents + contents[:30] + [0xF0 + i for i in range(12)])
