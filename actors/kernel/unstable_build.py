@@ -75,8 +75,8 @@ def balanced_layout(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndar
     left = np.full(n, -1, dtype=np.int64)
     right = np.full(n, -1, dtype=np.int64)
     depth = np.zeros(n, dtype=np.int64)
-    lo, hi = np.array([0], dtype=np.int64), np.array([n], dtype=np.int64)
-    par, is_left = np.array([-1], dtype=np.int64), np.array([False])
+    lo, hi = np.zeros(min(n, 1), dtype=np.int64), np.full(min(n, 1), n, dtype=np.int64)
+    par, is_left = np.full(min(n, 1), -1, dtype=np.int64), np.zeros(min(n, 1), dtype=bool)
     d = 0
     while len(lo):
         mid = (lo + hi) // 2
