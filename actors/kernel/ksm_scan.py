@@ -31,6 +31,7 @@ from actors.kernel.rmap import (
     Link,
     cursor_link,
     get_next_rmap_item,
+    get_next_rmap_items_new,
     remove_rmap_item_from_tree,
     remove_trailing_rmap_items,
     set_cursor_link,
@@ -61,6 +62,7 @@ from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
     MMF_VM_MERGE_ANY,
     MMF_VM_MERGEABLE,
+    PAGE_MASK,
     PAGE_SIZE,
     PG_KSM,
     STABLE_FLAG,
@@ -116,11 +118,11 @@ def scan_get_next_rmap_item(k: Kernel) -> tuple[int, int]:
     Returns (rmap_item, pfn with a reference), or (NULL, -1) at the end of a full scan,
     when the list is empty, or when no rmap_item could be allocated.
     """
-    got = scan_get_next_rmap_items(k, 1)
+    got, _ = scan_get_next_rmap_items(k, 1)
     return got[0] if got else (NULL, -1)
 
 
-def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list[tuple[int, int]]:
+def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> tuple[list[tuple[int, int]], bool]:
     """scan_get_next_rmap_item() for a run of up to `want` pages of one mm.
 
     With want=1 this is the kernel's function, taking the mm's mmap_lock for each page.
@@ -128,8 +130,9 @@ def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list
     moves over the mm's pages (the vectorized scan's "a lock for a run of pages",
     docs/DECISIONS.md), and ends at the mm's last page: the next call moves the cursor
     to the next mm, as the kernel's next call would. The cursor is where the kernel's
-    would be after returning the run's last page. An empty list: the end of a full
-    scan, an empty list of mms, or no rmap_item could be allocated.
+    would be after returning the run's last page. Returns the run and whether it ended
+    because no rmap_item could be allocated (the batch ends there, as the kernel's does).
+    An empty run: the end of a full scan, an empty list of mms, or no rmap_item.
 
     `vector` (--scan vector): the ptes are read a page table at a time under one hold of
     its ptl (follow_pages), and ksm_test_exit() is asked once per page table, not per page.
@@ -137,7 +140,7 @@ def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list
     km = k.km
     ks = k.ks  # the ksm record: ks.scan_address is ksm_scan.address, and so on
     if slots.list_empty(k):
-        return []
+        return [], False
     head = slots.head(k)
     slot = ks.scan_slot
     if slot == head:
@@ -156,7 +159,7 @@ def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list
         if slot == head and not k.variant("cve-2011-2183"):
             # A racing __ksm_exit removed the last mm since list_empty() above.
             k.ev("ksm_scan_list_emptied")
-            return []
+            return [], False
         ks.scan_address = 0
         set_cursor_link(k, Link(slot, True))
 
@@ -183,9 +186,9 @@ def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list
                     if mmops.ksm_test_exit(k, mm):
                         break
                     if vector:
-                        if _collect_table(k, mm, slot, vend, want, run):
+                        if end := _collect_table(k, mm, slot, vend, want, run):
                             lock.up_read()
-                            return run
+                            return run, end == STARVED
                         continue
                     addr = next_present(k, mm, ks.scan_address, vend)
                     ks.scan_address = addr
@@ -205,17 +208,17 @@ def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list
                         else:
                             put_page(k, pfn)
                             lock.up_read()
-                            return run  # out of rmap_items: this run ends here
+                            return run, True  # out of rmap_items: this batch ends here
                         run.append((item, pfn))
                         if len(run) >= want:
                             lock.up_read()
-                            return run
+                            return run, False
                         continue
                     ks.scan_address = addr + PAGE_SIZE
             if run:
                 # The mm's last page is in the run: the next call moves to the next mm.
                 lock.up_read()
-                return run
+                return run, False
             exiting = mmops.ksm_test_exit(k, mm)
         if exiting:
             ks.scan_address = 0
@@ -254,23 +257,30 @@ def scan_get_next_rmap_items(k: Kernel, want: int, vector: bool = False) -> list
         advisor_stop_scan(k)
         k.ev("ksm_stop_scan", seqnr=ks.seqnr, rmap_entries=ks.rmap_items)
         ks.seqnr += 1
-        return []
+        return [], False
 
 
-def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: list[tuple[int, int]]) -> bool:
+# How a page table's part of a run ends (_collect_table): the run goes on to the next
+# table, it is full, or it ends because no rmap_item could be allocated (the batch ends
+# there too, as ksm_do_scan() ends when scan_get_next_rmap_item() returns NULL).
+GO_ON, FULL, STARVED = 0, 1, 2
+
+
+def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: list[tuple[int, int]]) -> int:
     """One page table's part of scan_get_next_rmap_items(): the loop body of each page
-    in it, from the cursor, with the ptes read by follow_pages(). True when the run is
-    to end here (full, or out of rmap_items); the cursor is where the per-page loop's
-    would be."""
+    in it, from the cursor, with the ptes read by follow_pages(). GO_ON, FULL or STARVED;
+    the cursor is where the per-page loop's would be."""
     ks = k.ks
     got, stop = follow_pages(k, mm, ks.scan_address, vend, want - len(run))
+    if got and _all_new(k, got[-1][0]):
+        return _collect_new(k, slot, got, stop, want, run)
     for n, (addr, pfn) in enumerate(got):
         item = get_next_rmap_item(k, slot, cursor_link(k), addr)
         if not item:
             for _, p in got[n:]:
                 put_page(k, p)
             ks.scan_address = addr
-            return True
+            return STARVED
         set_cursor_link(k, Link(item, False))
         ks.scan_address = addr + PAGE_SIZE
         if should_skip_rmap_item(k, pfn, item):
@@ -278,9 +288,46 @@ def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: lis
             continue
         run.append((item, pfn))
         if len(run) >= want:
-            return True
+            return FULL
     ks.scan_address = stop
-    return False
+    return GO_ON
+
+
+def _all_new(k: Kernel, last: int) -> bool:
+    """No rmap_item at the cursor up to address `last`: the list ends at the cursor, or
+    its next item is above. (A new mm's first pass, a new area: every page of the table
+    gets a new item, and get_next_rmap_item() would free none.)"""
+    nxt = cursor_link(k).get(k)
+    ri = k.km.rmap_item
+    return not nxt or int(ri.address[ri.idx(nxt, "get_next_rmap_item")]) & PAGE_MASK > last
+
+
+def _collect_new(k: Kernel, slot: int, got: list[tuple[int, int]], stop: int, want: int,
+                 run: list[tuple[int, int]]) -> int:
+    """_collect_table() of pages that all get new rmap_items: allocated and linked at once
+    (get_next_rmap_items_new). A new item is never skipped: should_skip_rmap_item() only
+    ages it from 0 to 1, and not when its page is already a KSM page (a KSM fork)."""
+    ks = k.ks
+    items = get_next_rmap_items_new(k, slot, cursor_link(k), [a for a, _ in got])
+    n = len(items)
+    if n and ks.smart_scan:
+        ri = k.km.rmap_item
+        pf = np.fromiter((p for _, p in got[:n]), dtype=np.int64, count=n)
+        fresh = (k.page_flags[pf] & PG_KSM) == 0
+        ri.age[ri.idx_many(items[fresh], "should_skip_rmap_item")] = 1
+    if n:
+        set_cursor_link(k, Link(int(items[-1]), False))
+        run.extend(zip(items.tolist(), (p for _, p in got[:n])))
+    if n < len(got):  # out of rmap_items: this run ends at the first page without one
+        for _, p in got[n:]:
+            put_page(k, p)
+        ks.scan_address = got[n][0]
+        return STARVED
+    if len(run) >= want:
+        ks.scan_address = got[-1][0] + PAGE_SIZE
+        return FULL
+    ks.scan_address = stop
+    return GO_ON
 
 
 def cmp_and_merge_page(
@@ -625,11 +672,12 @@ def ksm_do_scan_batch(k: Kernel, scan_npages: int, vector: bool = False) -> int:
     (with `vector`, --scan vector's collection and tree walks)."""
     n = 0
     while n < scan_npages:
-        run = scan_get_next_rmap_items(k, scan_npages - n, vector)
-        if not run:
+        run, starved = scan_get_next_rmap_items(k, scan_npages - n, vector)
+        if run:
+            cmp_and_merge_batch(k, run, vector)
+            n += len(run)
+        if starved or not run:
             break
-        cmp_and_merge_batch(k, run, vector)
-        n += len(run)
     return n
 
 

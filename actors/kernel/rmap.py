@@ -9,6 +9,8 @@
 # owner record and whether the link is the slot's head or an item's next field.
 from __future__ import annotations
 
+import numpy as np
+
 from actors.kernel import mm as mmops
 from actors.kernel import stable_tree, tree
 from actors.kernel.context import Kernel
@@ -163,6 +165,32 @@ def get_next_rmap_item(k: Kernel, slot: int, link: Link, addr: int) -> int:
         ri.rmap_next[ii] = link.get(k)
         link.set(k, item)
     return item
+
+
+def get_next_rmap_items_new(k: Kernel, slot: int, link: Link, addrs: list[int]) -> np.ndarray:
+    """get_next_rmap_item() of ascending addresses none of which has an rmap_item yet,
+    all below the item at the cursor (if any): their items are allocated at once and
+    linked at the cursor in address order, as that many calls would leave the list.
+    Fewer items than addresses when the cache runs out (the first page without one is
+    where the kernel's allocation would have failed); the handles, as an int64 array."""
+    km = k.km
+    ri = km.rmap_item
+    hs = ri.alloc_many(len(addrs), site="alloc_rmap_item")
+    n = len(hs)
+    if n < len(addrs):
+        k.ev("rmap_item_alloc_fail")
+    if not n:
+        return hs
+    ii = ri.idx_many(hs, "get_next_rmap_item")
+    mm = int(km.mm_slot.mm[km.mm_slot.idx(slot, "get_next_rmap_item")])
+    ri.mm[ii] = mm
+    ri.address[ii] = addrs[:n]
+    ri.rmap_next[ii[:-1]] = hs[1:]
+    ri.rmap_next[ii[-1]] = link.get(k)
+    link.set(k, int(hs[0]))
+    k.ks.rmap_items += n
+    km.mm.atomic("ksm_rmap_items").add_return(km.mm.idx(mm, "ksm_rmap_items"), n)
+    return hs
 
 
 def stable_tree_append(k: Kernel, item: int, node: int, bypass: bool) -> None:

@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from actors.kernel import ksm_scan, tree
+from actors.kernel import ksm_scan, syscalls, tree
 from actors.kernel.rmap import unstable_root
 from actors.kernel.stable_tree import stable_root
 from actors.kernel.sysfs import ksm_stat
@@ -254,3 +254,73 @@ def test_the_vector_scan_builds_the_exact_scans_trees_over_many_unique_pages(ker
     assert pair[0].counters()["full_scans"] >= 3 and pair[0].counters()["pages_sharing"] > 0
     for h in pair:
         h.check()
+
+
+def _lists(h, mms) -> tuple:
+    """Every mm's rmap_list: the address (with its flags) and smart scan's age of each
+    item, in list order."""
+    return tuple(tuple((h.item_field(i, "address"), h.item_field(i, "age")) for i in h.rmap_items_of(mm))
+                 for mm in mms)
+
+
+@pytest.mark.parametrize("mode", ["batch", "vector"])
+def test_new_rmap_items_are_listed_and_counted_as_the_exact_scan_lists_them(kernel_factory, mode):
+    """The vector scan allocates a page table's new rmap_items at once and links them at
+    the cursor (get_next_rmap_items_new): after a first pass, a new area between two
+    scanned ones (its items go in the middle of the list), a fork (its pages are KSM pages,
+    which smart scan does not age) and more passes, every mm's rmap_list, ksm_stat and the
+    counters are the exact scan's."""
+    pair = [kernel_factory(scan="exact"), kernel_factory(scan=mode)]
+    mms, holes, kids = [], {}, {}
+    for h in pair:
+        h.set("smart_scan", 1)
+        mm, a = h.area([1 + i % 5 for i in range(40)])
+        h.area([7] * 8 + list(range(20, 36)), mm=mm)
+        syscalls.sys_munmap(h.k, mm, a + 10 * PAGE_SIZE, 12 * PAGE_SIZE)  # a hole, never scanned
+        holes[h] = a + 10 * PAGE_SIZE
+        mms.append(mm)
+    for step in range(6):
+        for h, mm in zip(pair, mms):
+            if step == 2:
+                gap = h.mmap(mm, 12)
+                assert gap == holes[h] and h.item_at(mm, gap + 12 * PAGE_SIZE)  # items above it
+                for i in range(12):
+                    h.write_page(mm, gap + i * PAGE_SIZE, 40 + i % 3)
+                h.madvise(mm, gap, 12)
+            if step == 3:
+                kids[h] = h.fork(mm)
+            h.scan(37)
+        both = [[mm, kids[h]] if h in kids else [mm] for h, mm in zip(pair, mms)]
+        assert _lists(pair[1], both[1]) == _lists(pair[0], both[0]), f"batch {step}: a list differs"
+        assert [ksm_stat(pair[1].k, m) for m in both[1]] == [ksm_stat(pair[0].k, m) for m in both[0]]
+        assert pair[1].counters() == pair[0].counters(), f"batch {step}: counters differ"
+    for h in pair:
+        h.check()
+
+
+@pytest.mark.parametrize("mode", ["exact", "batch", "vector"])
+def test_a_scan_out_of_rmap_items_ends_each_batch_at_the_first_page_without_one(kernel_factory, mode):
+    """kmem_cache_zalloc(__GFP_NORETRY) failing: the scan stops at the page it could not
+    give an item, every batch, and goes on from there once items are freed. 70 pages and
+    room for 50 items: each batch says rmap_item_alloc_fail once and scans no page past
+    the 50th; once the 20 pages without items are unmapped the pass ends, and the next
+    one frees the items of pages unmapped below the cursor."""
+    geo = Geometry(**{**SMALL, "max_rmap_items": 50})
+    h = kernel_factory(geo=geo, scan=mode)
+    mm, a = h.area([1 + i for i in range(70)])
+    for n in range(4):
+        m = h.mark()
+        h.scan(64)
+        assert h.counters()["rmap_items"] == 50
+        assert h.names(m).count("rmap_item_alloc_fail") == 1, f"batch {n}"
+        assert len(h.rmap_items_of(mm)) == 50
+        assert [h.item_field(i, "address") & ~(PAGE_SIZE - 1) for i in h.rmap_items_of(mm)] == [
+            a + i * PAGE_SIZE for i in range(50)]
+    assert h.seqnr == 0
+    syscalls.sys_munmap(h.k, mm, a + 50 * PAGE_SIZE, 20 * PAGE_SIZE)
+    h.full_scan()
+    assert h.counters()["rmap_items"] == 50
+    syscalls.sys_munmap(h.k, mm, a, 30 * PAGE_SIZE)
+    h.full_scan()
+    assert h.counters()["rmap_items"] == 20
+    h.check()

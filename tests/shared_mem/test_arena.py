@@ -226,6 +226,37 @@ def test_reused_slot_gets_new_generation_and_old_handle_stays_invalid(km):
     assert [t.valid(x) for x in handles] == [False] * 3 + [True]
 
 
+def test_alloc_many_gives_what_as_many_allocs_would_and_stops_where_they_would_fail(km):
+    """alloc_many(n) under one lock: the same records in the same order as n alloc()
+    calls on a twin arena, each live, zeroed and with its provenance; when the cache holds
+    fewer, exactly those, and the arena is then empty as after alloc()'s OutOfObjects."""
+    a = km.vma
+    free = [a.alloc() for _ in range(5)]
+    for h in free[::2]:
+        a.free(h)                        # a free stack with holes: the order matters
+    top, live, total = (int(x) for x in a.hdr[:3])
+    stack = a.free_stack.copy()
+    km.set_actor("ksmd")
+    hs = a.alloc_many(4, site="alloc_rmap_item")
+    assert hs.dtype == np.int64 and len(hs) == 4
+    want = [int(i) for i in stack[top - 4:top][::-1]]
+    assert [h_index(int(h)) for h in hs] == want
+    assert all(a.valid(int(h)) and h_gen(int(h)) % 2 == 1 for h in hs)
+    assert [int(x) for x in a.hdr[:3]] == [top - 4, live + 4, total + 4]
+    for h in hs:
+        i = h_index(int(h))
+        assert _record_bytes(a, i) == bytes(a.rec.dtype.itemsize)
+        assert (a.meta[i]["alloc_actor"], a.meta[i]["alloc_site"]) == (b"ksmd", b"alloc_rmap_item")
+    assert len(a.alloc_many(0)) == 0 and int(a.hdr[0]) == top - 4
+    rest = a.alloc_many(a.capacity)      # more than there is: what is left, no exception
+    assert len(rest) == top - 4 and int(a.hdr[0]) == 0
+    assert len(a.alloc_many(3)) == 0
+    with pytest.raises(OutOfObjects):
+        a.alloc()
+    a.free(int(rest[0]))
+    assert a.alloc_many(2).tolist() == [pack(h_gen(int(rest[0])) + 2, h_index(int(rest[0])))]
+
+
 _CHILD = """
 import json, os, sys
 from shared_mem.layout import KernelMemory
