@@ -269,28 +269,38 @@ GO_ON, FULL, STARVED = 0, 1, 2
 def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: list[tuple[int, int]]) -> int:
     """One page table's part of scan_get_next_rmap_items(): the loop body of each page
     in it, from the cursor, with the ptes read by follow_pages(). GO_ON, FULL or STARVED;
-    the cursor is where the per-page loop's would be."""
+    the cursor is where the per-page loop's would be. (The run can only fill at the
+    table's last page, follow_pages() stopping there, so `stop` is then that page's end.)"""
     ks = k.ks
     got, stop = follow_pages(k, mm, ks.scan_address, vend, want - len(run))
     if got and _all_new(k, got[-1][0]):
-        return _collect_new(k, slot, got, stop, want, run)
+        n = _collect_new(k, slot, got, run)
+    else:
+        n = _collect_each(k, slot, got, run)
+    if n < len(got):  # out of rmap_items: the run ends at the first page without one
+        for _, p in got[n:]:
+            put_page(k, p)
+        ks.scan_address = got[n][0]
+        return STARVED
+    ks.scan_address = stop
+    return FULL if len(run) >= want else GO_ON
+
+
+def _collect_each(k: Kernel, slot: int, got: list[tuple[int, int]], run: list[tuple[int, int]]) -> int:
+    """The pages of `got` page by page: get_next_rmap_item(), should_skip_rmap_item(),
+    into the run. Returns how many pages got an rmap_item."""
+    ks = k.ks
     for n, (addr, pfn) in enumerate(got):
         item = get_next_rmap_item(k, slot, cursor_link(k), addr)
         if not item:
-            for _, p in got[n:]:
-                put_page(k, p)
-            ks.scan_address = addr
-            return STARVED
+            return n
         set_cursor_link(k, Link(item, False))
         ks.scan_address = addr + PAGE_SIZE
         if should_skip_rmap_item(k, pfn, item):
             put_page(k, pfn)
             continue
         run.append((item, pfn))
-        if len(run) >= want:
-            return FULL
-    ks.scan_address = stop
-    return GO_ON
+    return len(got)
 
 
 def _all_new(k: Kernel, last: int) -> bool:
@@ -302,32 +312,22 @@ def _all_new(k: Kernel, last: int) -> bool:
     return not nxt or int(ri.address[ri.idx(nxt, "get_next_rmap_item")]) & PAGE_MASK > last
 
 
-def _collect_new(k: Kernel, slot: int, got: list[tuple[int, int]], stop: int, want: int,
-                 run: list[tuple[int, int]]) -> int:
-    """_collect_table() of pages that all get new rmap_items: allocated and linked at once
+def _collect_new(k: Kernel, slot: int, got: list[tuple[int, int]], run: list[tuple[int, int]]) -> int:
+    """_collect_each() of pages that all get new rmap_items: allocated and linked at once
     (get_next_rmap_items_new). A new item is never skipped: should_skip_rmap_item() only
     ages it from 0 to 1, and not when its page is already a KSM page (a KSM fork)."""
-    ks = k.ks
     items = get_next_rmap_items_new(k, slot, cursor_link(k), [a for a, _ in got])
     n = len(items)
-    if n and ks.smart_scan:
+    if not n:
+        return 0
+    pfns = [p for _, p in got[:n]]
+    if k.ks.smart_scan:
         ri = k.km.rmap_item
-        pf = np.fromiter((p for _, p in got[:n]), dtype=np.int64, count=n)
-        fresh = (k.page_flags[pf] & PG_KSM) == 0
+        fresh = (k.page_flags[pfns] & PG_KSM) == 0
         ri.age[ri.idx_many(items[fresh], "should_skip_rmap_item")] = 1
-    if n:
-        set_cursor_link(k, Link(int(items[-1]), False))
-        run.extend(zip(items.tolist(), (p for _, p in got[:n])))
-    if n < len(got):  # out of rmap_items: this run ends at the first page without one
-        for _, p in got[n:]:
-            put_page(k, p)
-        ks.scan_address = got[n][0]
-        return STARVED
-    if len(run) >= want:
-        ks.scan_address = got[-1][0] + PAGE_SIZE
-        return FULL
-    ks.scan_address = stop
-    return GO_ON
+    set_cursor_link(k, Link(int(items[-1]), False))
+    run.extend(zip(items.tolist(), pfns))
+    return n
 
 
 def cmp_and_merge_page(

@@ -227,9 +227,10 @@ def test_reused_slot_gets_new_generation_and_old_handle_stays_invalid(km):
 
 
 def test_alloc_many_gives_what_as_many_allocs_would_and_stops_where_they_would_fail(km):
-    """alloc_many(n) under one lock: the same records in the same order as n alloc()
-    calls on a twin arena, each live, zeroed and with its provenance; when the cache holds
-    fewer, exactly those, and the arena is then empty as after alloc()'s OutOfObjects."""
+    """alloc_many(n) under one lock: the records n alloc() calls would pop, in the order
+    they would pop them (the free stack from its top), each live, zeroed and with its
+    provenance; when the cache holds fewer, exactly those, and the arena is then empty as
+    after alloc()'s OutOfObjects."""
     a = km.vma
     free = [a.alloc() for _ in range(5)]
     for h in free[::2]:
