@@ -229,8 +229,9 @@ class Actor:
         self.trace.record(event, lock, idx, mode, wait_ns, site)
         if event == "lock_contended":
             # This context may now block for ever (a deadlock the watchdog reports from
-            # another process): what it did up to here must be on disk.
-            self.trace.flush()
+            # another process): what it did up to here must be on disk, its events and
+            # the trace (ev.flush flushes both).
+            self.ev.flush()
 
     # -- the loop ---------------------------------------------------------------------------------
     def poll_timeout_ms(self) -> int:

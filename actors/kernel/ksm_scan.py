@@ -108,6 +108,35 @@ def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
     return True
 
 
+_SKIP_AGE_ABOVE = np.array([3, 5, 8])
+_SKIP_AGES = np.array([1, 2, 4, 8])
+
+
+def should_skip_rmap_items(k: Kernel, items: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    """should_skip_rmap_item() of distinct items, as calls in their order would decide:
+    each decision reads and writes only its own item's age and skips (and a page flag
+    nothing here changes). The skipped items then leave their trees in order."""
+    ri = k.km.rmap_item
+    skip = np.zeros(len(items), dtype=bool)
+    if not k.ks.smart_scan or not len(items):
+        return skip
+    ii = ri.idx_many(items, "should_skip_rmap_item")
+    aging = (k.page_flags[pfns] & PG_KSM) == 0
+    age = ri.age[ii].astype(np.int64)
+    bump = aging & (age != U8_MAX)
+    ri.age[ii[bump]] = age[bump] + 1
+    rem = ri.remaining_skips[ii].astype(np.int64)
+    old = aging & (age >= 3)
+    start = old & (rem == 0)
+    ri.remaining_skips[ii[start]] = _SKIP_AGES[np.searchsorted(_SKIP_AGE_ABOVE, age[start])]
+    skip = old & (rem != 0)
+    ri.remaining_skips[ii[skip]] = rem[skip] - 1
+    k.ks.pages_skipped += int(skip.sum())
+    for item in items[skip].tolist():
+        remove_rmap_item_from_tree(k, item)
+    return skip
+
+
 def _mm_flags_clear(k: Kernel, mm: int, bits: int) -> None:
     k.km.mm.atomic("flags").clear_bits(k.km.mm.idx(mm, "clear_bit"), bits)
 
@@ -288,19 +317,54 @@ def _collect_table(k: Kernel, mm: int, slot: int, vend: int, want: int, run: lis
 
 def _collect_each(k: Kernel, slot: int, got: list[tuple[int, int]], run: list[tuple[int, int]]) -> int:
     """The pages of `got` page by page: get_next_rmap_item(), should_skip_rmap_item(),
-    into the run. Returns how many pages got an rmap_item."""
+    into the run. Returns how many pages got an rmap_item.
+
+    The pages whose items already follow the cursor in order (every page of a table
+    on a steady pass) are taken first, by following the list: get_next_rmap_item()
+    would return each of them at once, and the cursor would end on the last. Only the
+    skip decisions remain to be made, in order; they touch no list link."""
     ks = k.ks
-    for n, (addr, pfn) in enumerate(got):
+    ri = k.km.rmap_item
+    address, rmap_next = ri.address, ri.rmap_next
+    start = len(run)
+    nxt = cursor_link(k).get(k)
+    n = 0
+    while nxt and n < len(got):
+        ii = ri.idx(nxt, "get_next_rmap_item")
+        if int(address[ii]) & PAGE_MASK != got[n][0]:
+            break
+        run.append((nxt, got[n][1]))
+        nxt = int(rmap_next[ii])
+        n += 1
+    if n:
+        set_cursor_link(k, Link(run[-1][0], False))
+        ks.scan_address = got[n - 1][0] + PAGE_SIZE
+        if ks.smart_scan:
+            items = np.fromiter((it for it, _ in run[start:]), dtype=np.int64, count=n)
+            pfns = np.fromiter((pf for _, pf in run[start:]), dtype=np.int64, count=n)
+            skip = should_skip_rmap_items(k, items, pfns).tolist()
+            for pfn, s in zip(pfns.tolist(), skip, strict=True):
+                if s:
+                    put_page(k, pfn)
+            run[start:] = [p for p, s in zip(run[start:], skip, strict=True) if not s]
+    for j in range(n, len(got)):
+        addr, pfn = got[j]
         item = get_next_rmap_item(k, slot, cursor_link(k), addr)
         if not item:
-            return n
+            return j
         set_cursor_link(k, Link(item, False))
         ks.scan_address = addr + PAGE_SIZE
-        if should_skip_rmap_item(k, pfn, item):
-            put_page(k, pfn)
-            continue
-        run.append((item, pfn))
+        if not _skipped(k, pfn, item):
+            run.append((item, pfn))
     return len(got)
+
+
+def _skipped(k: Kernel, pfn: int, item: int) -> bool:
+    """should_skip_rmap_item(), letting go of the page's reference when it is skipped."""
+    if should_skip_rmap_item(k, pfn, item):
+        put_page(k, pfn)
+        return True
+    return False
 
 
 def _all_new(k: Kernel, last: int) -> bool:

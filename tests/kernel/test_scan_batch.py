@@ -264,6 +264,36 @@ def _lists(h, mms) -> tuple:
 
 
 @pytest.mark.parametrize("mode", ["batch", "vector"])
+def test_smart_scan_ages_and_skips_the_exact_scans_items_pass_after_pass(kernel_factory, mode):
+    """A steady pass takes a page table's items by following the list, and decides smart
+    scan's skips for them on arrays (should_skip_rmap_items): over enough passes that the
+    unmergeable pages are skipped 1, 2, 4 and 8 passes at a time, with KSM pages (which do
+    not age), pages written meanwhile and batches that end mid-table, every item's age and
+    skips, the counters (pages_skipped) and ksm_stat stay the exact scan's."""
+    pair = [kernel_factory(scan="exact"), kernel_factory(scan=mode)]
+    mms = []
+    for h in pair:
+        h.set("smart_scan", 1)
+        mm, a = h.area([100 + i for i in range(40)] + [3] * 6 + [4] * 6)
+        mms.append((mm, a))
+    rnds = [random.Random(5), random.Random(5)]
+    for step in range(70):
+        for h, (mm, a), rnd in zip(pair, mms, rnds):
+            if step % 9 == 4:
+                h.write_page(mm, a + rnd.randrange(52) * PAGE_SIZE, 150 + step)
+            h.scan(23)
+        got = [tuple((h.item_field(i, "address"), h.item_field(i, "age"), h.item_field(i, "remaining_skips"))
+                     for i in h.rmap_items_of(mm)) for h, (mm, _) in zip(pair, mms)]
+        assert got[1] == got[0], f"batch {step}: an item's address, age or skips differ"
+        assert pair[1].counters() == pair[0].counters(), f"batch {step}: counters differ"
+        assert ksm_stat(pair[1].k, mms[1][0]) == ksm_stat(pair[0].k, mms[0][0])
+    assert pair[0].counters()["pages_skipped"] > 100
+    assert max(pair[0].item_field(i, "remaining_skips") for i in pair[0].rmap_items_of(mms[0][0])) >= 4
+    for h in pair:
+        h.check()
+
+
+@pytest.mark.parametrize("mode", ["batch", "vector"])
 def test_new_rmap_items_are_listed_and_counted_as_the_exact_scan_lists_them(kernel_factory, mode):
     """The vector scan allocates a page table's new rmap_items at once and links them at
     the cursor (get_next_rmap_items_new): after a first pass, a new area between two
