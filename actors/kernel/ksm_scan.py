@@ -20,10 +20,12 @@ from actors.kernel.context import Kernel
 from actors.kernel.memory import follow_page, follow_pages, next_present, put_page
 from actors.kernel.merge import (
     ERESTARTSYS,
+    MERGE_RETRY,
     break_cow,
     get_mergeable_page,
     try_to_merge_two_pages,
     try_to_merge_with_ksm_page,
+    try_to_merge_with_ksm_pages,
     try_to_merge_with_zero_page,
     unmerge_ksm_pages,
 )
@@ -40,6 +42,7 @@ from actors.kernel.rmap import (
 )
 from actors.kernel.stable_tree import (
     EBUSY,
+    NODE_REGULAR,
     STABLE_MISS,
     is_page_sharing_candidate,
     remove_all_stable_nodes,
@@ -395,13 +398,16 @@ def _collect_new(k: Kernel, slot: int, got: list[tuple[int, int]], run: list[tup
 
 
 def cmp_and_merge_page(
-    k: Kernel, pfn: int, item: int, checksum: int | None = None, stable_hint: int = NULL, unstable_hint: int = NULL
+    k: Kernel, pfn: int, item: int, checksum: int | None = None, stable_hint: int = NULL, unstable_hint: int = NULL,
+    stable_end: Callable[[], tuple[int, int, bool] | None] | None = None,
 ) -> None:
     """Try to merge the page at item with an identical one, in the stable tree first.
 
     `checksum`: calc_checksum(pfn) already taken by the vectorized scan (None: take it).
     The hints are what the vector scan's optimistic walks found (stable_tree_search(),
-    unstable_tree_search_insert())."""
+    unstable_tree_search_insert()); `stable_end`, where the page's stable walk ends in
+    the tree as it is when asked (tree_walk.walk_end), for stable_tree_insert() once the
+    page became a KSM page."""
     km = k.km
     ri = km.rmap_item
     ii = ri.idx(item, "cmp_and_merge_page")
@@ -453,7 +459,8 @@ def cmp_and_merge_page(
             lock = k.page_lock(kpage)
             lock.lock(site="cmp_and_merge_page")
             try:
-                snode = stable_tree_insert(k, kpage)
+                end = stable_end() if stable_end is not None else None
+                snode = stable_tree_insert(k, kpage, (end[1], end[2]) if end and not end[0] else None)
                 if snode:
                     stable_tree_append(k, tree_item, snode, False)
                     stable_tree_append(k, item, snode, False)
@@ -546,6 +553,7 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
                     if not held:
                         put_page(k, pfn)
                 continue
+            _flush_merges(k, walks)
             pfn = get_mergeable_page(k, item)
             if pfn < 0:
                 # Unmapped since the run was collected. The kernel's cmp_and_merge_page()
@@ -561,6 +569,7 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
                 cmp_and_merge_page(k, pfn, item, int(cks[j]) if same else None)
             finally:
                 put_page(k, pfn)
+        _flush_merges(k, walks)
         if walks is not None and walks.held:
             _insert_held(k, walks, cks)
         at = len(run)
@@ -575,6 +584,9 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
             for pfn, _ in walks.held.values():
                 put_page(k, pfn)
             walks.held.clear()
+            for _, pfn, _, _ in walks.merges:
+                put_page(k, pfn)
+            walks.merges.clear()
         k.ks.pages_scanned += max(at, 0)
 
 
@@ -585,15 +597,21 @@ class RunWalks:
     group[j] is page j's twin group (the run's candidates with its contents), -1 for a
     page whose walks go page by page all the way; made[g] is the stable node group g's
     merges made in this run, pending[g] its item held back from the unstable tree, and
-    held maps each held-back item to (its page, with the run's reference; j)."""
+    held maps each held-back item to (its page, with the run's reference; j).
 
-    __slots__ = ("areas", "col", "group", "held", "made", "pending", "stable", "unstable")
+    merges are the stable-tree merges put off to be made together (_defer_merge), each
+    (item, page with the run's reference, stable node, checksum), and room[node] how
+    many of them go to each node."""
+
+    __slots__ = ("areas", "col", "group", "held", "made", "merges", "pending", "room", "stable", "unstable")
 
     def __init__(self, col: np.ndarray, group: np.ndarray, stable, unstable, areas: MergeableAreas) -> None:
         self.col, self.group, self.stable, self.unstable, self.areas = col, group, stable, unstable, areas
         self.made: dict[int, int] = {}
         self.pending: dict[int, int] = {}
         self.held: dict[int, tuple[int, int]] = {}
+        self.merges: list[tuple[int, int, int, int]] = []
+        self.room: dict[int, int] = {}
 
 
 def _descend_run(
@@ -658,12 +676,21 @@ def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunW
     identical node) so that its own searches are only their last step."""
     c = int(w.col[j])
     if c < 0:
+        _flush_merges(k, w)
         cmp_and_merge_page(k, pfn, item, checksum)
         return False
+    sn, ri = k.km.stable_node, k.km.rmap_item
+
+    def stable_end() -> tuple[int, int, bool] | None:
+        return walk_end(k, sn, w.stable, c, stable_root(k, 0).get(), pfn, lambda n: stable_page(k, n))
+
     g = int(w.group[j])
     if g >= 0:
         made = w.made.get(g)
         if made:
+            remove_rmap_item_from_tree(k, item)
+            if _defer_merge(k, w, pfn, item, made, checksum):
+                return True
             cmp_and_merge_page(k, pfn, item, checksum, made)
             _learn(k, w, g, item)
             return False
@@ -671,7 +698,7 @@ def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunW
             partner = w.pending.pop(g, NULL)
             if partner:
                 put_page(k, w.held.pop(partner)[0])  # write_protect_page() counts references
-                cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, partner)
+                cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, partner, stable_end)
                 _learn(k, w, g, item, partner)
                 return False
             if not w.unstable.stop[c]:
@@ -680,19 +707,75 @@ def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunW
                 w.held[item] = (pfn, j)
                 return True
     remove_rmap_item_from_tree(k, item)
-    sn, ri = k.km.stable_node, k.km.rmap_item
-    end = walk_end(k, sn, w.stable, c, stable_root(k, 0).get(), pfn, lambda n: stable_page(k, n))
+    end = stable_end()
+    if end is not None and end[0] and _defer_merge(k, w, pfn, item, end[0], checksum):
+        if g >= 0:
+            w.made[g] = end[0]  # what _learn() will find once the merge is made
+        return True
     if end is None or end[0]:
+        _flush_merges(k, w)  # an undecided walk may end at a node a put-off merge goes to
         cmp_and_merge_page(k, pfn, item, checksum, end[0] if end else NULL)
     else:
         end = walk_end(k, ri, w.unstable, c, unstable_root(k, 0).get(), pfn, lambda n: unstable_page(k, n, w.areas))
         if end is None or end[0]:
-            cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, end[0] if end else NULL)
+            cmp_and_merge_page(k, pfn, item, checksum, STABLE_MISS, end[0] if end else NULL, stable_end)
         else:
             unstable_tree_insert_at(k, item, 0, end[1], end[2])
     if g >= 0:
         _learn(k, w, g, item)
     return False
+
+
+def _defer_merge(k: Kernel, w: RunWalks, pfn: int, item: int, node: int, checksum: int) -> bool:
+    """Put off the merge of a page its walk found identical to a regular stable node, to
+    be made with the run's others (try_to_merge_with_ksm_pages), if the node has room for
+    it after them. Otherwise the put-off merges are made now (the page goes page by page
+    and may go to the same node: they come first, as in scan order) and False.
+
+    Until they are made, the run only holds back unstable-tree pages and merges pages
+    whose walks missed the stable tree (a new node of other contents): nothing a put-off
+    merge reads or writes."""
+    sn = k.km.stable_node
+    if sn.valid(node):
+        ni = sn.idx(node, "stable_tree_search")
+        n = int(sn.rmap_hlist_len[ni]) + w.room.get(node, 0)
+        if int(sn.role[ni]) == NODE_REGULAR and 0 < n < k.ks.max_page_sharing:
+            w.merges.append((item, pfn, node, checksum))
+            w.room[node] = w.room.get(node, 0) + 1
+            return True
+    _flush_merges(k, w)
+    return False
+
+
+def _flush_merges(k: Kernel, w: RunWalks | None) -> list[int]:
+    """Make the run's put-off merges (try_to_merge_with_ksm_pages) and give back their
+    pages' references; returns each one's result. A merge that must go page by page
+    after all (MERGE_RETRY) then takes cmp_and_merge_page(), in scan order, with only
+    its own reference still held: the reference of an earlier one would fail
+    write_protect_page() for a page that meets it in the unstable tree."""
+    if w is None or not w.merges:
+        return []
+    merges, w.merges = w.merges, []
+    w.room.clear()
+    held = list(range(len(merges)))
+    try:
+        res = try_to_merge_with_ksm_pages(k, [(it, pf, nd) for it, pf, nd, _ in merges])
+        retry = [n for n, r in enumerate(res) if r == MERGE_RETRY]
+        for n in held:
+            if res[n] != MERGE_RETRY:
+                put_page(k, merges[n][1])
+        held = retry
+        while held:
+            item, pfn, node, ck = merges[held[0]]
+            try:
+                cmp_and_merge_page(k, pfn, item, ck, node)
+            finally:
+                held.pop(0)
+                put_page(k, pfn)
+        return res
+    finally:
+        for n in held:
+            put_page(k, merges[n][1])
 
 
 def _learn(k: Kernel, w: RunWalks, g: int, item: int, partner: int = NULL) -> None:

@@ -28,10 +28,11 @@ from actors.kernel.memory import (
     page_remove_rmap,
     put_page,
 )
-from actors.kernel.rmap import PAGE_MASK, remove_rmap_item_from_tree
-from actors.kernel.stable_tree import folio_set_stable_node
+from actors.kernel.rmap import PAGE_MASK, remove_rmap_item_from_tree, stable_tree_append
+from actors.kernel.stable_tree import EBUSY, folio_set_stable_node, ksm_get_folio
 from shared_mem.arena import NULL, handle_id
 from shared_mem.layout import (
+    PAGE_SHIFT,
     PAGE_SIZE,
     PG_ANON,
     PG_DIRTY,
@@ -44,6 +45,7 @@ from shared_mem.layout import (
     PTE_PRESENT,
     PTE_SPECIAL,
     PTE_WRITE,
+    PTRS_PER_PTE,
     VM_MERGEABLE,
 )
 
@@ -68,50 +70,57 @@ def find_mergeable_vma(k: Kernel, mm: int, addr: int) -> int:
 
 def write_protect_page(k: Kernel, mm: int, addr: int, pfn: int) -> int:
     """Returns the new (read-only, clean) pte, or 0 on failure."""
-    km = k.km
     with k.ptl(mm):
         ptes, j = mmops.pte_table(k, mm, addr)
-        if ptes is None:
-            return 0
-        pte = int(ptes[j])
-        if not pte & PTE_PRESENT or pte & PTE_SPECIAL or pte & PTE_PFN_MASK != pfn:
-            return 0
-        if pte & (PTE_WRITE | PTE_DIRTY):
-            swapped = 1 if km.page["flags"][pfn] & PG_SWAPCACHE else 0
-            ptes[j] = 0  # ptep_clear_flush: no CPU can store through it now
-            if km.page["mapcount"][pfn] + 1 + swapped != km.page["refcount"][pfn]:
-                ptes[j] = pte
-                k.ev("ksm_write_protect_fail", pfn=pfn, why="extra reference",
-                     mapcount=int(km.page["mapcount"][pfn]), refcount=int(km.page["refcount"][pfn]))
-                return 0
-            if pte & PTE_DIRTY:
-                km.page["flags"][pfn] |= PG_DIRTY
-            pte &= ~(PTE_WRITE | PTE_DIRTY)
+        return 0 if ptes is None else _write_protect_pte(k, ptes, j, pfn)
+
+
+def _write_protect_pte(k: Kernel, ptes: np.ndarray, j: int, pfn: int) -> int:
+    """write_protect_page()'s work on pte j of ptes, under the ptl."""
+    km = k.km
+    pte = int(ptes[j])
+    if not pte & PTE_PRESENT or pte & PTE_SPECIAL or pte & PTE_PFN_MASK != pfn:
+        return 0
+    if pte & (PTE_WRITE | PTE_DIRTY):
+        swapped = 1 if km.page["flags"][pfn] & PG_SWAPCACHE else 0
+        ptes[j] = 0  # ptep_clear_flush: no CPU can store through it now
+        if km.page["mapcount"][pfn] + 1 + swapped != km.page["refcount"][pfn]:
             ptes[j] = pte
-        return pte
+            k.ev("ksm_write_protect_fail", pfn=pfn, why="extra reference",
+                 mapcount=int(km.page["mapcount"][pfn]), refcount=int(km.page["refcount"][pfn]))
+            return 0
+        if pte & PTE_DIRTY:
+            km.page["flags"][pfn] |= PG_DIRTY
+        pte &= ~(PTE_WRITE | PTE_DIRTY)
+        ptes[j] = pte
+    return pte
 
 
 def replace_page(k: Kernel, mm: int, addr: int, pfn: int, kpfn: int, orig_pte: int) -> int:
-    km = k.km
-    zero = kpfn == int(k.ks.zero_pfn)
     with k.ptl(mm):
         ptes, j = mmops.pte_table(k, mm, addr)
         if ptes is None or int(ptes[j]) != orig_pte:
             return EFAULT
-        if not zero:
-            get_page(k, kpfn)
-            page_add_anon_rmap(k, kpfn)
-            newpte = kpfn | PTE_PRESENT | PTE_ACCESSED
-        else:
-            newpte = KSM_ZERO_PTE | kpfn
-            k.ksm_atomic["ksm_zero_pages"].inc_return(0)
-            mi = km.mm.idx(mm, "replace_page")
-            km.mm.atomic("ksm_zero_pages").inc_return(mi)
-            km.mm.atomic("rss_anon").dec_return(mi)
-        ptes[j] = newpte
-        page_remove_rmap(k, pfn)
-        put_page(k, pfn)
+        _replace_pte(k, mm, ptes, j, pfn, kpfn)
     return 0
+
+
+def _replace_pte(k: Kernel, mm: int, ptes: np.ndarray, j: int, pfn: int, kpfn: int) -> None:
+    """replace_page()'s work once pte_same() held: pte j maps kpfn instead of pfn."""
+    km = k.km
+    if kpfn != int(k.ks.zero_pfn):
+        get_page(k, kpfn)
+        page_add_anon_rmap(k, kpfn)
+        newpte = kpfn | PTE_PRESENT | PTE_ACCESSED
+    else:
+        newpte = KSM_ZERO_PTE | kpfn
+        k.ksm_atomic["ksm_zero_pages"].inc_return(0)
+        mi = km.mm.idx(mm, "replace_page")
+        km.mm.atomic("ksm_zero_pages").inc_return(mi)
+        km.mm.atomic("rss_anon").dec_return(mi)
+    ptes[j] = newpte
+    page_remove_rmap(k, pfn)
+    put_page(k, pfn)
 
 
 def try_to_merge_one_page(k: Kernel, vma: int, addr: int, pfn: int, kpfn: int) -> int:
@@ -171,6 +180,148 @@ def try_to_merge_with_ksm_page(k: Kernel, item: int, pfn: int, kpfn: int) -> int
     finally:
         lock.up_read()
     return err
+
+
+# What became of one of try_to_merge_with_ksm_pages()'s merges besides 0 (merged) and
+# the errors try_to_merge_with_ksm_page() returns: the KSM page's lock was busy (the
+# search's EBUSY: the page is left for the next pass), or the page must take the
+# page-by-page path after all (it no longer matches its KSM page, which may be gone).
+MERGE_EBUSY, MERGE_RETRY = 1, 2
+
+
+def try_to_merge_with_ksm_pages(k: Kernel, merges: list[tuple[int, int, int]]) -> list[int]:
+    """cmp_and_merge_page()'s stable-tree merges for a run of one mm's pages (--scan
+    vector), each (rmap_item, page, stable node) found identical to a regular node with
+    room for all of the run's merges into it, in scan order; the caller holds each page's
+    reference. Returns each merge's result: 0, MERGE_EBUSY, MERGE_RETRY or an error.
+
+    Per page it does what stable_tree_search()'s last step, try_to_merge_with_ksm_page()
+    and stable_tree_append() do, with the locks for a run instead of for each page
+    (docs/DECISIONS.md, "Merges into the stable tree a run at a time"):
+    - each KSM page is looked up and found unlocked (ksm_get_folio, trylock) once, and
+      its reference held across all its merges;
+    - one down_read of the mmap_lock covers the run, one hold of the ptl each page
+      table's merges, and within it each page is write-protected, compared and replaced
+      under its own folio trylock, as try_to_merge_one_page() does;
+    - after the mmap_lock is dropped, each KSM page is locked once to hang all its new
+      rmap_items on its node, in scan order (hlist_add_head, as one call each would).
+    A page whose bytes no longer match its KSM page's before anything is locked (it
+    changed since its checksum), or whose node went stale, is MERGE_RETRY."""
+    km = k.km
+    ri, sn = km.rmap_item, km.stable_node
+    out = [MERGE_RETRY] * len(merges)
+    if not merges:
+        return out
+    items = np.array([m[0] for m in merges], dtype=np.int64)
+    pfns = np.array([m[1] for m in merges], dtype=np.int64)
+    nodes = np.array([m[2] for m in merges], dtype=np.int64)
+    kp, live = sn.peek_many(nodes, "kpfn")
+    ok = live & ((k.page_flags[kp] & PG_KSM) != 0) & (k.page_mapping[kp] == nodes)
+    ok[ok] = k.cmp.memcmp_batch(pfns[ok], kp[ok]) == 0
+    kpfn_of: dict[int, int] = {}
+    for node in dict.fromkeys(nodes[ok].tolist()):
+        kpfn = ksm_get_folio(k, node, trylock=True)  # _stable_match(): busy or stale
+        if kpfn >= 0:
+            k.page_lock(kpfn).unlock()
+        kpfn_of[node] = kpfn
+    todo = []
+    for n in np.flatnonzero(ok).tolist():
+        kpfn = kpfn_of[int(nodes[n])]
+        if kpfn == EBUSY:
+            out[n] = MERGE_EBUSY
+        elif kpfn >= 0:
+            todo.append(n)
+    ii = ri.idx_many(items, "try_to_merge_with_ksm_page")
+    mms = ri.mm[ii]
+    addrs = ri.address[ii] & PAGE_MASK
+    done: list[int] = []
+    s = 0
+    while s < len(todo):  # one mm at a time (a run is one mm's pages)
+        mm = int(mms[todo[s]])
+        e = s
+        while e < len(todo) and int(mms[todo[e]]) == mm:
+            e += 1
+        done += _merge_into_ksm_pages(k, mm, todo[s:e], items, pfns, addrs, nodes, kpfn_of, out)
+        s = e
+    by_kpfn: dict[int, list[int]] = {}
+    for n in done:
+        by_kpfn.setdefault(kpfn_of[int(nodes[n])], []).append(n)
+    for kpfn, ns in by_kpfn.items():
+        lock = k.page_lock(kpfn)
+        lock.lock(site="cmp_and_merge_page")
+        try:
+            knode = int(k.page_mapping[kpfn])
+            if knode:
+                for n in ns:
+                    stable_tree_append(k, int(items[n]), knode, False)
+        finally:
+            lock.unlock()
+    for kpfn in kpfn_of.values():
+        if kpfn >= 0:
+            put_page(k, kpfn)
+    return out
+
+
+def _merge_into_ksm_pages(
+    k: Kernel, mm: int, todo: list[int], items: np.ndarray, pfns: np.ndarray, addrs: np.ndarray,
+    nodes: np.ndarray, kpfn_of: dict[int, int], out: list[int],
+) -> list[int]:
+    """try_to_merge_with_ksm_pages()'s merges of one mm under one down_read; returns
+    the ones made."""
+    km = k.km
+    ri, va = km.rmap_item, km.vma
+    flags = km.page["flags"]
+    made: list[int] = []
+    lock = k.mmap_lock(mm, "try_to_merge_with_ksm_page")
+    lock.down_read(site="try_to_merge_with_ksm_page")
+    try:
+        t = 0
+        while t < len(todo):
+            table = (int(addrs[todo[t]]) >> PAGE_SHIFT) // PTRS_PER_PTE
+            u = t
+            while u < len(todo) and (int(addrs[todo[u]]) >> PAGE_SHIFT) // PTRS_PER_PTE == table:
+                u += 1
+            # find_mergeable_vma() once a table and vma: ksm_test_exit() is asked again
+            # for every page table, as it is for every page table of the scan
+            vma, vstart, vend = NULL, 0, 0
+            with k.ptl(mm):
+                for n in todo[t:u]:
+                    addr, pfn, kpfn = int(addrs[n]), int(pfns[n]), kpfn_of[int(nodes[n])]
+                    if not vstart <= addr < vend:
+                        vma = find_mergeable_vma(k, mm, addr)
+                        vstart = vend = 0
+                        if vma:
+                            vi = va.idx(vma, "find_mergeable_vma")
+                            vstart, vend = int(va.start[vi]), int(va.end[vi])
+                    out[n] = err = EFAULT
+                    if not vma or not flags[pfn] & PG_ANON:
+                        continue
+                    plock = k.page_lock(pfn)
+                    if not plock.trylock():
+                        k.ev("ksm_merge_one_page", pfn=pfn, kpfn=kpfn, err=EFAULT, why="page locked")
+                        continue
+                    try:
+                        ptes, j = mmops.pte_table(k, mm, addr)
+                        if ptes is not None and _write_protect_pte(k, ptes, j, pfn) and k.cmp.identical(pfn, kpfn):
+                            _replace_pte(k, mm, ptes, j, pfn, kpfn)
+                            err = 0
+                    finally:
+                        plock.unlock()
+                    k.ev("ksm_merge_one_page", pfn=pfn, kpfn=kpfn, mm=handle_id(mm), addr=addr, err=err)
+                    out[n] = err
+                    if err:
+                        continue
+                    av = int(va.anon_vma[va.idx(vma, "try_to_merge_with_ksm_page")])
+                    ii = ri.idx(int(items[n]), "try_to_merge_with_ksm_page")
+                    if not k.variant("rmap-no-anon-vma"):
+                        mmops.get_anon_vma(k, av)
+                        ri.anon_vma[ii] = av
+                    k.ev("ksm_merge_with_ksm_page", kpfn=kpfn, pfn=pfn, rmap_item=ii, mm=handle_id(mm), addr=addr)
+                    made.append(n)
+            t = u
+    finally:
+        lock.up_read()
+    return made
 
 
 def try_to_merge_two_pages(k: Kernel, item: int, pfn: int, tree_item: int, tree_pfn: int) -> int:

@@ -383,15 +383,12 @@ def stable_tree_search(k: Kernel, pfn: int, hint: int = NULL) -> int:
             return -1
 
 
-def stable_tree_insert(k: Kernel, kpfn: int) -> int:
-    """Put a freshly merged KSM page into the stable tree; returns its node (dup) or NULL."""
-    km = k.km
-    sn = km.stable_node
-    nid = get_kpfn_nid(k, kpfn)
-    root = stable_root(k, nid)
+def _stable_insert_walk(k: Kernel, root: tree.RootRef, kpfn: int) -> tuple[int, bool, bool]:
+    """stable_tree_insert()'s walk: (parent, left, need_chain), need_chain when it met a
+    node identical to kpfn (parent is then that node)."""
+    sn = k.km.stable_node
     while True:
         parent, left, node = NULL, False, root.get()
-        need_chain = False
         restart = False
         while node:
             dup, tree_pfn, node = __stable_node_chain(k, node, prune=False)
@@ -416,10 +413,25 @@ def stable_tree_insert(k: Kernel, kpfn: int) -> int:
             elif ret > 0:
                 left, node = False, int(sn.right[ni])
             else:
-                need_chain = True
-                break
+                return parent, left, True
         if not restart:
-            break
+            return parent, left, False
+
+
+def stable_tree_insert(k: Kernel, kpfn: int, at: tuple[int, bool] | None = None) -> int:
+    """Put a freshly merged KSM page into the stable tree; returns its node (dup) or NULL.
+
+    `at` (--scan vector): (parent, left), the empty link where a walk over the tree as it
+    is now ended without meeting an identical node (tree_walk.walk_end); the insert is
+    then only its last step."""
+    km = k.km
+    sn = km.stable_node
+    nid = get_kpfn_nid(k, kpfn)
+    root = stable_root(k, nid)
+    if at is None:
+        parent, left, need_chain = _stable_insert_walk(k, root, kpfn)
+    else:
+        (parent, left), need_chain = at, False
     try:
         new = alloc_stable_node(k, NODE_REGULAR)
     except MemoryError:
