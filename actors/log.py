@@ -85,8 +85,7 @@ class EventLog:
             self._writer,
             processors=[stamp, structlog.processors.JSONRenderer(serializer=_dumps)],
             wrapper_class=structlog.BoundLogger,
-            cache_logger_on_first_use=True,
-        )
+        ).bind()  # the bound logger itself, not a lazy proxy asked for it on every event
 
     def __call__(self, event: str, **fields: Any) -> None:
         if self._writer.written >= self.cap_bytes and event not in KEPT_WHEN_CAPPED:
@@ -130,8 +129,12 @@ def _default(o: Any) -> Any:
     return repr(o)
 
 
+# One encoder for every line: json.dumps() with any option builds a new JSONEncoder per call.
+_ENCODER = json.JSONEncoder(default=_default, separators=(",", ":"))
+
+
 def _dumps(obj: Any, **kw: Any) -> str:
-    return json.dumps(obj, default=_default, separators=(",", ":"))
+    return _ENCODER.encode(obj)
 
 
 def _jsonl(path: str) -> list[dict]:
