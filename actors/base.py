@@ -26,7 +26,7 @@ from actors.kernel.context import Kernel, SchedPoints
 from actors.kernel.fork import live_task
 from actors.kernel.schedule import PlanSpec, SchedPlan
 from actors.kernel.variants import Variants
-from actors.log import EventLog
+from actors.log import KSM_PAGE_TRACEPOINTS, EventLog
 from actors.tracebuf import TraceBuffer
 from protocol import auth, codec, endpoints
 from protocol.codec import ProtocolError
@@ -72,7 +72,8 @@ class Actor:
     def boot(self) -> None:
         cfg = self.cfg
         self.ev = EventLog(cfg["run_dir"], self.name, cfg["run_id"], cfg["seed"],
-                           flush_every=self.flush_every(), label=self.context_label)
+                           flush_every=self.flush_every(), label=self.context_label,
+                           off=frozenset() if cfg.get("ksm_tracepoints", True) else KSM_PAGE_TRACEPOINTS)
         self.trace = TraceBuffer(self.ev.path[:-len(".jsonl")] + ".trace",
                                  lambda i, s: self.ev("trace_string", id=i, s=s), self.context_label)
         self.ev.on_flush = self.trace.flush

@@ -79,6 +79,7 @@ class ClusterOptions:
     run_dir: str | None = None
     runs_root: str = "runs"
     trace_locks: bool = True
+    ksm_tracepoints: bool = True       # the per-page KSM events (log.KSM_PAGE_TRACEPOINTS)
     shadow: bool = True
     hung_task_timeout: float = 10.0
     oom_reaper_delay: float = 0.2
@@ -347,7 +348,7 @@ class Cluster:
             "run_id": self.run_id, "run_dir": self.run_dir, "seed": opts.seed,
             "sock_dir": self.sock_dir, "km": self.km.descriptor(), "locks": self.locks.descriptor(),
             "variants": self.variants.mask, "delays": opts.delays, "trace_locks": opts.trace_locks,
-            "shadow": opts.shadow, "endpoints": self.endpoints, "secret": self.secret_path,
+            "ksm_tracepoints": opts.ksm_tracepoints, "shadow": opts.shadow, "endpoints": self.endpoints, "secret": self.secret_path,
             "oom_reaper_delay": opts.oom_reaper_delay,
             "sched": self.plan.describe(), "options": self.describe(),
             "coverage": os.path.abspath(opts.coverage) if opts.coverage else None,

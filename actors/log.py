@@ -27,6 +27,13 @@ LOG_CAP_BYTES = 64 << 20
 # However many events a process buffers (flush_every), none stays unwritten for longer than
 # this: a process killed or stuck loses at most its last FLUSH_WITHIN_NS of events.
 FLUSH_WITHIN_NS = 100_000_000
+# The kernel's per-page KSM tracepoints (include/trace/events/ksm.h, and ours for a new
+# stable node): one or two lines per page merged or let go. A run with ksm_tracepoints off
+# (the bench: the real ksmd it is compared with runs with its tracepoints off) does not
+# write them; every other event, the pass markers ksm_start_scan/ksm_stop_scan included,
+# is still written.
+KSM_PAGE_TRACEPOINTS = frozenset({"ksm_merge_one_page", "ksm_merge_with_ksm_page", "ksm_remove_ksm_page",
+                                  "ksm_remove_rmap_item", "ksm_stable_tree_insert"})
 KEPT_WHEN_CAPPED = frozenset({"report", "actor_stop", "cluster_crashed", "boot", "log_capped",
                               "oom_kill", "task_exit", "bad_message"})
 
@@ -50,11 +57,14 @@ class _CountingWriter(structlog.WriteLogger):
 
 class EventLog:
     """The per-process event sink: ev(event, **fields) writes one JSON line, until the
-    file holds cap_bytes; then only KEPT_WHEN_CAPPED events, with one log_capped line."""
+    file holds cap_bytes; then only KEPT_WHEN_CAPPED events, with one log_capped line.
+    Events in `off` (tracepoints turned off) are not written at all."""
 
     def __init__(self, run_dir: str, actor: str, run_id: str, seed: int, flush_every: int = 1,
-                 label: Callable[[], str] | None = None, cap_bytes: int = LOG_CAP_BYTES) -> None:
+                 label: Callable[[], str] | None = None, cap_bytes: int = LOG_CAP_BYTES,
+                 off: frozenset[str] = frozenset()) -> None:
         self.actor = actor
+        self.off = off
         self.pid = os.getpid()
         logs = os.path.join(run_dir, "logs")
         os.makedirs(logs, mode=0o700, exist_ok=True)
@@ -88,6 +98,8 @@ class EventLog:
         ).bind()  # the bound logger itself, not a lazy proxy asked for it on every event
 
     def __call__(self, event: str, **fields: Any) -> None:
+        if event in self.off:
+            return
         if self._writer.written >= self.cap_bytes and event not in KEPT_WHEN_CAPPED:
             self.dropped += 1
             if self.dropped == 1:

@@ -33,7 +33,9 @@ MADV_NOHUGEPAGE, writes every page, MADV_MERGEABLE; then run=1 and the counters 
 
 and the ratio ksmlab/kernel of each. ksmlab runs with trace_locks=False and shadow=False: the
 per-lock events and the tasks' shadow copies are debugging aids, not part of the kernel's
-work (the locks themselves are all still taken). Without shadows Task.verify cannot run, so
+work (the locks themselves are all still taken). Its per-page KSM tracepoints
+(ksm_merge_one_page, ...; actors/log.KSM_PAGE_TRACEPOINTS) are off unless --ksm-tracepoints,
+as the real ksmd's are unless tracing is enabled; every other event is still logged. Without shadows Task.verify cannot run, so
 the bench reads every page back through the tasks instead (--no-readback skips that).
 
 The real-kernel side needs root and a writable /sys/kernel/mm/ksm; it saves and restores
@@ -282,7 +284,7 @@ def run_kernel(w: Workload, images: list[bytes], smart_scan: int, passes: int) -
 
 async def run_ksmlab_async(
     w: Workload, images: list[bytes], smart_scan: int, passes: int, readback: bool, poll: float,
-    scan: str = "batch", locks: str = "word", run2: bool = False,
+    scan: str = "batch", locks: str = "word", run2: bool = False, ksm_tracepoints: bool = False,
 ) -> Result:
     from actors.cluster import Cluster
 
@@ -290,11 +292,11 @@ async def run_ksmlab_async(
     run_dir = tempfile.mkdtemp(prefix="ksmd-bench-")
     opts = ksmlab_cluster_options(
         w, run_dir=run_dir, trace_locks=False, shadow=False, hung_task_timeout=120.0, sched="none",
-        scan=scan, locks=locks,
+        scan=scan, locks=locks, ksm_tracepoints=ksm_tracepoints,
     )
     c = Cluster(**opts)
     notes = [f"run folder {run_dir}", f"frames {opts['frames']}, va_pages {opts['va_pages']}"]
-    extra: dict = {"scan": scan, "locks": locks}
+    extra: dict = {"scan": scan, "locks": locks, "ksm_tracepoints": ksm_tracepoints}
     try:
         t_boot = time.monotonic()
         await c.boot()
@@ -422,12 +424,13 @@ def report(w: Workload, results: list[Result], passes: int) -> None:
         print(f"  {r.side}: final {got} {ok}; load {r.load_s:.1f}s; wall pages/s per pass: {per}")
         for n in r.notes:
             print(f"    {n}")
-    print(
-        "p/s = pages_scanned per wall second; p/cpu-s = per second of ksmd CPU time "
-        "(schedstat), which a busy machine disturbs less.\n"
-        "ksmlab ran with trace_locks=False and shadow=False: lock events and the tasks' shadow "
-        "copies are debugging aids (every kernel lock is still taken)."
-    )
+    print("p/s = pages_scanned per wall second; p/cpu-s = per second of ksmd CPU time "
+          "(schedstat), which a busy machine disturbs less.")
+    mine = [r for r in results if r.side == "ksmlab"]
+    if mine:
+        print("ksmlab ran with trace_locks=False and shadow=False: lock events and the tasks' shadow "
+              "copies are debugging aids (every kernel lock is still taken); its per-page KSM "
+              f"tracepoints were {'on' if mine[0].extra.get('ksm_tracepoints') else 'off'} (--ksm-tracepoints).")
 
 
 def ratios(k: dict, m: dict) -> dict:
@@ -493,7 +496,7 @@ def run_workload(w: Workload, args: argparse.Namespace) -> dict:
             asyncio.run(
                 run_ksmlab_async(
                     w, images, args.smart_scan, args.steady_passes, not args.no_readback, args.poll,
-                    args.scan, args.locks, args.run2,
+                    args.scan, args.locks, args.run2, args.ksm_tracepoints,
                 )
             )
         )
@@ -523,6 +526,8 @@ def main() -> None:
     ap.add_argument("--scan", choices=("batch", "exact", "vector"), default="batch", help="ksmlab's scan")
     ap.add_argument("--locks", choices=("word", "ofd"), default="word", help="ksmlab's locks")
     ap.add_argument("--run2", action="store_true", help="also time run=2 once converged")
+    ap.add_argument("--ksm-tracepoints", action="store_true",
+                    help="log ksmlab's per-page KSM tracepoints (off by default, as the kernel's are)")
     ap.add_argument("--matrix", action="store_true", help="the workload matrix (MATRIX)")
     ap.add_argument("--core", action="store_true", help="only the numpy comparison core")
     ap.add_argument("--json", action="store_true", help="one JSON object per workload")

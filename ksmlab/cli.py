@@ -48,6 +48,8 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
         opts["delays"] = dict(a.delay_at)
     if a.no_trace_locks:
         opts["trace_locks"] = False
+    if getattr(a, "no_ksm_tracepoints", False):
+        opts["ksm_tracepoints"] = False
     if getattr(a, "trace_locks", False):
         opts["trace_locks"] = True
     if a.stop_on_report:
@@ -153,7 +155,7 @@ def cmd_replay(a: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     keep = ("seed", "frames", "nodes", "variants", "delays", "sched", "depth", "stop_on_report",
-            "trace_locks", "hung_task_timeout", "swap_slots", "max_tasks", "max_mms", "va_pages",
+            "trace_locks", "ksm_tracepoints", "hung_task_timeout", "swap_slots", "max_tasks", "max_mms", "va_pages",
             "oom_reaper_delay", "time_limit", "chaos", "scan", "locks")
     opts = {k: old[k] for k in keep if k in old}
     opts["variants"] = tuple(opts.get("variants") or ())
@@ -326,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--delay-at", action="append", type=_delay, metavar="POINT=MS",
                    help="force a delay at a schedule point (repeatable)")
     r.add_argument("--no-trace-locks", action="store_true", help="do not record lock operations")
+    r.add_argument("--no-ksm-tracepoints", action="store_true",
+                   help="do not log the per-page KSM tracepoints (ksm_merge_one_page, ...), as a kernel "
+                        "with them off")
     r.add_argument("--trace-locks", action="store_true", help="record lock operations even where the scenario "
                    "turns them off (the soak)")
     r.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",

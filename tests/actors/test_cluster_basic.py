@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import pytest
 
+from actors.log import KSM_PAGE_TRACEPOINTS, read_events
 from protocol.abi import MADV_MERGEABLE, PAGE_SIZE
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(90)]
 
 
-async def test_two_tasks_merge_cow_and_unmerge(cluster_factory):
-    """Identical pages of two tasks merge into one KSM page; a write COWs; run=2 unmerges."""
-    c = await cluster_factory(frames=1024)
+@pytest.mark.parametrize("tracepoints", [True, False])
+async def test_two_tasks_merge_cow_and_unmerge(cluster_factory, tracepoints):
+    """Identical pages of two tasks merge into one KSM page; a write COWs; run=2 unmerges.
+    With the per-page KSM tracepoints off, the same happens and only they are not logged."""
+    c = await cluster_factory(frames=1024, ksm_tracepoints=tracepoints)
     a, b = await c.spawn_task(), await c.spawn_task()
     n = 10 * PAGE_SIZE
     pa, pb = await a.mmap(n), await b.mmap(n)
@@ -36,3 +39,9 @@ async def test_two_tasks_merge_cow_and_unmerge(cluster_factory):
     await a.exit()
     await b.exit()
     assert c.reports == []
+    logged = {e["event"] for e in read_events(c.run_dir, trace=False)}
+    assert "ksm_start_scan" in logged and "ksm_stop_scan" in logged
+    if tracepoints:
+        assert {"ksm_merge_one_page", "ksm_merge_with_ksm_page", "ksm_stable_tree_insert"} <= logged
+    else:
+        assert not logged & KSM_PAGE_TRACEPOINTS

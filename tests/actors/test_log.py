@@ -67,3 +67,14 @@ def test_no_event_stays_buffered_longer_than_flush_within(tmp_path, monkeypatch)
     finally:
         log.close()
     assert _lines(log) == ["a", "b", "c"]
+
+
+def test_events_turned_off_are_not_written_and_the_rest_are(tmp_path):
+    log = EventLog(str(tmp_path), "ksmd", "r", 7, off=frozenset({"ksm_merge_one_page"}))
+    try:
+        log("ksm_start_scan", seqnr=1)
+        log("ksm_merge_one_page", pfn=3)
+        log("report", kind="oops")
+    finally:
+        log.close()
+    assert _lines(log) == ["ksm_start_scan", "report"]
