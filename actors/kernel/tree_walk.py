@@ -131,6 +131,8 @@ def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]
         return root_now, NULL, False
     nodes = d.path[:n, j]
     dirs = d.dirs[:n, j]
+    if not a.valid_many(nodes).all():  # a node of the path was freed since (a stale stable node)
+        return root_now, NULL, False
     ii = a.idx_many(nodes, "tree_walk.resume")
     now = np.where(dirs, a.left[ii], a.right[ii])
     want = np.empty(n, dtype=np.int64)
@@ -291,9 +293,15 @@ def walk_end(
 ) -> tuple[int, int, bool] | None:
     """Where candidate c's walk ends in the tree as it is now, as walk_on() says it.
     A descent that stopped at an identical node still names it if no link on the way
-    to it changed since (the link journal); any other stop is undecided."""
+    to it changed since (the link journal); if one did, the walk goes on from there, as
+    a miss's does. Any other stop is undecided."""
     if d.stop[c]:
         f = int(d.found[c])
-        return (f, NULL, False) if f and _path_unchanged(a, d.paths[c]) else None
+        if not f:
+            return None
+        if _path_unchanged(a, d.paths[c]):
+            return f, NULL, False
+    # resume() stands past the path's last node: for a descent that found a node there,
+    # at that node (its link is the last the path checks), which walk_on() meets again.
     node, parent, left = resume(d, a, root_now, c)
     return walk_on(k, a, node, parent, left, pfn, page_of)
