@@ -15,7 +15,7 @@ import random
 
 import pytest
 
-from actors.kernel import ksm_scan, syscalls, tree
+from actors.kernel import ksm_scan, syscalls, tree, unstable_tree
 from actors.kernel.rmap import unstable_root
 from actors.kernel.stable_tree import stable_root
 from actors.kernel.sysfs import ksm_stat
@@ -354,3 +354,40 @@ def test_a_scan_out_of_rmap_items_ends_each_batch_at_the_first_page_without_one(
     h.full_scan()
     assert h.counters()["rmap_items"] == 20
     h.check()
+
+
+def test_a_found_node_whose_path_changed_is_not_walked_to_again_from_the_root(kernel_factory, monkeypatch):
+    """Pass 2 of pages whose twins an earlier run put in the unstable tree, in runs where
+    unique pages join the tree meanwhile (inserts and rotations on the found nodes'
+    paths): each twin's descent found its partner, and its turn goes on from the first
+    changed link without the kernel's walk, so the search takes one get_mergeable_page()
+    per merge (the partner's page, with its locks) and the counters are the exact scan's."""
+    rnd = random.Random(11)
+    uniq = [bytes([1 + i % 251, 1 + i // 251, 7]) for i in range(300)]
+    twins = [bytes([1 + i % 251, 200, 9]) for i in range(60)]
+    first = twins + uniq[:140]
+    second = twins[:]
+    rnd.shuffle(second)
+    second = [p for pair in zip(second, uniq[140:200]) for p in pair] + uniq[200:]
+    geo = Geometry(**{**SMALL, "nr_frames": 1024})
+    got = {}
+    for scan in ("exact", "vector"):
+        h = kernel_factory(geo=geo, scan=scan)
+        h.area(first)
+        h.area(second)
+        h.full_scan()
+        calls: list[int] = []
+
+        def counted(k, item, calls=calls, real=unstable_tree.get_mergeable_page):
+            calls.append(item)
+            return real(k, item)
+
+        monkeypatch.setattr(unstable_tree, "get_mergeable_page", counted)
+        while h.counters()["full_scans"] < 2:
+            h.scan(100)
+        monkeypatch.undo()
+        got[scan] = (h.counters(), len(calls))
+        h.check()
+    assert got["vector"][0] == got["exact"][0] and got["exact"][0]["pages_shared"] == 60
+    assert got["vector"][1] == 60, "one partner page a merge"
+    assert got["exact"][1] > 5 * 60, "the kernel's walks"
