@@ -119,6 +119,31 @@ class FrameAllocator:
         finally:
             lock.unlock()
 
+    def free_many(self, pfns: list[int]) -> None:
+        """free() of each frame in turn, under one hold of each zone's lock: the free
+        lists end as that many free() calls leave them."""
+        by_nid: dict[int, list[int]] = {}
+        for pfn in pfns:
+            if self._flags[pfn] & (PG_FREE | PG_RESERVED):
+                raise RuntimeError(f"BUG: Bad page state: freeing pfn {pfn} with flags {int(self._flags[pfn]):#x}")
+            by_nid.setdefault(int(self.km.page["nid"][pfn]), []).append(pfn)
+        if len(set(pfns)) != len(pfns):
+            raise RuntimeError("BUG: Bad page state: a frame freed twice in one free_many()")
+        for nid, group in by_nid.items():
+            z = self.km.zones[nid]
+            lock = self.zone_locks[nid]
+            lock.lock()
+            try:
+                self._flags[group] = PG_FREE
+                self._gen[group] += 1
+                top = int(z["free_top"])
+                first = int(z["first"])
+                self.km.free_frames[first + top : first + top + len(group)] = group
+                z["free_top"] = top + len(group)
+                z["nr_free"] = top + len(group)
+            finally:
+                lock.unlock()
+
     def nr_free(self, nid: int = -1) -> int:
         if nid >= 0:
             return int(self.km.zones[nid]["nr_free"])

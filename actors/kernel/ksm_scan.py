@@ -29,6 +29,7 @@ from actors.kernel.merge import (
     try_to_merge_with_zero_page,
     unmerge_ksm_pages,
 )
+from actors.kernel.page import put_pages
 from actors.kernel.rmap import (
     Link,
     cursor_link,
@@ -761,10 +762,8 @@ def _flush_merges(k: Kernel, w: RunWalks | None) -> list[int]:
     try:
         res = try_to_merge_with_ksm_pages(k, [(it, pf, nd) for it, pf, nd, _ in merges])
         retry = [n for n, r in enumerate(res) if r == MERGE_RETRY]
-        for n in held:
-            if res[n] != MERGE_RETRY:
-                put_page(k, merges[n][1])
-        held = retry
+        done, held = [merges[n][1] for n in held if res[n] != MERGE_RETRY], retry
+        put_pages(k, done)
         while held:
             item, pfn, node, ck = merges[held[0]]
             try:

@@ -27,16 +27,32 @@ def get_page(k: Kernel, pfn: int) -> None:
 
 def put_page(k: Kernel, pfn: int) -> None:
     c = k.page_ref.dec_return(pfn)
-    if c > 0:
-        return
+    if c <= 0 and _last_put(k, pfn, c):
+        k.alloc.free(pfn)
+
+
+def put_pages(k: Kernel, pfns: list[int]) -> None:
+    """put_page() of each page in turn; the frames whose last reference went are freed
+    together, in the same order, under one hold of each zone's lock (free_pages_bulk)."""
+    freed: list[int] = []
+    try:
+        for pfn in pfns:
+            c = k.page_ref.dec_return(pfn)
+            if c <= 0 and _last_put(k, pfn, c):
+                freed.append(pfn)
+    finally:
+        if freed:
+            k.alloc.free_many(freed)
+
+
+def _last_put(k: Kernel, pfn: int, c: int) -> bool:
+    """After the reference count of pfn fell to c <= 0: whether to free the frame."""
     if c == 0:
         # free_pages_prepare(): a frame still mapped, in the swap cache, ... is reported
         # and kept off the free lists (debug.py), as the kernel leaks a bad page.
-        if debug.free_page_prepare(k, pfn):
-            k.alloc.free(pfn)
-    else:
-        debug.bad_page(k, pfn, "page_ref_dec underflow: put_page on a page with refcount 0", "put_page")
-        raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} refcount:{c}")
+        return debug.free_page_prepare(k, pfn)
+    debug.bad_page(k, pfn, "page_ref_dec underflow: put_page on a page with refcount 0", "put_page")
+    raise RuntimeError(f"BUG: Bad page state in process {k.actor}  pfn:{pfn} refcount:{c}")
 
 
 # -- the anonymous rmap counters -----------------------------------------------------------
