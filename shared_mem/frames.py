@@ -103,46 +103,41 @@ class FrameAllocator:
 
     def free(self, pfn: int) -> None:
         """__free_pages(): the frame goes back to its node's free list."""
-        if self._flags[pfn] & (PG_FREE | PG_RESERVED):
-            raise RuntimeError(f"BUG: Bad page state: freeing pfn {pfn} with flags {int(self._flags[pfn]):#x}")
-        nid = int(self.km.page["nid"][pfn])
-        z = self.km.zones[nid]
-        lock = self.zone_locks[nid]
-        lock.lock()
-        try:
-            self._flags[pfn] = PG_FREE
-            self._gen[pfn] += 1
-            top = int(z["free_top"])
-            self.km.free_frames[int(z["first"]) + top] = pfn
-            z["free_top"] = top + 1
-            z["nr_free"] = top + 1
-        finally:
-            lock.unlock()
+        self._check_free(pfn)
+        self._push_free(int(self.km.page["nid"][pfn]), [pfn])
 
     def free_many(self, pfns: list[int]) -> None:
         """free() of each frame in turn, under one hold of each zone's lock: the free
-        lists end as that many free() calls leave them."""
+        lists end as that many free() calls leave them. A frame that must not be freed
+        (or one given twice) is refused before any is freed."""
         by_nid: dict[int, list[int]] = {}
         for pfn in pfns:
-            if self._flags[pfn] & (PG_FREE | PG_RESERVED):
-                raise RuntimeError(f"BUG: Bad page state: freeing pfn {pfn} with flags {int(self._flags[pfn]):#x}")
+            self._check_free(pfn)
             by_nid.setdefault(int(self.km.page["nid"][pfn]), []).append(pfn)
         if len(set(pfns)) != len(pfns):
             raise RuntimeError("BUG: Bad page state: a frame freed twice in one free_many()")
         for nid, group in by_nid.items():
-            z = self.km.zones[nid]
-            lock = self.zone_locks[nid]
-            lock.lock()
-            try:
-                self._flags[group] = PG_FREE
-                self._gen[group] += 1
-                top = int(z["free_top"])
-                first = int(z["first"])
-                self.km.free_frames[first + top : first + top + len(group)] = group
-                z["free_top"] = top + len(group)
-                z["nr_free"] = top + len(group)
-            finally:
-                lock.unlock()
+            self._push_free(nid, group)
+
+    def _check_free(self, pfn: int) -> None:
+        if self._flags[pfn] & (PG_FREE | PG_RESERVED):
+            raise RuntimeError(f"BUG: Bad page state: freeing pfn {pfn} with flags {int(self._flags[pfn]):#x}")
+
+    def _push_free(self, nid: int, pfns: list[int]) -> None:
+        """The frames (of node nid, checked) go on its free list, in order."""
+        z = self.km.zones[nid]
+        lock = self.zone_locks[nid]
+        lock.lock()
+        try:
+            self._flags[pfns] = PG_FREE
+            self._gen[pfns] += 1
+            top = int(z["free_top"])
+            first = int(z["first"]) + top
+            self.km.free_frames[first : first + len(pfns)] = pfns
+            z["free_top"] = top + len(pfns)
+            z["nr_free"] = top + len(pfns)
+        finally:
+            lock.unlock()
 
     def nr_free(self, nid: int = -1) -> int:
         if nid >= 0:
