@@ -129,11 +129,15 @@ class FrameAllocator:
         lock = self.zone_locks[nid]
         lock.lock()
         try:
-            self._flags[pfns] = PG_FREE
-            self._gen[pfns] += 1
+            # element by element: free() of one frame, on every munmap, exit and COW,
+            # must not pay numpy's fancy-indexing for a list of one
+            flags, gen, stack = self._flags, self._gen, self.km.free_frames
             top = int(z["free_top"])
             first = int(z["first"]) + top
-            self.km.free_frames[first : first + len(pfns)] = pfns
+            for n, pfn in enumerate(pfns):
+                flags[pfn] = PG_FREE
+                gen[pfn] += 1
+                stack[first + n] = pfn
             z["free_top"] = top + len(pfns)
             z["nr_free"] = top + len(pfns)
         finally:

@@ -78,14 +78,19 @@ KSM_RUN_STOP, KSM_RUN_MERGE, KSM_RUN_UNMERGE = 0, 1, 2
 U8_MAX = 255
 
 
+# Smart scan's skips by age (mm/ksm.c skip_age()): up to age 3 one pass, up to 5 two, up to
+# 8 four, beyond that eight. One table for the per-page and the array decisions.
+SKIP_AGE_STEPS = ((3, 1), (5, 2), (8, 4))
+SKIP_AGE_MAX = 8
+_SKIP_AGE_ABOVE = np.array([a for a, _ in SKIP_AGE_STEPS])
+_SKIP_AGES = np.array([s for _, s in SKIP_AGE_STEPS] + [SKIP_AGE_MAX])
+
+
 def skip_age(age: int) -> int:
-    if age <= 3:
-        return 1
-    if age <= 5:
-        return 2
-    if age <= 8:
-        return 4
-    return 8
+    for upto, skips in SKIP_AGE_STEPS:
+        if age <= upto:
+            return skips
+    return SKIP_AGE_MAX
 
 
 def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
@@ -110,10 +115,6 @@ def should_skip_rmap_item(k: Kernel, pfn: int, item: int) -> bool:
     ri.remaining_skips[ii] -= 1
     remove_rmap_item_from_tree(k, item)
     return True
-
-
-_SKIP_AGE_ABOVE = np.array([3, 5, 8])
-_SKIP_AGES = np.array([1, 2, 4, 8])
 
 
 def should_skip_rmap_items(k: Kernel, items: np.ndarray, pfns: np.ndarray) -> np.ndarray:
