@@ -28,7 +28,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from actors import pdeath
+from actors import pdeath, zygote
 from actors.boot import boot_kernel
 from actors.kernel import fork as forkops
 from actors.kernel import sysfs
@@ -98,6 +98,7 @@ class ClusterOptions:
     chaos: float = 0.0                 # chaos events a second: SIGSTOP an actor, SIGKILL an idle task
     scan: str = "batch"                # ksmd's ksm_do_scan: batch (vectorized runs) | exact (per page)
     locks: str = "word"                # lock implementation: word (shared-word CAS) | ofd (OFD byte locks)
+    fork_server: bool = True           # fork actors from a server that has imported them (actors/zygote.py)
 
     def geometry(self) -> Geometry:
         return Geometry(nr_frames=self.frames, nr_nodes=self.nodes, max_tasks=self.max_tasks,
@@ -285,7 +286,8 @@ class Cluster:
         self.chaos_counts = {"stops": 0, "kills": 0}
         self._chaos_killed: set[int] = set()          # os pids of tasks chaos SIGKILLed
         self.reports: list[dict] = []
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, subprocess.Popen | zygote.ForkedProcess] = {}
+        self.forks: zygote.ForkServer | None = None
         self.peers: dict[str, _Peer] = {}
         self.tasks: dict[str, Task] = {}
         self.ready: dict[str, asyncio.Future] = {}
@@ -453,19 +455,31 @@ class Cluster:
         d["plan"] = self.plan.describe()
         return d
 
-    def _spawn(self, role: str, name: str, *args: str) -> subprocess.Popen:
-        self.ready[name] = asyncio.get_running_loop().create_future()
-        errf = open(os.path.join(self.run_dir, "logs", f"{name}.stderr"), "ab")  # noqa: SIM115
+    def _actor_env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p])
         env[pdeath.SUPERVISOR_PID_ENV] = str(os.getpid())
-        # actors.kcov is actors.main recording coverage (only those processes load coverage.py)
-        entry = "actors.kcov" if self.opts.coverage else "actors.main"
-        p = subprocess.Popen(
-            [sys.executable, "-m", entry, self.cfg_path, role, name, *args],
-            stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, env=env, close_fds=True,
-        )
-        errf.close()
+        return env
+
+    def _spawn(self, role: str, name: str, *args: str) -> subprocess.Popen | zygote.ForkedProcess:
+        self.ready[name] = asyncio.get_running_loop().create_future()
+        log = os.path.join(self.run_dir, "logs", f"{name}.stderr")
+        p: subprocess.Popen | zygote.ForkedProcess
+        if self.opts.fork_server and not self.opts.coverage:
+            if self.forks is None:
+                self.forks = zygote.ForkServer(self.cfg_path, self._actor_env(),
+                                               os.path.join(self.run_dir, "logs", "zygote.stderr"))
+                self.ev("spawn", actor="zygote", role="zygote", os_pid=self.forks.pid)
+            p = self.forks.spawn(role, name, list(args), log)
+        else:
+            errf = open(log, "ab")  # noqa: SIM115
+            # actors.kcov is actors.main recording coverage (only those processes load coverage.py)
+            entry = "actors.kcov" if self.opts.coverage else "actors.main"
+            p = subprocess.Popen(
+                [sys.executable, "-m", entry, self.cfg_path, role, name, *args],
+                stdin=subprocess.DEVNULL, stdout=errf, stderr=errf, env=self._actor_env(), close_fds=True,
+            )
+            errf.close()
         self.procs[name] = p
         self.ev("spawn", actor=name, role=role, os_pid=p.pid)
         return p
@@ -508,6 +522,7 @@ class Cluster:
                     p.kill()
                 with contextlib.suppress(Exception):
                     p.wait(timeout=5)
+        self._close_forks()
         for t in self._bg:
             t.cancel()
         for t in self._bg:
@@ -626,6 +641,19 @@ class Cluster:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.02)
+            fs = self.forks
+            if fs is not None and not fs.closing and fs.proc.poll() is not None:
+                # Every actor it forked dies with it (actors/zygote.py): the run ends with
+                # the server's death, not with the first of theirs that is noticed.
+                fs.closing = True
+                if not self.stopped and self.crashed is None:
+                    rc = fs.proc.returncode
+                    how = f"killed by signal {-rc} ({SIGNAMES.get(-rc, '?')})" if rc < 0 else f"exit code {rc}"
+                    title = f"actor zygote (pid {fs.pid}) died unexpectedly: {how}"
+                    self._add_report({"kind": "actor_died", "title": title, "text": f"{title}\n",
+                                      "data": {"actor": "zygote", "rc": rc}})
+                    await self._crash(title)
+                    return
             for name, p in list(self.procs.items()):
                 rc = p.poll()
                 if rc is None or getattr(p, "_ksmlab_seen", False):
@@ -762,6 +790,12 @@ class Cluster:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.kill()
+        self._close_forks()
+
+    def _close_forks(self) -> None:
+        if self.forks is not None and not self.forks.closing:
+            with contextlib.suppress(Exception):
+                self.forks.close()
 
     # -- requests -------------------------------------------------------------------------------------
     async def request(self, actor: str, mtype: str, timeout: float | None = None, **fields: Any) -> Any:

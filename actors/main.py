@@ -1,4 +1,5 @@
-# python -m actors.main CONFIG ROLE NAME [ARGS]: start one actor process.
+# python -m actors.main CONFIG ROLE NAME [ARGS]: start one actor process (or, with the
+# role zygote, the fork server that forks them: actors/zygote.py).
 #
 # The top of the actor layer: it knows every role (actors/registry.py) and the shell they
 # share (actors/base.py). A run that records kernel-path coverage starts its actors
@@ -15,6 +16,7 @@ import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
+from actors import zygote  # noqa: E402
 from actors.registry import ROLES  # noqa: E402
 
 Recorder = Callable[[dict[str, Any], str], Callable[[], None] | None]
@@ -45,4 +47,6 @@ def actor_main(argv: list[str] | None = None, record: Recorder | None = None) ->
 
 
 if __name__ == "__main__":
+    if sys.argv[2:3] == [zygote.ROLE]:
+        zygote.serve(sys.argv[1:], actor_main)   # the fork server (actors/zygote.py)
     actor_main()

@@ -50,6 +50,8 @@ def _run_options(a: argparse.Namespace) -> dict[str, Any]:
         opts["trace_locks"] = False
     if getattr(a, "no_ksm_tracepoints", False):
         opts["ksm_tracepoints"] = False
+    if getattr(a, "no_fork_server", False):
+        opts["fork_server"] = False
     if getattr(a, "trace_locks", False):
         opts["trace_locks"] = True
     if a.stop_on_report:
@@ -331,6 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-ksm-tracepoints", action="store_true",
                    help="do not log the per-page KSM tracepoints (ksm_merge_one_page, ...), as a kernel "
                         "with them off")
+    r.add_argument("--no-fork-server", action="store_true",
+                   help="start every actor as its own interpreter instead of forking it from the fork "
+                        "server (actors/zygote.py)")
     r.add_argument("--trace-locks", action="store_true", help="record lock operations even where the scenario "
                    "turns them off (the soak)")
     r.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import signal
@@ -63,7 +64,8 @@ async def test_an_actor_that_stops_answering_ends_the_run_with_a_report(cluster_
         with pytest.raises(ClusterCrashed):
             await asyncio.wait_for(t.write(a, b"never stored"), 30)
     finally:
-        os.kill(fault, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):  # killed and reaped by the crash already
+            os.kill(fault, signal.SIGCONT)
     rep = next(r for r in c.reports if r["kind"] == "hung_task")
     assert rep["title"].startswith(f"INFO: task {t.name}") and "blocked for more than 3 seconds." in rep["title"]
     assert "waiting for an event that does not come (wait_event) in wait_for_reply(fault:fault)" in rep["text"]

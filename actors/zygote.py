@@ -1,0 +1,300 @@
+# The fork server: actor processes forked from one that has already imported them.
+#
+# An actor started as `python -m actors.main ...` spends about 0.35 s of its start in
+# the interpreter loading numpy, zmq, structlog and the kernel modules, before it maps a
+# single segment; a stress campaign pays that for ksmd, the exit, OOM and fault actors
+# and every task of every run. Android's zygote, and multiprocessing's "forkserver"
+# start method, pay it once: a server process imports everything, and each new process
+# is a fork() of it, which shares those pages copy-on-write and starts in milliseconds.
+# Here the server is `python -m actors.main CONFIG zygote zygote`, one per cluster; the
+# supervisor writes one JSON line a spawn to its stdin (role, name, arguments, the file
+# for the child's stdout and stderr) and reads the child's pid back, and later its exit
+# status, from the server's stdout.
+#
+# Why the server and not the supervisor forks: by the time it spawns a task the
+# supervisor has a zmq context (with its I/O threads) and an asyncio loop, neither of
+# which survives fork(). The server has no thread (OPENBLAS_NUM_THREADS=1 before numpy
+# loads) and no socket; it forks before any of the child's kernel state exists, so the
+# child builds its segments, lock context and sockets as a spawned actor does.
+#
+# What is kept from spawned actors:
+# * Death with the supervisor: the server dies with it (PR_SET_PDEATHSIG, actors/pdeath.py),
+#   and every child dies with the server (the same prctl, then a check that its parent is
+#   still the server, as die_with_parent() does). A server whose stdin closes kills what
+#   children it still has and exits.
+# * Identity: the child's command line is the server's, `actors.main CONFIG zygote ...`,
+#   so a search for a run's processes by its config path finds them all; its name
+#   (/proc/PID/comm, what ps and top show) is the actor's, as a kernel thread's is.
+# * Exit statuses: the server is the children's parent, so it reaps them and reports each
+#   status (Popen's returncode convention: -N for signal N). ForkedProcess gives the
+#   supervisor the part of subprocess.Popen it uses (pid, poll, wait, send_signal,
+#   terminate, kill).
+#
+# Runs that record coverage (actors/kcov.py) still spawn each actor: coverage.py must be
+# started before the kernel modules are imported.
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+
+PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
+ROLE = "zygote"
+START_TIMEOUT_S = 30.0
+
+
+# -- the server -------------------------------------------------------------------------------
+def serve(argv: list[str], actor_main: Callable[[list[str]], None]) -> None:
+    """The server's loop (argv: CONFIG zygote zygote): fork an actor per request line,
+    reap them, report pids and statuses, until stdin closes."""
+    rep = os.dup(1)
+    os.dup2(2, 1)  # a stray print must not land in the replies
+    req = 0
+    os.set_blocking(req, False)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    children: set[int] = set()
+    me = os.getpid()
+
+    def say(msg: dict) -> None:
+        os.write(rep, (json.dumps(msg) + "\n").encode())
+
+    say({"ready": me})
+    buf = b""
+    eof = False
+    while not eof or children:
+        if eof:  # the supervisor is gone or done: nothing of the run may outlive it
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        try:
+            ready, _, _ = select.select([wake_r] if eof else [req, wake_r], [], [], 1.0)
+        except InterruptedError:
+            ready = [wake_r]
+        if wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)
+        _reap(children, say)
+        if req in ready and not eof:
+            chunk = os.read(req, 65536)
+            eof = not chunk
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                spec = json.loads(line)
+                sys.stdout.flush()
+                sys.stderr.flush()
+                pid = os.fork()
+                if pid == 0:
+                    _child(spec, me, (req, rep, wake_r, wake_w), actor_main)
+                children.add(pid)
+                say({"spawned": spec["name"], "pid": pid})
+    os._exit(0)
+
+
+def _reap(children: set[int], say: Callable[[dict], None]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if not pid:
+            return
+        children.discard(pid)
+        with contextlib.suppress(OSError):  # a supervisor that stopped reading
+            say({"exit": pid, "rc": os.waitstatus_to_exitcode(status)})
+
+
+def _child(spec: dict, server: int, fds: tuple[int, ...], actor_main: Callable[[list[str]], None]) -> None:
+    """The forked actor: its own stdio, tied to the server's life, then actor_main()."""
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(null, 0)  # the server's request pipe was fd 0
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        for fd in {null, out, *fds} - {0, 1, 2}:
+            os.close(fd)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != server:  # the server died before the prctl
+            os._exit(0)
+        libc.prctl(PR_SET_NAME, spec["name"][:15].encode(), 0, 0, 0)
+        actor_main([spec["cfg"], spec["role"], spec["name"], *spec["args"]])
+    except BaseException:
+        with contextlib.suppress(Exception):
+            traceback.print_exc()
+            sys.stderr.flush()
+        os._exit(1)
+    os._exit(0)
+
+
+# -- the supervisor's end -----------------------------------------------------------------------
+class ForkServerError(RuntimeError):
+    pass
+
+
+class ForkServer:
+    """The supervisor's handle on its fork server."""
+
+    def __init__(self, cfg_path: str, env: dict[str, str], stderr_path: str) -> None:
+        self.cfg_path = cfg_path
+        env = dict(env)
+        env["OPENBLAS_NUM_THREADS"] = "1"  # no thread in the process that forks
+        with open(stderr_path, "ab") as errf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "actors.main", cfg_path, ROLE, ROLE],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, env=env, close_fds=True,
+            )
+        self._out = self.proc.stdout.fileno()
+        os.set_blocking(self._out, False)
+        self._buf = b""
+        self._lock = threading.Lock()
+        self.rc: dict[int, int] = {}
+        self.live: set[int] = set()
+        self._spawned: list[int] = []
+        self.dead = self.closing = False
+        self.ready: int | None = None
+        self.pid = self.proc.pid
+        self._wait_for(lambda: self.ready is not None, START_TIMEOUT_S, "start")
+
+    def spawn(self, role: str, name: str, args: list[str], log: str) -> ForkedProcess:
+        spec = {"cfg": self.cfg_path, "role": role, "name": name, "args": list(args), "log": log}
+        try:
+            self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError) as e:
+            raise ForkServerError(f"fork server (pid {self.pid}) is gone: {e}") from None
+        self._wait_for(lambda: bool(self._spawned), START_TIMEOUT_S, f"fork {name}")
+        pid = self._spawned.pop(0)
+        self.live.add(pid)
+        return ForkedProcess(self, pid)
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if self.dead:
+                raise ForkServerError(f"fork server (pid {self.pid}) died before: {what}")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ForkServerError(f"fork server (pid {self.pid}) did not answer in {timeout}s: {what}")
+            select.select([self._out], [], [], min(left, 0.1))
+            self.pump()
+
+    def pump(self) -> None:
+        """Take in what the server has said (pids, statuses), without blocking."""
+        with self._lock:
+            while not self.dead:
+                try:
+                    chunk = os.read(self._out, 65536)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    self._server_gone()
+                    break
+                self._buf += chunk
+            while b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "exit" in msg:
+                    self.rc[msg["exit"]] = msg["rc"]
+                    self.live.discard(msg["exit"])
+                elif "spawned" in msg:
+                    self._spawned.append(msg["pid"])
+                elif "ready" in msg:
+                    self.ready = msg["ready"]
+
+    def _server_gone(self) -> None:
+        # Its children die with it (PR_SET_PDEATHSIG); init reaps them. Once a child's
+        # pid no longer names a live process of ours it counts as SIGKILLed.
+        self.dead = True
+        self.proc.wait()
+
+    def returncode(self, pid: int) -> int | None:
+        self.pump()
+        if pid in self.rc:
+            return self.rc[pid]
+        if self.dead and not _alive(pid):
+            self.rc[pid] = -signal.SIGKILL
+            self.live.discard(pid)
+            return self.rc[pid]
+        return None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End the server: it SIGKILLs any child still there, reaps them and exits; what
+        it said before it went (the statuses of children that ended) is taken in."""
+        self.closing = True
+        with contextlib.suppress(Exception):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.pump()
+        self.dead = True
+        for pid in list(self.live):  # a child it could not reap before it went
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            self.proc.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    """pid is a process that has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
+
+
+class ForkedProcess:
+    """An actor forked by the fork server: what the supervisor uses of subprocess.Popen."""
+
+    def __init__(self, server: ForkServer, pid: int) -> None:
+        self.server, self.pid = server, pid
+        self.args = ("fork", pid)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.server.rc.get(self.pid)
+
+    def poll(self) -> int | None:
+        return self.server.returncode(self.pid)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            with contextlib.suppress(ValueError, OSError):
+                select.select([self.server._out], [], [], 0.05)
+        return rc
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:  # never a pid that may have been reused
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
