@@ -336,6 +336,12 @@ class Cluster:
 
     async def _boot(self) -> None:
         opts = self.opts
+        self.cfg_path = os.path.join(self.run_dir, "cluster.json")
+        if opts.fork_server and not opts.coverage:
+            # started first: it loads the actors' modules while the kernel's memory is made
+            self.forks = zygote.ForkServer(self.cfg_path, self._actor_env(),
+                                           os.path.join(self.run_dir, "logs", "zygote.stderr"))
+            self.ev("spawn", actor="zygote", role="zygote", os_pid=self.forks.pid)
         self.km, self.locks = boot_kernel(
             opts.geometry(), self.run_id, self.variants, SCAN_MODES[opts.scan], opts.locks
         )
@@ -355,7 +361,6 @@ class Cluster:
             "sched": self.plan.describe(), "options": self.describe(),
             "coverage": os.path.abspath(opts.coverage) if opts.coverage else None,
         }
-        self.cfg_path = os.path.join(self.run_dir, "cluster.json")
         with open(self.cfg_path, "w", encoding="utf-8") as f:
             json.dump(self.cfg, f, indent=1)
         self.ev("boot", options=self.describe())
@@ -465,11 +470,7 @@ class Cluster:
         self.ready[name] = asyncio.get_running_loop().create_future()
         log = os.path.join(self.run_dir, "logs", f"{name}.stderr")
         p: subprocess.Popen | zygote.ForkedProcess
-        if self.opts.fork_server and not self.opts.coverage:
-            if self.forks is None:
-                self.forks = zygote.ForkServer(self.cfg_path, self._actor_env(),
-                                               os.path.join(self.run_dir, "logs", "zygote.stderr"))
-                self.ev("spawn", actor="zygote", role="zygote", os_pid=self.forks.pid)
+        if self.forks is not None:
             p = self.forks.spawn(role, name, list(args), log)
         else:
             errf = open(log, "ab")  # noqa: SIM115

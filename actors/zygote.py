@@ -170,10 +170,10 @@ class ForkServer:
         self._spawned: list[int] = []
         self.dead = self.closing = False
         self.ready: int | None = None
-        self.pid = self.proc.pid
-        self._wait_for(lambda: self.ready is not None, START_TIMEOUT_S, "start")
+        self.pid = self.proc.pid  # it imports while the supervisor boots: spawn() waits for it
 
     def spawn(self, role: str, name: str, args: list[str], log: str) -> ForkedProcess:
+        self._wait_for(lambda: self.ready is not None, START_TIMEOUT_S, "start")
         spec = {"cfg": self.cfg_path, "role": role, "name": name, "args": list(args), "log": log}
         try:
             self.proc.stdin.write((json.dumps(spec) + "\n").encode())

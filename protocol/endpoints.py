@@ -165,6 +165,9 @@ def bind_router(ctx: zmq.Context, ep: str) -> zmq.Socket:
     return sock
 
 
+RECONNECT_IVL_MS, RECONNECT_IVL_MAX_MS = 2, 100
+
+
 def connect_dealer(ctx: zmq.Context, ep: str, identity: bytes) -> zmq.Socket:
     """A DEALER with routing id `identity` (1..255 bytes, not starting with NUL, which libzmq
     reserves for generated ids) connected to ep. Works for zmq.asyncio contexts too."""
@@ -174,6 +177,11 @@ def connect_dealer(ctx: zmq.Context, ep: str, identity: bytes) -> zmq.Socket:
     try:
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTING_ID, identity)
+        # A peer is often connected to before it has bound (a task the supervisor just
+        # forked): libzmq's default first retry comes 100 ms later, which was most of a
+        # task's start. Retry soon, backing off to the default for a peer that stays away.
+        sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
         sock.connect(ep)
     except BaseException:
         sock.close(linger=0)
