@@ -540,6 +540,8 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
     walks = None
     try:
         walks = _descend_run(k, items, pfns, cks, todo & keep, todo & ~plain) if vector else None
+        if walks is not None:
+            todo = todo & ~_hold_misses(walks, items, pfns)
         for j in np.flatnonzero(todo).tolist():
             at = j
             item = int(items[j])
@@ -580,7 +582,7 @@ def cmp_and_merge_batch(k: Kernel, run: list[tuple[int, int]], vector: bool = Fa
         # ends ksm_do_scan: the pages before it count as scanned, and the run's pages after
         # it give back the references it still holds (the held-back ones too: they stay
         # out of the tree, as if the report had come before their turn).
-        for j in np.flatnonzero(keep[at + 1 :]).tolist():
+        for j in np.flatnonzero((keep & todo)[at + 1 :]).tolist():
             put_page(k, int(pfns[at + 1 + j]))
         if walks is not None:
             for pfn, _ in walks.held.values():
@@ -663,6 +665,28 @@ def _descend_run(
     sd = descend(k, km.stable_node, stable_root(k, 0).get(), pfns[fj], lambda n: stable_pages(k, n))
     ud = descend(k, ri, unstable_root(k, 0).get(), pfns[fj], lambda n: unstable_pages(k, n, areas))
     return RunWalks(col, group, sd, ud, areas)
+
+
+def _hold_misses(w: RunWalks, items: np.ndarray, pfns: np.ndarray) -> np.ndarray:
+    """Hold back at once every candidate that is alone in its twin group and whose walks
+    missed both trees: what _cmp_and_merge_walked() would do at its turn, decided here
+    for all of them because nothing before that turn can change it. No other page of the
+    run has its contents (a group is the run's pages with them), so none can merge with
+    it or put them in a tree, and a held-back item joins the tree only at the run's end.
+    Returns which pages were held; their items leave the previous pass's tree then too
+    (_insert_held), so a report before that leaves them as they were."""
+    c, g = w.col, w.group
+    hold = np.zeros(len(g), dtype=bool)
+    grouped = np.flatnonzero(g >= 0)  # every grouped page is a candidate, with a column
+    if not len(grouped):
+        return hold
+    gg, cc = g[grouped], c[grouped]
+    hold[grouped] = (np.bincount(gg)[gg] == 1) & ~w.stable.stop[cc] & ~w.unstable.stop[cc]
+    for j in np.flatnonzero(hold).tolist():
+        item = int(items[j])
+        w.pending[int(g[j])] = item
+        w.held[item] = (int(pfns[j]), j)
+    return hold
 
 
 def _cmp_and_merge_walked(k: Kernel, pfn: int, item: int, checksum: int, w: RunWalks, j: int) -> bool:
@@ -803,6 +827,16 @@ def _insert_held(k: Kernel, w: RunWalks, cks: np.ndarray) -> None:
     its = np.fromiter(w.held.keys(), dtype=np.int64, count=len(w.held))
     pf = np.fromiter((p for p, _ in w.held.values()), dtype=np.int64, count=len(w.held))
     js = [j for _, j in w.held.values()]
+    # remove_rmap_item_from_tree() of the items _hold_misses() held: the previous pass's
+    # unstable tree (a candidate was in no tree or in that one, age 1)
+    ii = ri.idx_many(its, "remove_rmap_item_from_tree")
+    addr = ri.address[ii]
+    old = (addr & UNSTABLE_FLAG) != 0
+    if old.any():
+        if (addr[old] & STABLE_FLAG).any() or (((k.ks.seqnr - addr[old]) & 0xFF) != 1).any():
+            raise RuntimeError("BUG: a held-back rmap_item is in a tree of this pass")
+        ri.address[ii[old]] = addr[old] & PAGE_MASK
+        k.ks.pages_unshared -= int(old.sum())
     if ri.journal is not None and not ri.journal and min(js) >= 0:
         d, cols = w.unstable, w.col[js]
     else:
