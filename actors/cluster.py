@@ -794,7 +794,7 @@ class Cluster:
         self._close_forks()
 
     def _close_forks(self) -> None:
-        if self.forks is not None and not self.forks.closing:
+        if self.forks is not None:  # also after its death was seen: its pipes are closed here
             with contextlib.suppress(Exception):
                 self.forks.close()
 
