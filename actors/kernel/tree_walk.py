@@ -55,17 +55,23 @@ class Descent:
     there, depth[j] how many nodes it passed, stop[j] whether its walk met a node the
     arrays do not decide. root is the tree's root when the descent started."""
 
-    __slots__ = ("depth", "dirs", "found", "last_left", "path", "paths", "root", "stop")
+    __slots__ = ("_paths", "depth", "dirs", "found", "path", "root", "stop")
 
     def __init__(
         self, path: np.ndarray, dirs: np.ndarray, depth: np.ndarray, stop: np.ndarray, found: np.ndarray, root: int
     ) -> None:
         self.path, self.dirs, self.depth, self.stop, self.root = path, dirs, depth, stop, root
         self.found = found  # the node whose page was identical, where that stopped the walk
-        # The same paths as Python lists, for resume()'s check against the link journal.
-        self.paths = [p[:n] for p, n in zip(path.T.tolist(), depth.tolist())]
-        cols = np.arange(len(depth))
-        self.last_left = dirs[np.maximum(depth - 1, 0), cols].tolist() if len(dirs) else [False] * len(depth)
+        self._paths: dict[int, list[int]] = {}
+
+    def path_of(self, j: int) -> list[int]:
+        """Candidate j's path as a Python list, for resume()'s check against the link
+        journal. Made when first asked for: most candidates of a run (those held back,
+        whose walks the run's end takes as a whole) never are."""
+        p = self._paths.get(j)
+        if p is None:
+            p = self._paths[j] = self.path[: int(self.depth[j]), j].tolist()
+        return p
 
 
 def descend(k: Kernel, a: Arena, root: int, pfns: np.ndarray, pages_of: Callable[[np.ndarray], np.ndarray]) -> Descent:
@@ -125,8 +131,8 @@ def resume(d: Descent, a: Arena, root_now: int, j: int) -> tuple[int, int, bool]
     goes under parent). A changed root starts the walk over. A path the link journal
     has no node of is still the path, and needs no look at the tree at all."""
     n = int(d.depth[j])
-    if n and _path_unchanged(a, d.paths[j]):
-        return NULL, d.paths[j][-1], d.last_left[j]
+    if n and _path_unchanged(a, d.path_of(j)):
+        return NULL, d.path_of(j)[-1], bool(d.dirs[n - 1, j])
     if root_now != d.root or n == 0:
         return root_now, NULL, False
     nodes = d.path[:n, j]
@@ -299,7 +305,7 @@ def walk_end(
         f = int(d.found[c])
         if not f:
             return None
-        if _path_unchanged(a, d.paths[c]):
+        if _path_unchanged(a, d.path_of(c)):
             return f, NULL, False
     # resume() stands past the path's last node: for a descent that found a node there,
     # at that node (its link is the last the path checks), which walk_on() meets again.
