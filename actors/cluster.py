@@ -39,6 +39,7 @@ from actors.kernel.schedule import PlanSpec, check_points
 from actors.kernel.variants import Variants
 from actors.log import EventLog
 from actors.registry import KERNEL_ACTORS
+from actors.waits import within
 from protocol import auth, codec, endpoints
 from protocol.abi import MAP_ANONYMOUS, MAP_PRIVATE, PROT_READ, PROT_WRITE
 from protocol.codec import ProtocolError
@@ -253,7 +254,7 @@ class Task:
         await self.wait_exit()
 
     async def wait_exit(self, timeout: float = 30.0) -> dict:
-        return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        return await within(asyncio.shield(self.exited), timeout)
 
     async def verify(self) -> dict:
         return await self._call("verify")
@@ -488,7 +489,7 @@ class Cluster:
     async def _await_ready(self, names: list[str]) -> None:
         futs = [self.ready[n] for n in names]
         try:
-            await asyncio.wait_for(asyncio.gather(*futs), self.opts.boot_timeout)
+            await within(asyncio.gather(*futs), self.opts.boot_timeout)
         except TimeoutError:
             late = [n for n in names if not self.ready[n].done()]
             raise ClusterError(f"actors did not come up in {self.opts.boot_timeout}s: {late}") from None
@@ -805,7 +806,7 @@ class Cluster:
         if self.stopped:
             raise ClusterError("cluster is stopped")
         if actor.startswith("task-") and not self.ready[actor].done():
-            await asyncio.wait_for(asyncio.shield(self.ready[actor]), self.opts.boot_timeout)
+            await within(asyncio.shield(self.ready[actor]), self.opts.boot_timeout)
         peer = self.peers.get(actor)
         if peer is None:
             raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: no actor {actor}")
@@ -820,7 +821,7 @@ class Cluster:
             peer.sent.pop(rid, None)
             raise SyscallFailed(errno_mod.ESRCH, f"ESRCH: {actor}: {e}") from None
         try:
-            msg = await (asyncio.wait_for(fut, timeout) if timeout else fut)
+            msg = await within(fut, timeout or None)
         finally:
             peer.sent.pop(rid, None)
         if not msg["ok"]:
@@ -836,7 +837,7 @@ class Cluster:
             raise ClusterError("cluster is stopped")
         h = forkops.new_task(self.k, comm, nid)
         task = self._adopt(forkops.task_pid_nr(self.k, h, "spawn_task"), h)
-        await asyncio.wait_for(asyncio.shield(self.ready[task.name]), self.opts.boot_timeout)
+        await within(asyncio.shield(self.ready[task.name]), self.opts.boot_timeout)
         return task
 
     async def sysfs_write(self, knob: str, value: Any, task: Task | None = None) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from actors.cluster import Cluster
+from actors.waits import within
 from protocol.abi import MADV_MERGEABLE, MADV_NOHUGEPAGE, MAP_ANONYMOUS, MAP_PRIVATE
 from shared_mem.layout import PTRS_PER_PTE
 
@@ -405,9 +406,7 @@ async def run_on_ksmlab(
             if c.sysfs_read(name) != str(value):
                 await c.sysfs_write(name, value)
         loaded = await ksmlab_load(c, w)
-        counters, _ = await asyncio.wait_for(
-            ksmlab_converge(c, stable_scans=stable_scans, timeout=timeout), timeout + 5
-        )
+        counters, _ = await within(ksmlab_converge(c, stable_scans=stable_scans, timeout=timeout), timeout + 5)
         bad = []
         for t, _addr in loaded:
             v = await t.verify()
