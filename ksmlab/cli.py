@@ -307,6 +307,9 @@ def _impl_args(p: argparse.ArgumentParser) -> None:
                    help="ksmd's scan: batch (vectorized runs of pages, the default), vector (batch plus tree walks on arrays) or exact (page by page)")
     p.add_argument("--locks", choices=sorted(IMPLS),
                    help="lock implementation: word (shared-word CAS, the default) or ofd (OFD byte locks)")
+    p.add_argument("--no-fork-server", action="store_true",
+                   help="start every actor as its own interpreter instead of forking it from the fork "
+                        "server (actors/zygote.py)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,9 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-ksm-tracepoints", action="store_true",
                    help="do not log the per-page KSM tracepoints (ksm_merge_one_page, ...), as a kernel "
                         "with them off")
-    r.add_argument("--no-fork-server", action="store_true",
-                   help="start every actor as its own interpreter instead of forking it from the fork "
-                        "server (actors/zygote.py)")
     r.add_argument("--trace-locks", action="store_true", help="record lock operations even where the scenario "
                    "turns them off (the soak)")
     r.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",

@@ -157,6 +157,7 @@ class RunSpec:
     chaos: float = 0.0                  # chaos events per second (run --chaos)
     scan: str | None = None             # run --scan (None: the default, batch)
     locks: str | None = None            # run --locks (None: the default, word)
+    fork_server: bool = True            # False: run --no-fork-server
     python: str = sys.executable
 
     def limit(self, bug_name: str) -> float:
@@ -185,6 +186,8 @@ def run_command(bug_name: str, seed: int, spec: RunSpec, run_dir: str,
     for name in ("scan", "locks"):
         if getattr(spec, name):
             cmd += [f"--{name}", getattr(spec, name)]
+    if not spec.fork_server:
+        cmd += ["--no-fork-server"]
     return cmd
 
 
@@ -242,6 +245,7 @@ def summarize(bug_name: str, fixed: bool, results: list[RunResult]) -> dict[str,
         "detected": len(hits),
         "first_seed": hits[0].seed if hits else None,
         "median_s_to_detect": round(statistics.median(times), 2) if times else None,
+        "median_run_s": round(statistics.median(r.seconds for r in results), 2) if results else None,
         "report_kinds": kinds,
         "run_dirs": [r.run_dir for r in sorted(results, key=lambda r: r.seed)],
         "failing_runs": [r.run_dir for r in hits],
@@ -356,7 +360,7 @@ def main(a: argparse.Namespace) -> int:
     spec = RunSpec(fixed=a.fixed, time_limit=a.time_limit, runs_root=a.runs_root, sched=a.sched,
                    depth=a.depth, coverage=a.coverage, scenario=a.scenario,
                    proposed=not a.without_proposed_fixes, chaos=a.chaos or 0.0,
-                   scan=a.scan, locks=a.locks)
+                   scan=a.scan, locks=a.locks, fork_server=not a.no_fork_server)
     seed = a.seed if a.seed is not None else secrets.randbelow(1 << 30)
     fixes = proposed_fixes() if a.fixed and not a.without_proposed_fixes else []
     what = "variant" if not a.fixed else "fixed" + (f" + proposed {', '.join(fixes)}" if fixes else "")

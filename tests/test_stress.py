@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from actors.kernel.variants import proposed_fixes
+from ksmlab.cli import build_parser
 from ksmlab.stress import (
     BUGS,
     KNOWN_FINDINGS,
@@ -62,6 +63,13 @@ def test_fixed_runs_carry_the_proposed_fixes_unless_told_not_to():
     assert variants(run_command("mmput-race", 1, RunSpec(fixed=True, time_limit=5), "/r")) == proposed_fixes()
     assert variants(run_command("mmput-race", 1, RunSpec(fixed=True, time_limit=5, proposed=False), "/r")) == []
     assert variants(run_command("mmput-race", 1, RunSpec(time_limit=5), "/r")) == ["mmput-race"]
+
+
+def test_a_campaign_without_the_fork_server_says_so_to_each_run():
+    assert "--no-fork-server" not in run_command("mmput-race", 1, RunSpec(time_limit=5), "/r")
+    assert "--no-fork-server" in run_command("mmput-race", 1, RunSpec(time_limit=5, fork_server=False), "/r")
+    a = build_parser().parse_args(["stress", "--bug", "mmput-race", "--no-fork-server"])
+    assert a.no_fork_server
 
 
 def test_bad_campaign_arguments_exit_2():
