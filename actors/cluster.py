@@ -640,26 +640,37 @@ class Cluster:
                 asyncio.get_running_loop().create_task(self._crash(f"stop on report: {rep['title']}"))
 
     # -- watching -------------------------------------------------------------------------------------
+    async def _server_died(self) -> bool:
+        """Whether the fork server is found dead, the run then ended with a report that
+        names it. Every actor it forked dies with it (actors/zygote.py): the report is
+        the server's, not that of the first of theirs that is noticed."""
+        fs = self.forks
+        if fs is None or fs.closing or fs.proc.poll() is None:
+            return False
+        fs.closing = True
+        if self.stopped or self.crashed is not None:
+            return False
+        rc = fs.proc.returncode
+        how = f"killed by signal {-rc} ({SIGNAMES.get(-rc, '?')})" if rc < 0 else f"exit code {rc}"
+        title = f"actor zygote (pid {fs.pid}) died unexpectedly: {how}"
+        self._add_report({"kind": "actor_died", "title": title, "text": f"{title}\n",
+                          "data": {"actor": "zygote", "rc": rc}})
+        await self._crash(title)
+        return True
+
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            fs = self.forks
-            if fs is not None and not fs.closing and fs.proc.poll() is not None:
-                # Every actor it forked dies with it (actors/zygote.py): the run ends with
-                # the server's death, not with the first of theirs that is noticed.
-                fs.closing = True
-                if not self.stopped and self.crashed is None:
-                    rc = fs.proc.returncode
-                    how = f"killed by signal {-rc} ({SIGNAMES.get(-rc, '?')})" if rc < 0 else f"exit code {rc}"
-                    title = f"actor zygote (pid {fs.pid}) died unexpectedly: {how}"
-                    self._add_report({"kind": "actor_died", "title": title, "text": f"{title}\n",
-                                      "data": {"actor": "zygote", "rc": rc}})
-                    await self._crash(title)
-                    return
+            if await self._server_died():
+                return
             for name, p in list(self.procs.items()):
                 rc = p.poll()
                 if rc is None or getattr(p, "_ksmlab_seen", False):
                     continue
+                # A forked actor's death may be seen before its server's, which went first
+                # (the child's status comes from the server's end of the pipe).
+                if isinstance(p, zygote.ForkedProcess) and await self._server_died():
+                    return
                 p._ksmlab_seen = True  # type: ignore[attr-defined]
                 if self.stopped or self.crashed is not None:
                     continue  # torn down by us: the run already ended with its report
