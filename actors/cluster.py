@@ -645,11 +645,8 @@ class Cluster:
         names it. Every actor it forked dies with it (actors/zygote.py): the report is
         the server's, not that of the first of theirs that is noticed."""
         fs = self.forks
-        if fs is None or fs.closing or fs.proc.poll() is None:
-            return False
-        fs.closing = True
-        if self.stopped or self.crashed is not None:
-            return False
+        if fs is None or fs.closing or self.stopped or self.crashed is not None or fs.proc.poll() is None:
+            return False  # no server, or one we are closing, or a run that already ended
         rc = fs.proc.returncode
         how = f"killed by signal {-rc} ({SIGNAMES.get(-rc, '?')})" if rc < 0 else f"exit code {rc}"
         title = f"actor zygote (pid {fs.pid}) died unexpectedly: {how}"
@@ -806,7 +803,7 @@ class Cluster:
         self._close_forks()
 
     def _close_forks(self) -> None:
-        if self.forks is not None:  # also after its death was seen: its pipes are closed here
+        if self.forks is not None:  # a dead server's pipes are closed here too
             with contextlib.suppress(Exception):
                 self.forks.close()
 

@@ -168,7 +168,7 @@ class ForkServer:
         self.rc: dict[int, int] = {}
         self.live: set[int] = set()
         self._spawned: list[int] = []
-        self.dead = self.closing = self.closed = False  # closing: close() begun or its death seen
+        self.dead = self.closing = False  # closing: close() has begun
         self.ready: int | None = None
         self.pid = self.proc.pid  # it imports while the supervisor boots: spawn() waits for it
 
@@ -237,9 +237,9 @@ class ForkServer:
 
     def close(self, timeout: float = 5.0) -> None:
         """End the server: it SIGKILLs any child still there, reaps them and exits; what
-        it said before it went (the statuses of children that ended) is taken in. Once only:
-        the pipes are closed at the end."""
-        if self.closed:
+        it said before it went (the statuses of children that ended) is taken in. Once
+        only: a second call finds the pipes closed."""
+        if self.closing:
             return
         self.closing = True
         with contextlib.suppress(Exception):
@@ -257,7 +257,6 @@ class ForkServer:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             self.proc.stdout.close()
-        self.closed = True
 
 
 def _alive(pid: int) -> bool:

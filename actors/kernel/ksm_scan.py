@@ -36,6 +36,7 @@ from actors.kernel.rmap import (
     get_next_rmap_item,
     get_next_rmap_items_new,
     remove_rmap_item_from_tree,
+    remove_rmap_items_from_old_unstable_tree,
     remove_trailing_rmap_items,
     set_cursor_link,
     stable_tree_append,
@@ -827,16 +828,7 @@ def _insert_held(k: Kernel, w: RunWalks, cks: np.ndarray) -> None:
     its = np.fromiter(w.held.keys(), dtype=np.int64, count=len(w.held))
     pf = np.fromiter((p for p, _ in w.held.values()), dtype=np.int64, count=len(w.held))
     js = [j for _, j in w.held.values()]
-    # remove_rmap_item_from_tree() of the items _hold_misses() held: the previous pass's
-    # unstable tree (a candidate was in no tree or in that one, age 1)
-    ii = ri.idx_many(its, "remove_rmap_item_from_tree")
-    addr = ri.address[ii]
-    old = (addr & UNSTABLE_FLAG) != 0
-    if old.any():
-        if (addr[old] & STABLE_FLAG).any() or (((k.ks.seqnr - addr[old]) & 0xFF) != 1).any():
-            raise RuntimeError("BUG: a held-back rmap_item is in a tree of this pass")
-        ri.address[ii[old]] = addr[old] & PAGE_MASK
-        k.ks.pages_unshared -= int(old.sum())
+    remove_rmap_items_from_old_unstable_tree(k, its)  # those _hold_misses() held
     if ri.journal is not None and not ri.journal and min(js) >= 0:
         d, cols = w.unstable, w.col[js]
     else:

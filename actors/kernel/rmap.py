@@ -122,6 +122,22 @@ def remove_rmap_item_from_tree(k: Kernel, item: int) -> None:
         ri.address[ii] = address & PAGE_MASK
 
 
+def remove_rmap_items_from_old_unstable_tree(k: Kernel, items: np.ndarray) -> None:
+    """remove_rmap_item_from_tree() of many items that are in no tree or in the previous
+    pass's unstable tree (age 1: the tree itself is gone, so only the flag and the counter
+    change), on arrays (--scan vector's held-back items)."""
+    ri = k.km.rmap_item
+    ii = ri.idx_many(items, "remove_rmap_item_from_tree")
+    addr = ri.address[ii]
+    old = (addr & UNSTABLE_FLAG) != 0
+    if not old.any():
+        return
+    if (addr[old] & STABLE_FLAG).any() or (((k.ks.seqnr - addr[old]) & 0xFF) != 1).any():
+        raise RuntimeError("BUG: an rmap_item taken for the previous pass's tree is in a tree of this one")
+    ri.address[ii[old]] = addr[old] & PAGE_MASK
+    k.ks.pages_unshared -= int(old.sum())
+
+
 def unstable_flags(k: Kernel) -> int:
     return UNSTABLE_FLAG | (k.ks.seqnr & SEQNR_MASK)
 

@@ -78,7 +78,7 @@ async def test_the_death_of_the_server_ends_the_run_and_takes_every_actor_with_i
     assert all(c.procs[n].poll() == -signal.SIGKILL for n in pids)
     await c.stop()
     assert list_segments(c.run_id) == []
-    assert c.forks.closed and c.forks.proc.stdin.closed and c.forks.proc.stdout.closed
+    assert c.forks.proc.stdin.closed and c.forks.proc.stdout.closed
 
 
 @pytest.mark.asyncio
@@ -104,7 +104,7 @@ def test_a_server_whose_supervisor_goes_kills_its_children(tmp_path):
         assert "FileNotFoundError" in (tmp_path / "ksmd.stderr").read_text()
     finally:
         fs.close()
-    assert fs.proc.returncode == 0 and fs.dead and fs.closed
+    assert fs.proc.returncode == 0 and fs.dead and fs.proc.stdin.closed and fs.proc.stdout.closed
     fs.close()  # again: nothing to do
     with pytest.raises(zygote.ForkServerError):
         fs.spawn("ksmd", "ksmd", [], str(tmp_path / "ksmd.stderr"))
