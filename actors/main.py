@@ -48,5 +48,5 @@ def actor_main(argv: list[str] | None = None, record: Recorder | None = None) ->
 
 if __name__ == "__main__":
     if sys.argv[2:3] == [zygote.ROLE]:
-        zygote.serve(sys.argv[1:], actor_main)   # the fork server (actors/zygote.py)
+        zygote.serve(actor_main)   # the fork server (actors/zygote.py)
     actor_main()

@@ -32,6 +32,11 @@
 #
 # Runs that record coverage (actors/kcov.py) still spawn each actor: coverage.py must be
 # started before the kernel modules are imported.
+#
+# The loop is not the actors' alone: serve() forks a child to call any main(argv), and a
+# stress campaign forks its runs the same way (ksmlab/runfork.py), each in a session of
+# its own and SIGTERMed, not SIGKILLed, when the campaign goes, so that it can stop its
+# cluster. ForkServer.fork() may be called from several threads (a campaign's --jobs).
 from __future__ import annotations
 
 import contextlib
@@ -53,9 +58,12 @@ START_TIMEOUT_S = 30.0
 
 
 # -- the server -------------------------------------------------------------------------------
-def serve(argv: list[str], actor_main: Callable[[list[str]], None]) -> None:
-    """The server's loop (argv: CONFIG zygote zygote): fork an actor per request line,
-    reap them, report pids and statuses, until stdin closes."""
+def serve(main: Callable[[list[str]], int | None], eof_signal: int = signal.SIGKILL,
+          deathsig: int = signal.SIGKILL, grace_s: float = 30.0) -> None:
+    """The server's loop: fork a child per request line, each to call main(its argv),
+    reap them, report pids and statuses, until stdin closes. Then each child still there
+    gets eof_signal once (SIGKILL for actors; SIGTERM lets a campaign's run clean up, and
+    SIGKILL follows after grace_s), and each child gets deathsig if the server dies."""
     rep = os.dup(1)
     os.dup2(2, 1)  # a stray print must not land in the replies
     req = 0
@@ -74,11 +82,15 @@ def serve(argv: list[str], actor_main: Callable[[list[str]], None]) -> None:
     say({"ready": me})
     buf = b""
     eof = False
+    signalled: set[int] = set()
+    eof_at = 0.0
     while not eof or children:
         if eof:  # the supervisor is gone or done: nothing of the run may outlive it
-            for pid in children:
+            late = time.monotonic() - eof_at > grace_s
+            for pid in children - (set() if late else signalled):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGKILL if late else eof_signal)
+                signalled.add(pid)
         try:
             ready, _, _ = select.select([wake_r] if eof else [req, wake_r], [], [], 1.0)
         except InterruptedError:
@@ -90,6 +102,7 @@ def serve(argv: list[str], actor_main: Callable[[list[str]], None]) -> None:
         if req in ready and not eof:
             chunk = os.read(req, 65536)
             eof = not chunk
+            eof_at = time.monotonic()
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -98,7 +111,7 @@ def serve(argv: list[str], actor_main: Callable[[list[str]], None]) -> None:
                 sys.stderr.flush()
                 pid = os.fork()
                 if pid == 0:
-                    _child(spec, me, (req, rep, wake_r, wake_w), actor_main)
+                    _child(spec, me, (req, rep, wake_r, wake_w), main, deathsig)
                 children.add(pid)
                 say({"spawned": spec["name"], "pid": pid})
     os._exit(0)
@@ -118,30 +131,42 @@ def _reap(children: set[int], say: Callable[[dict], None]) -> None:
             say({"exit": pid, "rc": os.waitstatus_to_exitcode(status)})
 
 
-def _child(spec: dict, server: int, fds: tuple[int, ...], actor_main: Callable[[list[str]], None]) -> None:
-    """The forked actor: its own stdio, tied to the server's life, then actor_main()."""
+def _child(spec: dict, server: int, fds: tuple[int, ...], main: Callable[[list[str]], int | None],
+           deathsig: int) -> None:
+    """The forked child: its own stdio (one file, or spec["err"] apart), its own session
+    if asked, tied to the server's life, then main(spec["argv"]); its return is the exit
+    status."""
+    rc = 1
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         null = os.open(os.devnull, os.O_RDONLY)
         out = os.open(spec["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        err = os.open(spec["err"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if spec.get("err") else out
         os.dup2(null, 0)  # the server's request pipe was fd 0
         os.dup2(out, 1)
-        os.dup2(out, 2)
-        for fd in {null, out, *fds} - {0, 1, 2}:
+        os.dup2(err, 2)
+        for fd in {null, out, err, *fds} - {0, 1, 2}:
             os.close(fd)
+        if spec.get("session"):
+            os.setsid()  # a process group of its own, for killpg(), as start_new_session
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(PR_SET_PDEATHSIG, deathsig, 0, 0, 0)
         if os.getppid() != server:  # the server died before the prctl
             os._exit(0)
         libc.prctl(PR_SET_NAME, spec["name"][:15].encode(), 0, 0, 0)
-        actor_main([spec["cfg"], spec["role"], spec["name"], *spec["args"]])
+        rc = main(spec["argv"]) or 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except BaseException:
         with contextlib.suppress(Exception):
             traceback.print_exc()
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()  # a file now, block-buffered: the last line may be a result
             sys.stderr.flush()
-        os._exit(1)
-    os._exit(0)
+        os._exit(rc)
 
 
 # -- the supervisor's end -----------------------------------------------------------------------
@@ -150,39 +175,53 @@ class ForkServerError(RuntimeError):
 
 
 class ForkServer:
-    """The supervisor's handle on its fork server."""
+    """The supervisor's handle on its fork server (cmd: the server's command line, by
+    default a cluster's actor server for cfg_path). Threads may fork through it at once."""
 
-    def __init__(self, cfg_path: str, env: dict[str, str], stderr_path: str) -> None:
+    def __init__(self, cfg_path: str, env: dict[str, str], stderr_path: str, cmd: list[str] | None = None) -> None:
         self.cfg_path = cfg_path
         env = dict(env)
         env["OPENBLAS_NUM_THREADS"] = "1"  # no thread in the process that forks
         with open(stderr_path, "ab") as errf:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "actors.main", cfg_path, ROLE, ROLE],
+                cmd or [sys.executable, "-m", "actors.main", cfg_path, ROLE, ROLE],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, env=env, close_fds=True,
             )
         self._out = self.proc.stdout.fileno()
         os.set_blocking(self._out, False)
         self._buf = b""
         self._lock = threading.Lock()
+        self._send = threading.Lock()
         self.rc: dict[int, int] = {}
         self.live: set[int] = set()
-        self._spawned: list[int] = []
+        self._spawned: dict[str, list[int]] = {}
         self.dead = self.closing = False  # closing: close() has begun
         self.ready: int | None = None
         self.pid = self.proc.pid  # it imports while the supervisor boots: spawn() waits for it
 
     def spawn(self, role: str, name: str, args: list[str], log: str) -> ForkedProcess:
+        """An actor: actor_main(CONFIG ROLE NAME ARGS), stdout and stderr to log."""
+        return self.fork(name, [self.cfg_path, role, name, *args], log)
+
+    def fork(self, name: str, argv: list[str], log: str, err: str | None = None,
+             session: bool = False) -> ForkedProcess:
+        """A child that calls the server's main(argv), named name (/proc/PID/comm; the
+        server answers by it, so it must not be one another thread forks at the same
+        time), its stdout to log and its stderr to err (None: log too), in a session of
+        its own if asked."""
         self._wait_for(lambda: self.ready is not None, START_TIMEOUT_S, "start")
-        spec = {"cfg": self.cfg_path, "role": role, "name": name, "args": list(args), "log": log}
+        spec = {"name": name, "argv": list(argv), "log": log, "err": err, "session": session}
         try:
-            self.proc.stdin.write((json.dumps(spec) + "\n").encode())
-            self.proc.stdin.flush()
+            with self._send:
+                self.proc.stdin.write((json.dumps(spec) + "\n").encode())
+                self.proc.stdin.flush()
         except (BrokenPipeError, ValueError) as e:
             raise ForkServerError(f"fork server (pid {self.pid}) is gone: {e}") from None
-        self._wait_for(lambda: bool(self._spawned), START_TIMEOUT_S, f"fork {name}")
-        pid = self._spawned.pop(0)
-        self.live.add(pid)
+        self._wait_for(lambda: bool(self._spawned.get(name)), START_TIMEOUT_S, f"fork {name}")
+        with self._lock:
+            pid = self._spawned[name].pop(0)
+            if pid not in self.rc:  # not already reaped (its exit can come in the same read)
+                self.live.add(pid)
         return ForkedProcess(self, pid)
 
     def _wait_for(self, done: Callable[[], bool], timeout: float, what: str) -> None:
@@ -215,7 +254,7 @@ class ForkServer:
                     self.rc[msg["exit"]] = msg["rc"]
                     self.live.discard(msg["exit"])
                 elif "spawned" in msg:
-                    self._spawned.append(msg["pid"])
+                    self._spawned.setdefault(msg["spawned"], []).append(msg["pid"])
                 elif "ready" in msg:
                     self.ready = msg["ready"]
 

@@ -1,14 +1,18 @@
-"""What a stress campaign pays per run, with the fork server and without it.
+"""What a stress campaign pays per run, with the fork servers and without them.
 
 A campaign runs each seed as its own `ksmlab run`: a supervisor process, a cluster boot,
 ksmd and the other kernel actors, the scenario's tasks. The scan is a small part of a
 race run; start-up is most of the rest (docs/performance.md). This runs the same
-campaign (`ksmlab stress --bug B --runs R --jobs J --seed S`) with the fork server (the
-default) and with `--no-fork-server`, alternating, `--rounds` times each, and prints for
-each mode the campaign's seconds, runs per minute, the median run's seconds and the
-median seconds to detection, and the ratio of their throughputs (>1: the fork server is
-faster). Every run must find its bug in both modes, or the bench says which did not and
-exits 1: a faster campaign that finds less is no gain.
+campaign (`ksmlab stress --bug B --runs R --jobs J --seed S`) in three modes, in turn,
+`--rounds` times each:
+- "forked": the default, each run forked from the campaign's run fork server
+  (ksmlab/runfork.py), and each run's actors from its cluster's (actors/zygote.py);
+- "runs spawned": `--spawn-runs`, each run a new interpreter, its actors forked;
+- "spawned": `--spawn-runs --no-fork-server`, every process a new interpreter.
+It prints for each the campaign's seconds, runs per minute and the median run's seconds
+by bug, and the ratios of the throughputs (>1: the first is faster). Every run must find
+its bug in every mode, or the bench says which did not and exits 1: a faster campaign that
+finds less is no gain.
 
     .venv/bin/python bench/bench_campaign.py [--bug all] [--runs 3] [--jobs 2] [--seed 7000]
         [--rounds 1] [--json]
@@ -27,12 +31,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ksmlab import stress
 
-MODES = {"fork server": True, "spawned": False}
+# mode -> (runs forked, actors forked)
+MODES = {"forked": (True, True), "runs spawned": (False, True), "spawned": (False, False)}
 
 
-def one_campaign(bugs: list[str], runs: int, jobs: int, seed: int, fork_server: bool) -> dict:
+def one_campaign(bugs: list[str], runs: int, jobs: int, seed: int, fork_runs: bool, fork_server: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="ksmlab-campaign-bench-") as root:
-        spec = stress.RunSpec(runs_root=root, fork_server=fork_server)
+        spec = stress.RunSpec(runs_root=root, fork_server=fork_server, fork_runs=fork_runs)
         t = time.monotonic()
         out = stress.campaign(bugs, spec, runs, jobs, seed)
         wall = time.monotonic() - t
@@ -65,22 +70,26 @@ def main() -> int:
         return 2
     got: dict[str, list[dict]] = {m: [] for m in MODES}
     for _ in range(a.rounds):
-        for mode, fs in MODES.items():
-            got[mode].append(one_campaign(bugs, a.runs, a.jobs, a.seed, fs))
+        for mode, (fr, fs) in MODES.items():
+            got[mode].append(one_campaign(bugs, a.runs, a.jobs, a.seed, fr, fs))
     rate = {m: statistics.median(c["runs_per_min"] for c in cs) for m, cs in got.items()}
+    ratios = {"forked / runs spawned": round(rate["forked"] / rate["runs spawned"], 3),
+              "runs spawned / spawned": round(rate["runs spawned"] / rate["spawned"], 3),
+              "forked / spawned": round(rate["forked"] / rate["spawned"], 3)}
     res = {"bugs": bugs, "runs": a.runs, "jobs": a.jobs, "seed": a.seed, "rounds": a.rounds,
-           "modes": got, "ratio": round(rate["fork server"] / rate["spawned"], 3)}
+           "modes": got, "ratio": ratios}
     short = [f"{m}: {c['detected']}/{c['runs']}" for m, cs in got.items() for c in cs if c["detected"] < c["runs"]]
     if a.json:
         print(json.dumps(res))
     else:
         print(f"campaign: {', '.join(bugs)}; {a.runs} runs each from seed {a.seed}, {a.jobs} at a time")
-        print(f"{'mode':12} {'seconds':>8} {'found':>7} {'runs/min':>9}  median run s by bug")
+        print(f"{'mode':12} {'seconds':>8} {'found':>7} {'runs/min':>9}  median run s: {' '.join(bugs)}")
         for m, cs in got.items():
             for c in cs:
                 med = " ".join(f"{v}" for v in c["median_run_s"].values())
                 print(f"{m:12} {c['seconds']:8.1f} {c['detected']:>3}/{c['runs']:<3} {c['runs_per_min']:9.1f}  {med}")
-        print(f"ratio (fork server / spawned, runs per minute): {res['ratio']}")
+        for what, r in ratios.items():
+            print(f"ratio {what} (runs per minute): {r}")
     if short:
         print(f"bench_campaign: runs that did not find their bug: {'; '.join(short)}", file=sys.stderr)
         return 1

@@ -6,7 +6,7 @@ records, locks and numpy core, one kernel context, events kept in memory), so th
 change to a kernel path can be timed without the cluster's noise, and profiled:
 
     .venv/bin/python bench/bench_scan_inprocess.py [--scale S] [--scan vector] [--passes N]
-        [--batch PAGES] [--smart-scan 0|1] [--profile PASS] [--top N] [--sort KEY] [--callers NAME]
+        [--batch PAGES] [--smart-scan 0|1] [--profile PASS] [--top N] [--sort KEY] [--callers NAME] [--callees NAME]
 
 --batch is pages_to_scan per ksm_do_scan call (1000, as the bench's knobs; 0: a whole
 pass in one call). --profile P prints cProfile's top functions of pass P.
@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--sort", default="tottime", choices=("tottime", "cumulative", "ncalls"),
                     help="cProfile's order for --profile")
     ap.add_argument("--callers", metavar="NAME", help="with --profile: who calls functions matching NAME")
+    ap.add_argument("--callees", metavar="NAME", help="with --profile: what functions matching NAME call")
     a = ap.parse_args()
     if a.scale <= 0 or a.procs < 1 or not 0 <= a.dup < 1 or a.passes < 1 or a.batch < 0:
         ap.error("--scale > 0, --procs >= 1, 0 <= --dup < 1, --passes >= 1, --batch >= 0")
@@ -82,6 +83,8 @@ def main() -> int:
                 st.print_stats(a.top)
                 if a.callers:
                     st.print_callers(a.callers)
+                if a.callees:
+                    st.print_callees(a.callees)
         c = h.counters("pages_shared", "pages_sharing", "pages_unshared")
         print(f"counters {c}")
     finally:

@@ -370,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--chaos", type=float, metavar="RATE",
                     help="every run under chaos (run --chaos): actors SIGSTOPped, idle tasks SIGKILLed")
     _impl_args(st)
+    st.add_argument("--spawn-runs", action="store_true",
+                    help="start every run as its own interpreter instead of forking it from the "
+                         "campaign's run fork server (ksmlab/runfork.py)")
     st.add_argument("--guided", action="store_true",
                     help="coverage-guided: keep seeds that reach new branches and mutate them (needs --coverage)")
 

@@ -4,7 +4,8 @@
 # historical kernel) or off (--fixed, today's kernel), J runs at a time, each as its
 # own `ksmlab run ... --json --stop-on-report` process with its own run folder, so
 # one run's crash or hang cannot touch another and every run can be replayed with
-# `ksmlab replay RUN_DIR`. A run ends at its first report or at its time bound; a run
+# `ksmlab replay RUN_DIR`. The run processes are forked from one that has imported
+# ksmlab (ksmlab/runfork.py) unless --spawn-runs starts each as a new interpreter. A run ends at its first report or at its time bound; a run
 # still alive a grace period after its bound is killed (its whole process group) and
 # its segments swept. The bug scenarios are workloads, not windows: the seed's
 # schedule plan (actors/kernel/schedule.py) is what opens the windows.
@@ -30,13 +31,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors import zygote
 from actors.kernel.debug import UNMERGE_WARNING
 from actors.kernel.invariants import ZERO_PAGES_MISMATCH
 from actors.kernel.variants import proposed_fixes
+from actors.pdeath import SUPERVISOR_PID_ENV
 from ksmlab import kcov, live, picture
 from shared_mem.segment import sweep_stale
 
@@ -158,6 +162,7 @@ class RunSpec:
     scan: str | None = None             # run --scan (None: the default, batch)
     locks: str | None = None            # run --locks (None: the default, word)
     fork_server: bool = True            # False: run --no-fork-server
+    fork_runs: bool = True              # False: --spawn-runs (each run a new interpreter)
     python: str = sys.executable
 
     def limit(self, bug_name: str) -> float:
@@ -169,7 +174,7 @@ def run_command(bug_name: str, seed: int, spec: RunSpec, run_dir: str,
     """The `ksmlab run` command line of one campaign run (coverage: this run's folder,
     instead of spec.coverage)."""
     bug = BUGS[bug_name]
-    cmd = [spec.python, "-m", "ksmlab.cli", "run", spec.scenario or bug.scenario, "--json", "--stop-on-report",
+    cmd = [spec.python, *RUN_MODULE, "run", spec.scenario or bug.scenario, "--json", "--stop-on-report",
            "--seed", str(seed), "--run-dir", run_dir, "--arg", f"seconds={spec.limit(bug_name)}"]
     for k, v in {**bug.args, **(extra_args or {})}.items():
         cmd += ["--arg", f"{k}={v}"]
@@ -191,10 +196,57 @@ def run_command(bug_name: str, seed: int, spec: RunSpec, run_dir: str,
     return cmd
 
 
+RUN_MODULE = ("-m", "ksmlab.cli")
+RUN_GRACE_S = 30.0  # a SIGTERMed run's cluster stop takes well under a second
+
+
+class RunForker:
+    """The campaign's run fork server (ksmlab/runfork.py): fork() gives a run whose
+    wait(), poll() and pid are Popen's, in a process group of its own."""
+
+    def __init__(self, runs_root: str) -> None:
+        env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
+        self.server = zygote.ForkServer("", env, os.path.join(runs_root, "runfork.stderr"),
+                                        cmd=[sys.executable, "-m", "ksmlab.runfork", str(RUN_GRACE_S)])
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def fork(self, argv: list[str], out: str, err: str) -> zygote.ForkedProcess:
+        with self._lock:
+            self._n += 1
+            name = f"ksmlab-run-{self._n}"  # the server answers by name: one per run
+        return self.server.fork(name, argv, out, err, session=True)
+
+    def close(self) -> None:
+        self.server.close(timeout=RUN_GRACE_S + 5)
+
+
+@contextlib.contextmanager
+def run_pool(spec: RunSpec, jobs: int) -> Iterator[tuple[ThreadPoolExecutor, RunForker | None]]:
+    """A campaign's `jobs` run threads and its RunForker (None where its runs must each
+    start a new interpreter: --spawn-runs, or another Python than this one's). A campaign
+    interrupted (Ctrl-C) starts no more runs, and the server's close SIGTERMs the ones
+    still going: each stops its cluster and leaves nothing behind."""
+    forker = None
+    if spec.fork_runs and os.path.realpath(spec.python) == os.path.realpath(sys.executable):
+        os.makedirs(spec.runs_root, mode=0o700, exist_ok=True)
+        forker = RunForker(spec.runs_root)
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
+        yield pool, forker
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        if forker is not None:
+            forker.close()
+        pool.shutdown()
+
+
 def run_one(bug_name: str, seed: int, spec: RunSpec, extra_args: dict[str, str] | None = None,
-            coverage: str | None = None) -> RunResult:
+            coverage: str | None = None, forker: RunForker | None = None) -> RunResult:
     """One seeded run of a bug's scenario (or spec.scenario: blind discovery by the soak)
-    in its own process group, bounded in time."""
+    in its own process group, bounded in time: forked by `forker`, else spawned."""
     tag = "fixed" if spec.fixed else "variant"
     scen = spec.scenario or BUGS[bug_name].scenario
     label = bug_name if spec.scenario is None else f"{bug_name}-{os.path.basename(scen).removesuffix('.py')}"
@@ -205,27 +257,34 @@ def run_one(bug_name: str, seed: int, spec: RunSpec, extra_args: dict[str, str] 
     # The run's stderr and its result line stay in its folder: a run that failed a check
     # or died without a result can be read afterwards, not only replayed.
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
-    with open(os.path.join(run_dir, "run.stderr"), "wb") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL,
-                             start_new_session=True, text=True)
+    err_path, out_path = os.path.join(run_dir, "run.stderr"), os.path.join(run_dir, "run.stdout")
+    if forker is not None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out_path)  # a folder used again: only this run's result counts
+        p: subprocess.Popen | zygote.ForkedProcess = forker.fork(cmd[1 + len(RUN_MODULE):], out_path, err_path)
+    else:
+        with open(err_path, "wb") as err, open(out_path, "wb") as out:
+            p = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        out, _ = p.communicate(timeout=time_limit + 60)
+        p.wait(timeout=time_limit + 60)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
+        p.wait()
         sweep_stale()
         live.sweep_socket_dirs()
         return RunResult(bug_name, seed, run_dir, round(time.monotonic() - t0, 2), [], [], None,
                          "timeout", f"killed after {time_limit + 60:.0f} s")
     secs = round(time.monotonic() - t0, 2)
     try:
-        res = json.loads(out.strip().splitlines()[-1])
-    except (ValueError, IndexError):
+        with open(out_path, encoding="utf-8", errors="replace") as f:
+            last = f.read().strip().splitlines()[-1]
+        res = json.loads(last)
+    except (OSError, ValueError, IndexError):
         return RunResult(bug_name, seed, run_dir, secs, [], [], None, "crashed",
                          f"exit {p.returncode}, no JSON result (see {run_dir}/run.stderr)")
     with contextlib.suppress(OSError), open(os.path.join(run_dir, "result.json"), "w") as f:
-        f.write(out.strip().splitlines()[-1] + "\n")
+        f.write(last + "\n")
     reps = res.get("reports") or []
     kinds = [report_kind(r) for r in reps]
     t_first = min((r.get("t_s") for r in reps if r.get("t_s") is not None), default=None)
@@ -290,8 +349,8 @@ def campaign(bugs: list[str], spec: RunSpec, runs: int, jobs: int, seed: int) ->
     prog = _Progress(len(work), spec.fixed)
     results: dict[str, list[RunResult]] = {b: [] for b in bugs}
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        futs = {pool.submit(run_one, b, s, spec): b for b, s in work}
+    with run_pool(spec, jobs) as (pool, forker):
+        futs = {pool.submit(run_one, b, s, spec, None, None, forker): b for b, s in work}
         for f in as_completed(futs):
             r = f.result()
             results[r.bug].append(r)
@@ -319,7 +378,7 @@ def guided(bug_name: str, spec: RunSpec, runs: int, jobs: int, seed: int,
     coverage = spec.coverage
     prog = _Progress(runs, spec.fixed)
     i = 0
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with run_pool(spec, jobs) as (pool, forker):
         while i < runs:
             wave = []
             for _ in range(min(jobs, runs - i)):
@@ -327,7 +386,7 @@ def guided(bug_name: str, spec: RunSpec, runs: int, jobs: int, seed: int,
                 parent = rng.choice(corpus) if corpus and rng.random() < p_mutate else None
                 extra = {"knob_seed": str(parent)} if parent is not None else {}
                 cdir = os.path.join(coverage, f"run-{s}")
-                wave.append((s, parent, cdir, pool.submit(run_one, bug_name, s, spec, extra, cdir)))
+                wave.append((s, parent, cdir, pool.submit(run_one, bug_name, s, spec, extra, cdir, forker)))
                 i += 1
             for s, parent, cdir, fut in wave:
                 r = fut.result()
@@ -360,7 +419,8 @@ def main(a: argparse.Namespace) -> int:
     spec = RunSpec(fixed=a.fixed, time_limit=a.time_limit, runs_root=a.runs_root, sched=a.sched,
                    depth=a.depth, coverage=a.coverage, scenario=a.scenario,
                    proposed=not a.without_proposed_fixes, chaos=a.chaos or 0.0,
-                   scan=a.scan, locks=a.locks, fork_server=not a.no_fork_server)
+                   scan=a.scan, locks=a.locks, fork_server=not a.no_fork_server,
+                   fork_runs=not a.spawn_runs)
     seed = a.seed if a.seed is not None else secrets.randbelow(1 << 30)
     fixes = proposed_fixes() if a.fixed and not a.without_proposed_fixes else []
     what = "variant" if not a.fixed else "fixed" + (f" + proposed {', '.join(fixes)}" if fixes else "")

@@ -1,11 +1,15 @@
 # `ksmlab stress` and `ksmlab replay` as a user runs them: real processes, small counts.
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,7 +23,9 @@ from ksmlab.stress import (
     RunSpec,
     report_kind,
     run_command,
+    run_pool,
 )
+from shared_mem.segment import list_segments, sweep_stale
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CAMPAIGN_KINDS = {"lockdep", "hung_task", "kasan_uaf", "oops", "bad_page", "integrity", "leak", "warning"}
@@ -72,6 +78,70 @@ def test_a_campaign_without_the_fork_server_says_so_to_each_run():
     assert a.no_fork_server
 
 
+def test_a_campaign_forks_its_runs_unless_told_to_spawn_them(tmp_path):
+    """The run fork server (ksmlab/runfork.py) runs what `python -m ksmlab.cli ARGV` would,
+    its result on stdout and its errors on stderr, in files; --spawn-runs, or a campaign
+    for another interpreter, starts each run as its own."""
+    assert build_parser().parse_args(["stress", "--bug", "mmput-race", "--spawn-runs"]).spawn_runs
+    for spec in (RunSpec(runs_root=str(tmp_path), fork_runs=False),
+                 RunSpec(runs_root=str(tmp_path), python="/nonexistent/python3")):
+        with run_pool(spec, 1) as (_, forker):
+            assert forker is None
+    with run_pool(RunSpec(runs_root=str(tmp_path / "runs")), 2) as (_, forker):
+        assert forker is not None
+        ok, bad = (forker.fork(argv, str(tmp_path / f"{n}.out"), str(tmp_path / f"{n}.err"))
+                   for n, argv in enumerate((["scenarios"], ["run", "--no-such-option"])))
+        assert ok.wait(timeout=60) == 0 and bad.wait(timeout=60) == 2
+    assert "default" in (tmp_path / "0.out").read_text() and (tmp_path / "0.err").read_text() == ""
+    assert "unrecognized arguments: --no-such-option" in (tmp_path / "1.err").read_text()
+    assert forker.server.proc.returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_campaign_killed_mid_run_leaves_nothing_behind(tmp_path):
+    """SIGKILL of the campaign: its run server dies with it (PR_SET_PDEATHSIG), the run
+    gets SIGTERM from that death, and stops its cluster: no process, segment or socket
+    folder of the run is left."""
+    root = tmp_path / "runs"
+    p = subprocess.Popen([sys.executable, "-m", "ksmlab.cli", "stress", "--bug", "mmput-race", "--fixed",
+                          "--runs", "1", "--time-limit", "30", "--seed", "700", "--runs-root", str(root)],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        cfg = None
+        while cfg is None or not any(cfg.parent.joinpath("logs").glob("task-*")):
+            assert time.monotonic() < deadline and p.poll() is None, "the run never started its tasks"
+            time.sleep(0.05)
+            cfg = next(root.glob("*/cluster.json"), None)
+        c = json.loads(cfg.read_text())
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 30
+    try:
+        while _procs_naming(str(root)) or list_segments(c["run_id"]) or os.path.exists(c["sock_dir"]):
+            assert time.monotonic() < deadline, (_procs_naming(str(root)), list_segments(c["run_id"]))
+            time.sleep(0.1)
+    finally:  # what a failure left, so that it fails this test only
+        for pid in _procs_naming(str(root)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        sweep_stale(run_id=c["run_id"])
+        shutil.rmtree(c["sock_dir"], ignore_errors=True)
+
+
+def _procs_naming(text: str) -> list[int]:
+    """Processes whose command line contains text (a run's actors name its folder)."""
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            if d.isdigit() and text.encode() in pathlib.Path("/proc", d, "cmdline").read_bytes():
+                out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
 def test_bad_campaign_arguments_exit_2():
     assert _ksmlab("stress", "--bug", "no-such-bug", "--runs", "1").returncode == 2
     assert _ksmlab("stress", "--bug", "mmput-race", "--runs", "0").returncode == 2
@@ -94,6 +164,7 @@ def test_stress_finds_mmput_race_and_replay_reproduces_it(tmp_path):
     assert "kasan_uaf" in s["report_kinds"]
     assert s["median_s_to_detect"] is not None and s["median_s_to_detect"] < 30
     assert len(s["run_dirs"]) == 2 and all(os.path.isdir(d) for d in s["run_dirs"])
+    assert (tmp_path / "runs" / "runfork.stderr").read_text() == ""  # the runs were forked, and said nothing
     # The failing run records its seed and plan; replay runs it again with both.
     failing = s["failing_runs"][0]
     with open(os.path.join(failing, "cluster.json")) as f:

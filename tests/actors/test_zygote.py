@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,69 @@ def test_a_server_whose_supervisor_goes_kills_its_children(tmp_path):
     fs.close()  # again: nothing to do
     with pytest.raises(zygote.ForkServerError):
         fs.spawn("ksmd", "ksmd", [], str(tmp_path / "ksmd.stderr"))
+
+
+_SERVER = """
+import os, sys, time, signal
+from actors import zygote
+
+def main(argv):
+    print(os.getpid(), os.getpgid(0), os.getsid(0), flush=True)
+    print("to stderr", file=sys.stderr)
+    if argv[0] == "ignore-term":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    time.sleep(float(argv[1]))
+    return int(argv[2])
+
+zygote.serve(main, eof_signal=signal.SIGTERM, deathsig=signal.SIGTERM, grace_s=float(sys.argv[1]))
+"""
+
+
+def _generic_server(tmp_path, grace: float) -> zygote.ForkServer:
+    script = tmp_path / "server.py"
+    script.write_text(_SERVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    return zygote.ForkServer("", env, str(tmp_path / "server.stderr"), cmd=[sys.executable, str(script), str(grace)])
+
+
+def test_any_main_forked_in_a_session_of_its_own_with_stderr_apart_and_its_return_as_status(tmp_path):
+    """The server loop with another main than actor_main (a campaign's runs, ksmlab/runfork.py):
+    the child's return is its exit status, its stdout and stderr go to files of their own,
+    it leads its own session and process group (killpg reaches what it starts), and forks
+    from several threads at once each get their own child back (the server answers by name)."""
+    fs = _generic_server(tmp_path, 5)
+    try:
+        def one(n: int) -> tuple[int, int]:
+            p = fs.fork(f"child-{n}", ["plain", "0.2", str(n)], str(tmp_path / f"{n}.out"),
+                        str(tmp_path / f"{n}.err"), session=True)
+            return p.pid, p.wait(timeout=20)
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(one, range(8)))
+        assert [rc for _, rc in got] == list(range(8))
+        for n, (pid, _) in enumerate(got):
+            assert (tmp_path / f"{n}.out").read_text().split() == [str(pid)] * 3
+            assert (tmp_path / f"{n}.err").read_text() == "to stderr\n"
+    finally:
+        fs.close()
+    assert fs.proc.returncode == 0 and not fs.live
+
+
+def _until(cond, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_server_closed_with_children_left_sigterms_them_then_sigkills_after_its_grace(tmp_path):
+    """A campaign interrupted with runs going: the runs get SIGTERM (a run stops its cluster
+    on it), and one that does not end in the server's grace gets SIGKILL."""
+    fs = _generic_server(tmp_path, 1.0)
+    polite = fs.fork("polite", ["plain", "60", "0"], str(tmp_path / "p.out"))
+    stubborn = fs.fork("stubborn", ["ignore-term", "60", "0"], str(tmp_path / "s.out"))
+    for out in ("p.out", "s.out"):  # both are in main (SIGTERM set aside where it will be)
+        _until(lambda out=tmp_path / out: out.exists() and "to stderr" in out.read_text(), 20)
+    fs.close(timeout=20)
+    assert polite.returncode == -signal.SIGTERM
+    assert stubborn.returncode == -signal.SIGKILL
+    assert not zygote._alive(polite.pid) and not zygote._alive(stubborn.pid)

@@ -1,0 +1,49 @@
+# python -m ksmlab.runfork: the fork server of a stress campaign's runs.
+#
+# A campaign run is `ksmlab run SCENARIO --seed N ...`, and started as its own
+# interpreter it spends 0.6 to 0.9 s importing ksmlab.cli (numpy, zmq, structlog, the
+# kernel, the cluster) before its cluster boots; the runs of the race scenarios last
+# 2.5 to 7 s, so that is a tenth to a quarter of a campaign. This process imports
+# ksmlab.cli once and forks each run from itself (the same server loop as a cluster's
+# actors, actors/zygote.py): the child calls cli.main(argv) with the argv the spawned
+# run would have had, in a session of its own, its stdout (the result line) and stderr
+# in files of the run's folder, and its exit status reported back.
+#
+# Why it is safe to fork here: the server has no thread (OPENBLAS_NUM_THREADS=1 before
+# numpy loads, and nothing of ksmlab starts one on import), no zmq context, no asyncio
+# loop and no segment; each run builds all of those after the fork, as a spawned run
+# does. `random` reseeds itself in a forked child, tempfile's names too.
+#
+# Lifetimes:
+# * The server dies with the campaign (actors/pdeath.py: SIGKILL when its parent goes,
+#   checked against KSMLAB_SUPERVISOR_PID for a death before the prctl).
+# * A run gets SIGTERM when the server dies, and when the campaign closes the server with
+#   runs still going (an interrupted campaign): a run stops its cluster on SIGTERM,
+#   removing its segments and sockets, as it does when a terminal's Ctrl-C reaches it.
+#   SIGKILL follows after the grace its command line gives (ksmlab.stress.RUN_GRACE_S).
+# * A run past its time limit is SIGKILLed as a group by the campaign (killpg), as a
+#   spawned one is, and the campaign sweeps what it left.
+from __future__ import annotations
+
+from actors import pdeath
+
+pdeath.die_with_parent()  # before ksmlab.cli loads numpy and zmq
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from actors import zygote  # noqa: E402
+from ksmlab import cli  # noqa: E402
+
+
+def run_main(argv: list[str]) -> int:
+    """One run, as `python -m ksmlab.cli ARGV` would make it."""
+    os.environ.pop(pdeath.SUPERVISOR_PID_ENV, None)  # the server's, not this run's
+    sys.argv = ["ksmlab", *argv]
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    # python -m ksmlab.runfork GRACE_S
+    zygote.serve(run_main, eof_signal=signal.SIGTERM, deathsig=signal.SIGTERM, grace_s=float(sys.argv[1]))
