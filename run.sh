@@ -22,6 +22,11 @@ setup() {
         "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]" >&2
         echo "$sum" > "$stamp"
     fi
+    # Byte-compile the packages, as pip does for an installed one: every actor, fork
+    # server and campaign run is an interpreter start, and with PYTHONDONTWRITEBYTECODE
+    # set each would compile them from source again (0.2 s of a 0.5 s start). Only
+    # changed files are compiled; Python still checks each .pyc against its source.
+    "$venv/bin/python" -m compileall -q -j 0 actors shared_mem protocol ksmlab >/dev/null || true
 }
 
 setup
