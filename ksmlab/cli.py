@@ -186,7 +186,13 @@ def cmd_cover(a: argparse.Namespace) -> int:
 
 
 def cmd_stress(a: argparse.Namespace) -> int:
-    return stress.main(a)
+    try:
+        return stress.main(a)
+    except KeyboardInterrupt:
+        # run_pool() started no further run and stopped the ones going (SIGTERM: each
+        # tore its cluster down) before this reaches here
+        print("ksmlab: interrupted; the campaign's runs still going were stopped", file=sys.stderr)
+        return 130
 
 
 def cmd_sim(a: argparse.Namespace) -> int:

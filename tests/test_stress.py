@@ -98,14 +98,17 @@ def test_a_campaign_forks_its_runs_unless_told_to_spawn_them(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_a_campaign_killed_mid_run_leaves_nothing_behind(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_campaign_killed_mid_run_leaves_nothing_behind(tmp_path, sig):
     """SIGKILL of the campaign: its run server dies with it (PR_SET_PDEATHSIG), the run
-    gets SIGTERM from that death, and stops its cluster: no process, segment or socket
-    folder of the run is left."""
+    gets SIGTERM from that death. Ctrl-C: the campaign starts no other run and closes the
+    server, which SIGTERMs the run. Either way the run stops its cluster: no process,
+    segment or socket folder of it is left."""
     root = tmp_path / "runs"
     p = subprocess.Popen([sys.executable, "-m", "ksmlab.cli", "stress", "--bug", "mmput-race", "--fixed",
-                          "--runs", "1", "--time-limit", "30", "--seed", "700", "--runs-root", str(root)],
-                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          "--runs", "3", "--time-limit", "30", "--seed", "700", "--runs-root", str(root)],
+                         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         cfg = None
@@ -115,8 +118,10 @@ def test_a_campaign_killed_mid_run_leaves_nothing_behind(tmp_path):
             cfg = next(root.glob("*/cluster.json"), None)
         c = json.loads(cfg.read_text())
     finally:
-        p.kill()
-        p.wait()
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), err
+    assert len(list(root.glob("*/cluster.json"))) == 1  # no other run was started
     deadline = time.monotonic() + 30
     try:
         while _procs_naming(str(root)) or list_segments(c["run_id"]) or os.path.exists(c["sock_dir"]):
