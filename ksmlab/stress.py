@@ -5,7 +5,8 @@
 # own `ksmlab run ... --json --stop-on-report` process with its own run folder, so
 # one run's crash or hang cannot touch another and every run can be replayed with
 # `ksmlab replay RUN_DIR`. The run processes are forked from one that has imported
-# ksmlab (ksmlab/runfork.py) unless --spawn-runs starts each as a new interpreter. A run ends at its first report or at its time bound; a run
+# ksmlab (ksmlab/runfork.py) unless --spawn-runs starts each as a new interpreter.
+# A run ends at its first report or at its time bound; a run
 # still alive a grace period after its bound is killed (its whole process group) and
 # its segments swept. The bug scenarios are workloads, not windows: the seed's
 # schedule plan (actors/kernel/schedule.py) is what opens the windows.
@@ -146,6 +147,10 @@ class RunResult:
         return any(k in bug.kinds for k in self.kinds)
 
 
+RUN_MODULE = ("-m", "ksmlab.cli")  # a spawned run is `python -m ksmlab.cli run ...`
+RUN_GRACE_S = 30.0  # a SIGTERMed run's cluster stop takes well under a second
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """What every run of a campaign shares: the options of its `ksmlab run` command."""
@@ -194,10 +199,6 @@ def run_command(bug_name: str, seed: int, spec: RunSpec, run_dir: str,
     if not spec.fork_server:
         cmd += ["--no-fork-server"]
     return cmd
-
-
-RUN_MODULE = ("-m", "ksmlab.cli")
-RUN_GRACE_S = 30.0  # a SIGTERMed run's cluster stop takes well under a second
 
 
 class RunForker:
