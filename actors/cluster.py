@@ -30,6 +30,7 @@ import zmq.asyncio
 
 from actors import pdeath, zygote
 from actors.boot import boot_kernel
+from actors.entry import actor_main
 from actors.kernel import fork as forkops
 from actors.kernel import sysfs
 from actors.kernel.context import Kernel
@@ -340,9 +341,10 @@ class Cluster:
         self.cfg_path = os.path.join(self.run_dir, "cluster.json")
         if opts.fork_server and not opts.coverage:
             # started first: it loads the actors' modules while the kernel's memory is made
+            # (forked from this process when it can be: actors/zygote.py, ForkServer)
             self.forks = zygote.ForkServer(self.cfg_path, self._actor_env(),
-                                           os.path.join(self.run_dir, "logs", "zygote.stderr"))
-            self.ev("spawn", actor="zygote", role="zygote", os_pid=self.forks.pid)
+                                           os.path.join(self.run_dir, "logs", "zygote.stderr"), main=actor_main)
+            self.ev("spawn", actor="zygote", role="zygote", os_pid=self.forks.pid, forked=self.forks.forked)
         self.km, self.locks = boot_kernel(
             opts.geometry(), self.run_id, self.variants, SCAN_MODES[opts.scan], opts.locks
         )

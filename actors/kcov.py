@@ -21,7 +21,7 @@ from typing import Any  # noqa: E402
 import coverage  # noqa: E402
 
 from actors import base  # noqa: E402
-from actors.main import actor_main  # noqa: E402
+from actors.entry import actor_main  # noqa: E402
 
 ACTIVE: Any = None   # this process's Coverage while it records
 KERNEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel")

@@ -52,9 +52,12 @@ import time
 import traceback
 from collections.abc import Callable
 
+from actors import proctitle
+
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 ROLE = "zygote"
 START_TIMEOUT_S = 30.0
+FORK_HERE = False  # set by a process whose clusters should fork their servers from it
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -176,17 +179,33 @@ class ForkServerError(RuntimeError):
 
 class ForkServer:
     """The supervisor's handle on its fork server (cmd: the server's command line, by
-    default a cluster's actor server for cfg_path). Threads may fork through it at once."""
+    default a cluster's actor server for cfg_path). Threads may fork through it at once.
 
-    def __init__(self, cfg_path: str, env: dict[str, str], stderr_path: str, cmd: list[str] | None = None) -> None:
+    With `main` (the children's entry point), a supervisor that can fork the server
+    from itself does (forked is then True): no interpreter start and no imports, where a
+    server of its own spends 0.3 s. It can when it has no thread but this one (fork()
+    copies only the calling thread, and a lock another held would stay held in the
+    copy) and its argument area can take the server's command line (actors/proctitle.py:
+    a run's processes are found by the config path in theirs). Only a process that says
+    so tries (FORK_HERE): a campaign's runs, whose run server reserves the room
+    (ksmlab/runfork.py). Any other supervisor (a `ksmlab run` from a shell, a test's
+    cluster) spawns its server, whatever its threads and command line happen to be."""
+
+    def __init__(self, cfg_path: str, env: dict[str, str], stderr_path: str, cmd: list[str] | None = None,
+                 main: Callable[[list[str]], int | None] | None = None) -> None:
         self.cfg_path = cfg_path
         env = dict(env)
         env["OPENBLAS_NUM_THREADS"] = "1"  # no thread in the process that forks
-        with open(stderr_path, "ab") as errf:
-            self.proc = subprocess.Popen(
-                cmd or [sys.executable, "-m", "actors.main", cfg_path, ROLE, ROLE],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, env=env, close_fds=True,
-            )
+        argv = cmd or [sys.executable, "-m", "actors.main", cfg_path, ROLE, ROLE]
+        self.forked = (main is not None and FORK_HERE and _single_threaded()
+                       and len(proctitle.encoded(argv)) <= proctitle.capacity())
+        if self.forked:
+            self.proc: subprocess.Popen | _ServerChild = _fork_server(argv, env, stderr_path, main)
+        else:
+            with open(stderr_path, "ab") as errf:
+                self.proc = subprocess.Popen(
+                    argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, env=env, close_fds=True,
+                )
         self._out = self.proc.stdout.fileno()
         os.set_blocking(self._out, False)
         self._buf = b""
@@ -296,6 +315,93 @@ class ForkServer:
                     os.kill(pid, signal.SIGKILL)
         with contextlib.suppress(Exception):
             self.proc.stdout.close()
+
+
+def _single_threaded() -> bool:
+    try:
+        return threading.active_count() == 1 and len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return False
+
+
+def _fork_server(argv: list[str], env: dict[str, str], stderr_path: str,
+                 main: Callable[[list[str]], int | None]) -> _ServerChild:
+    """Fork the server from this process: the child makes itself what `argv` started
+    with `env` would be (its stdio the pipes and stderr_path, no other descriptor, the
+    signal dispositions of a new interpreter, argv as its command line, dead with this
+    process), then serves."""
+    req_r, req_w = os.pipe()
+    rep_r, rep_w = os.pipe()
+    errfd = os.open(stderr_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    parent = os.getpid()
+    sys.stdout.flush()  # what this process buffered is its own to write, not the child's
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.dup2(req_r, 0)
+            os.dup2(rep_w, 1)
+            os.dup2(errfd, 2)
+            for fd in [int(f) for f in os.listdir("/proc/self/fd")]:  # what close_fds=True does
+                if fd > 2:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+            _like_a_new_interpreter(argv, env)
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # the supervisor died before the prctl
+                os._exit(0)
+            serve(main)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        os._exit(1)
+    for fd in (req_r, rep_w, errfd):
+        os.close(fd)
+    return _ServerChild(pid, req_w, rep_r)
+
+
+def _like_a_new_interpreter(argv: list[str], env: dict[str, str]) -> None:
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        h = signal.getsignal(sig)
+        if h not in (signal.SIG_DFL, signal.SIG_IGN, None, signal.default_int_handler):
+            signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
+    os.environ.clear()
+    os.environ.update(env)
+    proctitle.set_cmdline(argv)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, os.path.basename(argv[0])[:15].encode(), 0, 0, 0)
+
+
+class _ServerChild:
+    """What ForkServer uses of subprocess.Popen, for a server this process forked."""
+
+    def __init__(self, pid: int, stdin_fd: int, stdout_fd: int) -> None:
+        self.pid = pid
+        self.args = ("fork", pid)
+        self.stdin = os.fdopen(stdin_fd, "wb")
+        self.stdout = os.fdopen(stdout_fd, "rb")
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (rc := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            time.sleep(0.005)
+        return rc
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:

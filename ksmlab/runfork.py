@@ -9,6 +9,11 @@
 # run would have had, in a session of its own, its stdout (the result line) and stderr
 # in files of the run's folder, and its exit status reported back.
 #
+# Each run's cluster forks its own fork server from the run too (actors/zygote.py,
+# ForkServer), which saves the 0.3 s of CPU a new interpreter's imports cost a run; the
+# server is started with a padding argument so that there is room in the argument area
+# for the command lines the runs and their servers show (actors/proctitle.py).
+#
 # Why it is safe to fork here: the server has no thread (OPENBLAS_NUM_THREADS=1 before
 # numpy loads, and nothing of ksmlab starts one on import), no zmq context, no asyncio
 # loop and no segment; each run builds all of those after the fork, as a spawned run
@@ -33,17 +38,21 @@ import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 
-from actors import zygote  # noqa: E402
+from actors import proctitle, zygote  # noqa: E402
 from ksmlab import cli  # noqa: E402
 
 
 def run_main(argv: list[str]) -> int:
-    """One run, as `python -m ksmlab.cli ARGV` would make it."""
+    """One run, as `python -m ksmlab.cli ARGV` would make it, and shown as that."""
     os.environ.pop(pdeath.SUPERVISOR_PID_ENV, None)  # the server's, not this run's
     sys.argv = ["ksmlab", *argv]
+    proctitle.set_cmdline([sys.executable, "-m", "ksmlab.cli", *argv])
     return cli.main(argv)
 
 
 if __name__ == "__main__":
-    # python -m ksmlab.runfork GRACE_S
+    # python -m ksmlab.runfork GRACE_S PADDING: the padding is room in the argument area
+    # for each run's command line and its cluster's fork server's (actors/proctitle.py)
+    proctitle.set_cmdline([sys.executable, "-m", "ksmlab.runfork", sys.argv[1]])
+    zygote.FORK_HERE = True  # the runs inherit it: each run's cluster forks its server
     zygote.serve(run_main, eof_signal=signal.SIGTERM, deathsig=signal.SIGTERM, grace_s=float(sys.argv[1]))

@@ -149,6 +149,7 @@ class RunResult:
 
 RUN_MODULE = ("-m", "ksmlab.cli")  # a spawned run is `python -m ksmlab.cli run ...`
 RUN_GRACE_S = 30.0  # a SIGTERMed run's cluster stop takes well under a second
+TITLE_ROOM = "=" * 4096  # the run server's argument area, for its children's command lines
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ class RunForker:
     def __init__(self, runs_root: str) -> None:
         env = {**os.environ, SUPERVISOR_PID_ENV: str(os.getpid())}
         self.server = zygote.ForkServer("", env, os.path.join(runs_root, "runfork.stderr"),
-                                        cmd=[sys.executable, "-m", "ksmlab.runfork", str(RUN_GRACE_S)])
+                                        cmd=[sys.executable, "-m", "ksmlab.runfork", str(RUN_GRACE_S), TITLE_ROOM])
         self._n = 0
         self._lock = threading.Lock()
 

@@ -117,6 +117,14 @@ def test_a_campaign_killed_mid_run_leaves_nothing_behind(tmp_path, sig):
             time.sleep(0.05)
             cfg = next(root.glob("*/cluster.json"), None)
         c = json.loads(cfg.read_text())
+        # The run's cluster forked its fork server from the run, and that server and
+        # every actor still carry the run's config path (actors/proctitle.py): the
+        # search below is the one that would find a leftover.
+        sup = next(cfg.parent.joinpath("logs").glob("supervisor-*.jsonl")).read_text().splitlines()
+        zyg = next(json.loads(e) for e in sup if '"role":"zygote"' in e.replace(" ", ""))
+        assert zyg["forked"] is True
+        naming = _procs_naming(str(cfg))
+        assert zyg["os_pid"] in naming and len(naming) >= 7, naming  # server, its actors and tasks
     finally:
         p.send_signal(sig)
         _, err = p.communicate(timeout=60)
