@@ -386,9 +386,12 @@ class _ServerChild:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped by someone else: gone, its status unknown
+                pid, status = self.pid, -signal.SIGKILL
             if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
+                self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else status
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:

@@ -5,6 +5,7 @@
 # itself dies the run ends with a report that names it. Nothing of the run is left.
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -176,3 +177,70 @@ def test_a_server_closed_with_children_left_sigterms_them_then_sigkills_after_it
     assert polite.returncode == -signal.SIGTERM
     assert stubborn.returncode == -signal.SIGKILL
     assert not zygote._alive(polite.pid) and not zygote._alive(stubborn.pid)
+
+
+
+_FORKS_HERE = """
+import json, os, signal, sys, time
+from actors import zygote
+
+def main(argv):
+    time.sleep(float(argv[0]))
+    return int(argv[1])
+
+def cmdline(pid):
+    return [a.decode() for a in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0") if a]
+
+zygote.FORK_HERE = os.environ["T_HERE"] == "1"
+cfg, err = os.environ["T_CFG"], os.environ["T_ERR"]
+fs = zygote.ForkServer(cfg, dict(os.environ), err, main=main)
+out = {"forked": fs.forked, "parent": int(open(f"/proc/{fs.pid}/stat").read().rsplit(")", 1)[1].split()[1]) == os.getpid()}
+out["rc"] = fs.fork("quick", ["0.1", "3"], err + ".quick").wait(timeout=20)
+if fs.forked:
+    slow = fs.fork("slow", ["60", "0"], err + ".slow")
+    out["server_cmdline"], out["child_cmdline"] = cmdline(fs.pid), cmdline(slow.pid)
+    out["comm"] = open(f"/proc/{fs.pid}/comm").read().strip()
+    os.kill(fs.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while fs.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    out["server_rc"] = fs.proc.returncode
+    out["slow_rc"] = slow.wait(timeout=20)
+fs.close()
+print(json.dumps(out))
+"""
+
+
+def _supervisor(tmp_path, here: bool, cfg: str, pad: str) -> dict:
+    """A supervisor process (a script: its command line is `python SCRIPT PAD`) that
+    makes a ForkServer whose children run a test main, and says what it saw."""
+    script = tmp_path / "supervisor.py"
+    script.write_text(_FORKS_HERE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+           "T_HERE": "1" if here else "0", "T_CFG": cfg, "T_ERR": str(tmp_path / "zygote.stderr")}
+    r = subprocess.run([sys.executable, str(script), *([pad] if pad else [])], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_a_supervisor_that_may_forks_its_server_and_the_server_shows_the_command_line_it_would_have(tmp_path):
+    """FORK_HERE (a campaign's runs): the server is this process's child with the spawned
+    server's command line (config path included) and name, so are its children, its
+    children's statuses still come back, and its death takes them with it."""
+    cfg = str(tmp_path / "cluster.json")
+    out = _supervisor(tmp_path, True, cfg, "=" * 1024)
+    want = [sys.executable, "-m", "actors.main", cfg, zygote.ROLE, zygote.ROLE]
+    assert out["forked"] and out["parent"] and out["rc"] == 3
+    assert out["server_cmdline"] == want and out["child_cmdline"] == want
+    assert out["comm"] == os.path.basename(sys.executable)[:15]
+    assert out["server_rc"] == -signal.SIGKILL and out["slow_rc"] == -signal.SIGKILL
+
+
+def test_without_leave_or_without_room_for_its_command_line_the_server_is_spawned(tmp_path):
+    """The spawned server is `python -m actors.main CONFIG zygote zygote`, whose children
+    run actor_main(): given the test's argv as a config path, one fails (exit 1)."""
+    for here, cfg, pad in ((False, str(tmp_path / "cluster.json"), "=" * 1024),
+                           (True, str(tmp_path / ("x" * 300) / "cluster.json"), "")):
+        out = _supervisor(tmp_path, here, cfg, pad)
+        assert not out["forked"] and out["parent"] and out["rc"] == 1, (here, len(cfg), pad)
