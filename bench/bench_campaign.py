@@ -9,8 +9,9 @@ campaign (`ksmlab stress --bug B --runs R --jobs J --seed S`) in three modes, in
   (ksmlab/runfork.py), and each run's actors from its cluster's (actors/zygote.py);
 - "runs spawned": `--spawn-runs`, each run a new interpreter, its actors forked;
 - "spawned": `--spawn-runs --no-fork-server`, every process a new interpreter.
-It prints for each the campaign's seconds, runs per minute and the median run's seconds
-by bug, and the ratios of the throughputs (>1: the first is faster). Every run must find
+It prints for each the campaign's seconds, runs per minute, CPU seconds per run (of every
+process of its runs, from getrusage(RUSAGE_CHILDREN): each level reaps the one below) and
+the median run's seconds by bug, and the ratios of the throughputs (>1: the first is faster). Every run must find
 its bug in every mode, or the bench says which did not and exits 1: a faster campaign that
 finds less is no gain.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -35,12 +37,21 @@ from ksmlab import stress
 MODES = {"forked": (True, True), "runs spawned": (False, True), "spawned": (False, False)}
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's reaped descendants: each run, and what it reaped (its
+    fork server, which reaped its actors), once the level above has waited for it."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def one_campaign(bugs: list[str], runs: int, jobs: int, seed: int, fork_runs: bool, fork_server: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="ksmlab-campaign-bench-") as root:
         spec = stress.RunSpec(runs_root=root, fork_server=fork_server, fork_runs=fork_runs)
+        cpu = _children_cpu_s()
         t = time.monotonic()
-        out = stress.campaign(bugs, spec, runs, jobs, seed)
+        out = stress.campaign(bugs, spec, runs, jobs, seed)  # its run server is reaped before it returns
         wall = time.monotonic() - t
+        cpu = _children_cpu_s() - cpu
     b = out["bugs"]
     n = sum(s["runs"] for s in b.values())
     return {
@@ -48,6 +59,7 @@ def one_campaign(bugs: list[str], runs: int, jobs: int, seed: int, fork_runs: bo
         "runs": n,
         "detected": sum(s["detected"] for s in b.values()),
         "runs_per_min": round(60 * n / wall, 2),
+        "cpu_s_per_run": round(cpu / n, 3),
         "median_run_s": {name: s["median_run_s"] for name, s in b.items()},
         "median_s_to_detect": {name: s["median_s_to_detect"] for name, s in b.items()},
         "not_ok": sorted({x for s in b.values() for x in s["not_ok"]}),
@@ -83,11 +95,12 @@ def main() -> int:
         print(json.dumps(res))
     else:
         print(f"campaign: {', '.join(bugs)}; {a.runs} runs each from seed {a.seed}, {a.jobs} at a time")
-        print(f"{'mode':12} {'seconds':>8} {'found':>7} {'runs/min':>9}  median run s: {' '.join(bugs)}")
+        print(f"{'mode':12} {'seconds':>8} {'found':>7} {'runs/min':>9} {'CPU s/run':>9}  median run s: {' '.join(bugs)}")
         for m, cs in got.items():
             for c in cs:
                 med = " ".join(f"{v}" for v in c["median_run_s"].values())
-                print(f"{m:12} {c['seconds']:8.1f} {c['detected']:>3}/{c['runs']:<3} {c['runs_per_min']:9.1f}  {med}")
+                print(f"{m:12} {c['seconds']:8.1f} {c['detected']:>3}/{c['runs']:<3} {c['runs_per_min']:9.1f} "
+                      f"{c['cpu_s_per_run']:9.2f}  {med}")
         for what, r in ratios.items():
             print(f"ratio {what} (runs per minute): {r}")
     if short:
