@@ -1,9 +1,10 @@
 # python -m ksmlab.runfork: the fork server of a stress campaign's runs.
 #
 # A campaign run is `ksmlab run SCENARIO --seed N ...`, and started as its own
-# interpreter it spends 0.6 to 0.9 s importing ksmlab.cli (numpy, zmq, structlog, the
-# kernel, the cluster) before its cluster boots; the runs of the race scenarios last
-# 2.5 to 7 s, so that is a tenth to a quarter of a campaign. This process imports
+# interpreter it spends about 0.35 s of CPU importing ksmlab.cli (numpy, zmq, structlog,
+# the kernel, the cluster; 0.6 to 0.9 s without bytecode) before its cluster boots,
+# against 1.3 to 2 s of CPU for the whole of a race run (bench/bench_campaign.py's
+# CPU s/run). This process imports
 # ksmlab.cli once and forks each run from itself (the same server loop as a cluster's
 # actors, actors/zygote.py): the child calls cli.main(argv) with the argv the spawned
 # run would have had, in a session of its own, its stdout (the result line) and stderr
