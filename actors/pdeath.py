@@ -18,13 +18,27 @@ PR_SET_PDEATHSIG = 1
 SUPERVISOR_PID_ENV = "KSMLAB_SUPERVISOR_PID"
 
 
-def die_with_parent() -> None:
-    """Die with the supervisor; exit now if it is already gone."""
+def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends sig to this process when its parent dies."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):
         pass
-    want = os.environ.get(SUPERVISOR_PID_ENV)
-    if want and os.getppid() != int(want):
+
+
+def die_with(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Get sig when `parent` dies; exit now if it already has (this process's parent is
+    someone else since)."""
+    set_pdeathsig(sig)
+    if os.getppid() != parent:
         os._exit(0)
+
+
+def die_with_parent() -> None:
+    """Die with the supervisor; exit now if it is already gone."""
+    want = os.environ.get(SUPERVISOR_PID_ENV)
+    if want:
+        die_with(int(want))
+    else:
+        set_pdeathsig()

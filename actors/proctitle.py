@@ -7,7 +7,8 @@
 # and 49 of /proc/self/stat), so a process may write another one there, NUL-separated
 # and NUL-padded, as setproctitle(3) does. It cannot grow the area: set_cmdline() says
 # whether the new one fits, and a process that means to fork such children reserves
-# room by being started with a padding argument (ksmlab/runfork.py).
+# room by being started with a padding argument (ksmlab/runfork.py). set_comm() is the
+# other half of what ps shows: the name in /proc/PID/comm (prctl PR_SET_NAME).
 from __future__ import annotations
 
 import ctypes
@@ -45,3 +46,11 @@ def set_cmdline(argv: list[str]) -> bool:
         return False
     ctypes.memmove(start, data.ljust(end - start, b"\0"), end - start)
     return True
+
+
+PR_SET_NAME = 15
+
+
+def set_comm(name: str) -> None:
+    """This process's name (/proc/PID/comm, at most 15 bytes), as a thread's is set."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NAME, name.encode()[:15], 0, 0, 0)

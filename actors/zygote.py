@@ -40,7 +40,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import select
@@ -52,9 +51,8 @@ import time
 import traceback
 from collections.abc import Callable
 
-from actors import proctitle
+from actors import pdeath, proctitle
 
-PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 ROLE = "zygote"
 START_TIMEOUT_S = 30.0
 FORK_HERE = False  # set by a process whose clusters should fork their servers from it
@@ -154,11 +152,8 @@ def _child(spec: dict, server: int, fds: tuple[int, ...], main: Callable[[list[s
             os.close(fd)
         if spec.get("session"):
             os.setsid()  # a process group of its own, for killpg(), as start_new_session
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, deathsig, 0, 0, 0)
-        if os.getppid() != server:  # the server died before the prctl
-            os._exit(0)
-        libc.prctl(PR_SET_NAME, spec["name"][:15].encode(), 0, 0, 0)
+        pdeath.die_with(server, deathsig)
+        proctitle.set_comm(spec["name"])
         rc = main(spec["argv"]) or 0
     except SystemExit as e:
         rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -347,10 +342,7 @@ def _fork_server(argv: list[str], env: dict[str, str], stderr_path: str,
                     with contextlib.suppress(OSError):
                         os.close(fd)
             _like_a_new_interpreter(argv, env)
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-            if os.getppid() != parent:  # the supervisor died before the prctl
-                os._exit(0)
+            pdeath.die_with(parent)
             serve(main)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -370,8 +362,7 @@ def _like_a_new_interpreter(argv: list[str], env: dict[str, str]) -> None:
     os.environ.clear()
     os.environ.update(env)
     proctitle.set_cmdline(argv)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_NAME, os.path.basename(argv[0])[:15].encode(), 0, 0, 0)
+    proctitle.set_comm(os.path.basename(argv[0]))
 
 
 class _ServerChild:
@@ -389,22 +380,28 @@ class _ServerChild:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped by someone else: gone, its status unknown
-                pid, status = self.pid, -signal.SIGKILL
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status) if status >= 0 else status
+                self.returncode = -signal.SIGKILL
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (rc := self.poll()) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
-            time.sleep(0.005)
-        return rc
+        return _wait(self.poll, self.args, timeout, lambda: time.sleep(0.005))
 
     def kill(self) -> None:
         if self.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
+
+
+def _wait(poll: Callable[[], int | None], args: tuple, timeout: float | None, nap: Callable[[], None]) -> int:
+    """Popen.wait() on poll(): its status, or TimeoutExpired after `timeout` seconds."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while (rc := poll()) is None:
+        if deadline is not None and time.monotonic() >= deadline:
+            raise subprocess.TimeoutExpired(args, timeout)
+        nap()
+    return rc
 
 
 def _alive(pid: int) -> bool:
@@ -432,13 +429,10 @@ class ForkedProcess:
         return self.server.returncode(self.pid)
 
     def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while (rc := self.poll()) is None:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise subprocess.TimeoutExpired(self.args, timeout)
+        def nap() -> None:  # until the server says something (a status), or 50 ms
             with contextlib.suppress(ValueError, OSError):
                 select.select([self.server._out], [], [], 0.05)
-        return rc
+        return _wait(self.poll, self.args, timeout, nap)
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:  # never a pid that may have been reused

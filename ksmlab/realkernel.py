@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 import os
 import select
@@ -26,6 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import NoReturn
 
+from actors import pdeath
 from ksmlab.workloads import CONVERGENCE_KEYS, Workload
 
 KSM_SYSFS = Path("/sys/kernel/mm/ksm")
@@ -51,7 +51,6 @@ _EBUSY_KNOBS = ("merge_across_nodes", "max_page_sharing")
 
 _MADV_MERGEABLE = getattr(mmap, "MADV_MERGEABLE", 12)
 _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", 15)
-_PR_SET_PDEATHSIG = 1
 
 
 class KsmError(RuntimeError):
@@ -278,19 +277,11 @@ class KsmKnobs:
 # worker processes
 
 
-def _set_pdeathsig() -> None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
-
-
 def _child_main(image: bytes, ready_w: int, done_r: int, close_fds: list[int]) -> NoReturn:
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we go
-        _set_pdeathsig()
+        pdeath.set_pdeathsig()
         for fd in close_fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -261,8 +261,9 @@ def run_one(bug_name: str, seed: int, spec: RunSpec, extra_args: dict[str, str] 
     os.makedirs(run_dir, mode=0o700, exist_ok=True)
     err_path, out_path = os.path.join(run_dir, "run.stderr"), os.path.join(run_dir, "run.stdout")
     if forker is not None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(out_path)  # a folder used again: only this run's result counts
+        for path in (out_path, err_path):  # a folder used again: only this run's output counts
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)  # (the child appends; a spawned run's files are opened "wb")
         p: subprocess.Popen | zygote.ForkedProcess = forker.fork(cmd[1 + len(RUN_MODULE):], out_path, err_path)
     else:
         with open(err_path, "wb") as err, open(out_path, "wb") as out:
